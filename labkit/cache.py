@@ -1,0 +1,493 @@
+"""Activation caching over prompt datasets: batched, padding-aware, budgeted, streamable.
+
+``cache_activations`` runs prompts through the model in left-padded batches (attention mask and
+position ids set, so a batched run equals each prompt run alone), keeps only the requested hook
+points at only the requested real-token positions, and either holds them in memory under a byte
+budget or streams them to safetensors shards on disk that load back lazily.
+
+Storage layout (memory-exact, no padding): every kept (prompt, position) pair is one *row*;
+``cache[name]`` is ``Float[Tensor, "row *shape"]`` with ``cache.prompt_index`` /
+``cache.position`` / ``cache.token_ids`` telling which prompt, position and token each row is.
+``cache.stack(name)`` gives ``Float[Tensor, "n_prompts *shape"]`` when one position per prompt
+was kept (e.g. ``positions="last"``) and ``cache.padded(name)`` gives
+``Float[Tensor, "n_prompts pos *shape"]`` (NaN where a prompt has no such position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from labkit.hooks import attach, resolve_hook
+from labkit.models import hf_model_of, lab_model, tokenizer_of
+
+__all__ = [
+    "ActivationCache",
+    "MemoryBudgetError",
+    "Positions",
+    "cache_activations",
+    "estimate_cache_bytes",
+    "tokenize_prompts",
+]
+
+#: Which real-token positions to keep: ``"all"``, ``"last"``, an int (negative counts from the
+#: end, ``-1`` = last), a ``slice`` over real-token positions, or a list of ints.
+Positions = Union[Literal["all", "last"], int, slice, Sequence[int]]
+
+FORMAT_KIND = "labkit.ActivationCache"
+FORMAT_VERSION = 1
+DEFAULT_BUDGET_BYTES = 2 * 1024**3
+
+
+class MemoryBudgetError(MemoryError):
+    """The activations requested would exceed the memory budget."""
+
+
+def _human(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n_bytes < 1024 or unit == "TiB":
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
+        n_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def tokenize_prompts(model, prompts: Sequence[str], *, chat: bool = False) -> list[list[int]]:
+    """Tokenise prompts exactly as a single-prompt Hugging Face call would.
+
+    Args:
+        model: a bridge from :func:`labkit.load_model`.
+        prompts: non-empty list of strings.
+        chat: wrap each prompt as one user turn with the tokenizer's chat template
+            (generation prompt added).
+
+    Returns:
+        One list of token ids per prompt.
+
+    Raises:
+        ValueError: empty list, a non-string item, an empty prompt, or a prompt longer than
+            the model's context window.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt string.")
+    tokenizer = tokenizer_of(model)
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise ValueError(
+            f"prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}: "
+            f"{prompts[bad[0]]!r}"
+        )
+    if chat:
+        if not tokenizer.chat_template:
+            raise ValueError("chat=True but this tokenizer has no chat template; use chat=False.")
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+    else:
+        texts = prompts
+    ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    n_ctx = _context_length(model)
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to zero tokens.")
+        if n_ctx is not None and len(row) > n_ctx:
+            raise ValueError(
+                f"prompt {i} is {len(row)} tokens long; the model's context window is {n_ctx} "
+                "tokens. Shorten or split it."
+            )
+    return ids
+
+
+def _context_length(model) -> int | None:
+    config = hf_model_of(model).config
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Left-pad token rows; return ``(input_ids, attention_mask, position_ids)``.
+
+    Position ids count real tokens only (0 at each row's first real token), which is what makes
+    a padded batch compute exactly what each row computes alone.
+    """
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def select_positions(length: int, positions: Positions) -> list[int]:
+    """Real-token positions (0-based within a prompt of ``length`` tokens) to keep.
+
+    Raises:
+        ValueError: an unknown selector or an int out of range for this prompt.
+    """
+    if positions == "all":
+        return list(range(length))
+    if positions == "last":
+        return [length - 1]
+    if isinstance(positions, slice):
+        return list(range(length))[positions]
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        chosen = [positions]
+    elif isinstance(positions, Sequence) and not isinstance(positions, str):
+        chosen = list(positions)
+    else:
+        raise ValueError(
+            f"positions={positions!r} is not allowed; use 'all', 'last', an int, a slice or a "
+            "list of ints."
+        )
+    out = []
+    for p in chosen:
+        if not isinstance(p, int) or not -length <= p < length:
+            raise ValueError(
+                f"position {p!r} is out of range for a prompt of {length} tokens "
+                f"(allowed {-length}..{length - 1})."
+            )
+        out.append(p % length)
+    return out
+
+
+@dataclass(frozen=True)
+class ActivationCache:
+    """Cached activations of chosen hook points, one row per kept (prompt, position).
+
+    Attributes:
+        hook_names: the hook points cached, as the user named them.
+        prompts: the prompt strings, in order.
+        prompt_index: ``Int[Tensor, "row"]`` prompt of each row.
+        position: ``Int[Tensor, "row"]`` real-token position of each row within its prompt.
+        token_ids: ``Int[Tensor, "row"]`` token at that position.
+        model_name: the model's name.
+        directory: where shards live when streamed to disk, else ``None``.
+    """
+
+    hook_names: tuple[str, ...]
+    prompts: tuple[str, ...]
+    prompt_index: Int[Tensor, "row"]
+    position: Int[Tensor, "row"]
+    token_ids: Int[Tensor, "row"]
+    model_name: str
+    directory: Path | None = None
+    _tensors: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _shards: tuple[Path, ...] = field(default=(), repr=False)
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts)
+
+    def __len__(self) -> int:
+        return int(self.prompt_index.numel())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.hook_names
+
+    def __getitem__(self, name: str) -> Float[Tensor, "row *shape"]:
+        """All rows of one hook point: ``Float[Tensor, "row *shape"]`` (loads shards lazily)."""
+        if name not in self.hook_names:
+            raise KeyError(f"{name!r} was not cached; cached hook points: {list(self.hook_names)}")
+        if name not in self._tensors:
+            parts = []
+            for shard in self._shards:
+                with safe_open(str(shard), framework="pt") as f:
+                    parts.append(f.get_tensor(name))
+            self._tensors[name] = torch.cat(parts) if parts else torch.empty(0)
+        return self._tensors[name]
+
+    def stack(self, name: str) -> Float[Tensor, "n_prompts *shape"]:
+        """One row per prompt (requires exactly one kept position per prompt)."""
+        counts = torch.bincount(self.prompt_index, minlength=self.n_prompts)
+        if not bool((counts == 1).all()):
+            raise ValueError(
+                f"stack() needs one kept position per prompt; got between {int(counts.min())} and "
+                f"{int(counts.max())}. Cache with positions='last' or use padded()."
+            )
+        order = torch.argsort(self.prompt_index)
+        return self[name][order]
+
+    def padded(self, name: str, fill: float = float("nan")) -> Float[Tensor, "n_prompts pos *shape"]:
+        """Rows laid out as ``[n_prompts, max kept position + 1, *shape]``, ``fill`` elsewhere."""
+        rows = self[name]
+        width = int(self.position.max()) + 1 if len(self) else 0
+        out = torch.full((self.n_prompts, width, *rows.shape[1:]), fill, dtype=rows.dtype)
+        out[self.prompt_index, self.position] = rows
+        return out
+
+    def per_prompt(self, name: str) -> list[Float[Tensor, "pos *shape"]]:
+        """One tensor per prompt with its kept positions in order."""
+        rows = self[name]
+        return [rows[self.prompt_index == i] for i in range(self.n_prompts)]
+
+    def nbytes(self) -> int:
+        """Bytes of activation storage held in memory now (shards on disk not counted)."""
+        seen, total = set(), 0
+        for tensor in self._tensors.values():
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ActivationCache":
+        """Open a cache streamed to disk; tensors load lazily on first access.
+
+        Raises:
+            FileNotFoundError / ValueError: no cache there, or a foreign format.
+        """
+        directory = Path(directory)
+        meta_path = directory / "cache.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"No labkit activation cache at {str(directory)!r} (cache.json missing).")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("kind") != FORMAT_KIND or meta.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{str(meta_path)!r} is kind={meta.get('kind')!r} version={meta.get('version')!r}; "
+                f"expected {FORMAT_KIND!r} version {FORMAT_VERSION}."
+            )
+        with safe_open(str(directory / "index.safetensors"), framework="pt") as f:
+            index = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(
+            hook_names=tuple(meta["hook_names"]),
+            prompts=tuple(meta["prompts"]),
+            prompt_index=index["prompt_index"],
+            position=index["position"],
+            token_ids=index["token_ids"],
+            model_name=meta["model_name"],
+            directory=directory,
+            _shards=tuple(directory / s for s in meta["shards"]),
+        )
+
+
+def _probe_widths(model, hook_names: Sequence[str], ids: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Per-position trailing shape of each hook point, from a forward pass on one short prompt."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    length = len(ids)
+
+    def record(activation: Tensor, site) -> None:
+        if activation.dim() < 2 or activation.shape[0] != 1 or activation.shape[1] != length:
+            raise ValueError(
+                f"hook point {site.name!r} produces shape {tuple(activation.shape)}, not "
+                "[batch, pos, ...]; cache_activations keeps per-position activations. Use "
+                "model.run_with_cache for attention patterns and other per-head tensors."
+            )
+        shapes[site.name] = tuple(activation.shape[2:])
+
+    input_ids, attention_mask, position_ids = left_pad([ids], 0)
+    _run(model, [(name, record) for name in hook_names], input_ids, attention_mask, position_ids)
+    return shapes
+
+
+def _run(model, hooks, input_ids, attention_mask, position_ids) -> None:
+    with torch.inference_mode(), attach(model, hooks) as runner:
+        if runner is model:
+            runner(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        else:
+            runner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+
+
+def estimate_cache_bytes(
+    model,
+    prompts: Sequence[str],
+    hook_names: Sequence[str],
+    *,
+    positions: Positions = "all",
+    dtype: torch.dtype | None = None,
+    chat: bool = False,
+) -> int:
+    """Bytes :func:`cache_activations` would hold for these arguments (before running them)."""
+    token_rows = tokenize_prompts(model, prompts, chat=chat)
+    widths = _probe_widths(model, list(hook_names), min(token_rows, key=len))
+    element = torch.empty((), dtype=dtype or _model_dtype(model)).element_size()
+    n_rows = sum(len(select_positions(len(r), positions)) for r in token_rows)
+    return n_rows * element * sum(math.prod(w) for w in widths.values())
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next(hf_model_of(model).parameters()).dtype
+
+
+def cache_activations(
+    model,
+    prompts: Sequence[str] | Iterable[str],
+    hook_names: Sequence[str],
+    *,
+    batch_size: int = 8,
+    positions: Positions = "all",
+    max_bytes: int | None = DEFAULT_BUDGET_BYTES,
+    out_dir: str | Path | None = None,
+    shard_bytes: int = 256 * 1024**2,
+    dtype: torch.dtype | None = None,
+    chat: bool = False,
+    progress: bool = True,
+) -> ActivationCache:
+    """Cache activations at chosen hook points over a prompt dataset.
+
+    Prompts run in left-padded batches with an attention mask and position ids that count real
+    tokens only, so each prompt's activations equal those of the prompt run alone (a missing
+    position-id fix is what flips GPT-2's predictions under padding). Hook points that are a
+    module's input/output (``blocks.{L}.hook_resid_pre``, ``hook_resid_post``, ``hook_attn_out``,
+    ``hook_mlp_out`` ...) run on the plain twin with one ``torch`` hook each; other per-position
+    hook points run on the bridge.
+
+    Args:
+        model: a bridge from :func:`labkit.load_model`.
+        prompts: the prompt strings (a list or any iterable, e.g. a ``datasets`` column).
+        hook_names: TransformerLens hook names, e.g. ``["blocks.6.hook_resid_pre"]``.
+        batch_size: prompts per forward pass (>= 1).
+        positions: real-token positions to keep per prompt (see :data:`Positions`).
+        max_bytes: memory budget in bytes for activations held in RAM (the whole cache, or one
+            shard when streaming); ``None`` disables the check.
+        out_dir: stream to safetensors shards in this new directory (loaded back lazily by
+            :meth:`ActivationCache.load`) instead of holding everything in memory.
+        shard_bytes: target shard size in bytes when streaming.
+        dtype: storage dtype (e.g. ``torch.float16`` halves memory); default the model's.
+        chat: wrap prompts in the tokenizer's chat template.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        An :class:`ActivationCache`; ``cache[name]`` is ``Float[Tensor, "row *shape"]``.
+
+    Raises:
+        ValueError: empty prompts, a prompt longer than the context window, an unknown hook name
+            (with the closest real names), a bad ``positions`` or ``batch_size``, or an existing
+            ``out_dir``.
+        MemoryBudgetError: the estimated bytes exceed ``max_bytes``; the message says how to
+            lower them.
+
+    Example:
+        >>> cache = cache_activations(model, ["Hello there"], ["blocks.3.hook_resid_pre"])  # doctest: +SKIP
+        >>> cache["blocks.3.hook_resid_pre"].shape  # doctest: +SKIP
+        torch.Size([2, 576])
+    """
+    prompts = list(prompts)
+    hook_names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
+    if not hook_names:
+        raise ValueError("hook_names is empty; name at least one hook point, e.g. 'blocks.0.hook_resid_pre'.")
+    if len(set(hook_names)) != len(hook_names):
+        raise ValueError(f"hook_names has duplicates: {hook_names}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    for name in hook_names:
+        resolve_hook(model, name)  # unknown names fail here, before any work
+    token_rows = tokenize_prompts(model, prompts, chat=chat)
+    kept = [select_positions(len(r), positions) for r in token_rows]
+    store_dtype = dtype or _model_dtype(model)
+    widths = _probe_widths(model, hook_names, min(token_rows, key=len))
+    row_bytes = torch.empty((), dtype=store_dtype).element_size() * sum(
+        math.prod(w) for w in widths.values()
+    )
+    total_bytes = row_bytes * sum(len(k) for k in kept)
+    held_bytes = min(total_bytes, max(shard_bytes, row_bytes)) if out_dir is not None else total_bytes
+    if max_bytes is not None and held_bytes > max_bytes:
+        raise MemoryBudgetError(
+            f"Caching {len(hook_names)} hook point(s) over {len(prompts)} prompts would hold "
+            f"{_human(held_bytes)} in memory; the budget is max_bytes={_human(max_bytes)}. Lower it "
+            "with positions='last' (or a slice), fewer hook_names, dtype=torch.float16, or stream "
+            "to disk with out_dir=...; or raise max_bytes."
+        )
+    directory = None
+    if out_dir is not None:
+        directory = Path(out_dir)
+        if directory.exists() and any(directory.iterdir()):
+            raise ValueError(f"out_dir {str(directory)!r} exists and is not empty; choose a new directory.")
+        directory.mkdir(parents=True, exist_ok=True)
+
+    pad_id = tokenizer_of(model).pad_token_id
+    parts: dict[str, list[Tensor]] = {name: [] for name in hook_names}
+    index_parts: dict[str, list[Tensor]] = {"prompt_index": [], "position": [], "token_ids": []}
+    shards: list[str] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending_bytes
+        if directory is None or not pending_bytes:
+            return
+        shard_name = f"shard-{len(shards):05d}.safetensors"
+        save_file({n: torch.cat(p) for n, p in parts.items()}, str(directory / shard_name))
+        shards.append(shard_name)
+        for p in parts.values():
+            p.clear()
+        pending_bytes = 0
+
+    try:
+        order = range(0, len(token_rows), batch_size)
+        for start in tqdm(order, desc="caching activations", unit="batch", disable=not progress):
+            batch_rows = token_rows[start : start + batch_size]
+            input_ids, attention_mask, position_ids = left_pad(batch_rows, pad_id)
+            width = input_ids.shape[1]
+            batch_idx, seq_idx = [], []
+            for i, (row, keep) in enumerate(zip(batch_rows, kept[start : start + batch_size])):
+                offset = width - len(row)
+                batch_idx += [i] * len(keep)
+                seq_idx += [offset + p for p in keep]
+                index_parts["prompt_index"].append(torch.full((len(keep),), start + i, dtype=torch.long))
+                index_parts["position"].append(torch.tensor(keep, dtype=torch.long))
+                index_parts["token_ids"].append(torch.tensor([row[p] for p in keep], dtype=torch.long))
+            b_idx, s_idx = torch.tensor(batch_idx), torch.tensor(seq_idx)
+
+            def keep_rows(activation: Tensor, site) -> None:
+                # Advanced indexing copies exactly the kept rows: no view pins the whole batch.
+                parts[site.name].append(activation[b_idx, s_idx].to(store_dtype))
+
+            _run(model, [(n, keep_rows) for n in hook_names], input_ids, attention_mask, position_ids)
+            pending_bytes += row_bytes * len(batch_idx)
+            if pending_bytes >= shard_bytes:
+                flush()
+        flush()
+    except BaseException:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+    index = {k: torch.cat(v) for k, v in index_parts.items()}
+    meta = dict(model_name=lab_model(model).name, hook_names=hook_names, prompts=prompts)
+    if directory is not None:
+        save_file(index, str(directory / "index.safetensors"))
+        (directory / "cache.json").write_text(
+            json.dumps({"kind": FORMAT_KIND, "version": FORMAT_VERSION, "shards": shards, **meta})
+        )
+        return ActivationCache.load(directory)
+    tensors = {name: torch.cat(p) for name, p in parts.items()}
+    parts.clear()
+    return ActivationCache(
+        hook_names=tuple(hook_names),
+        prompts=tuple(prompts),
+        prompt_index=index["prompt_index"],
+        position=index["position"],
+        token_ids=index["token_ids"],
+        model_name=meta["model_name"],
+        _tensors=tensors,
+    )

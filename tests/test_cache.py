@@ -1,0 +1,148 @@
+"""Activation caching: batch == rows alone, fast path == bridge, budgets, streaming, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labkit.cache import (
+    ActivationCache,
+    MemoryBudgetError,
+    cache_activations,
+    estimate_cache_bytes,
+    left_pad,
+    select_positions,
+)
+from labkit.hooks import count_hooks
+from labkit.models import hf_model_of
+
+PROMPTS = ["the cat sat on the mat", "love", "what happened in the city during war and peace", "one two"]
+HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
+
+
+def test_batched_equals_each_prompt_alone(tiny_llama):
+    batched = cache_activations(tiny_llama, PROMPTS, HOOKS, batch_size=4, progress=False)
+    for i, prompt in enumerate(PROMPTS):
+        alone = cache_activations(tiny_llama, [prompt], HOOKS, batch_size=1, progress=False)
+        for name in HOOKS:
+            torch.testing.assert_close(batched.per_prompt(name)[i], alone[name], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_matches_bridge_run_with_cache(tiny_llama):
+    cache = cache_activations(tiny_llama, PROMPTS[:1], HOOKS, progress=False)
+    ids = torch.tensor([tiny_llama.tokenizer(PROMPTS[0])["input_ids"]])
+    _, reference = tiny_llama.run_with_cache(ids, names_filter=lambda n: n in HOOKS)
+    for name in HOOKS:
+        torch.testing.assert_close(cache[name], reference[name][0], atol=1e-5, rtol=1e-5)
+
+
+def test_bridge_only_hook_point_is_cached_through_the_bridge(tiny_llama):
+    name = "blocks.1.ln1.hook_normalized"
+    cache = cache_activations(tiny_llama, PROMPTS[:2], [name], progress=False)
+    ids = torch.tensor([tiny_llama.tokenizer(PROMPTS[1])["input_ids"]])
+    _, reference = tiny_llama.run_with_cache(ids, names_filter=lambda n: n == name)
+    torch.testing.assert_close(cache.per_prompt(name)[1], reference[name][0], atol=1e-5, rtol=1e-5)
+
+
+def test_positions_last_and_stack(tiny_llama):
+    cache = cache_activations(tiny_llama, PROMPTS, HOOKS[:1], positions="last", progress=False)
+    stacked = cache.stack(HOOKS[0])
+    assert stacked.shape == (len(PROMPTS), tiny_llama.cfg.d_model)
+    full = cache_activations(tiny_llama, PROMPTS, HOOKS[:1], progress=False)
+    for i in range(len(PROMPTS)):
+        torch.testing.assert_close(stacked[i], full.per_prompt(HOOKS[0])[i][-1])
+    padded = full.padded(HOOKS[0])
+    assert padded.shape[:2] == (len(PROMPTS), int(full.position.max()) + 1)
+    assert torch.isnan(padded[1, -1]).all()  # "love" is shorter than the longest prompt
+
+
+def test_select_positions():
+    assert select_positions(5, "all") == [0, 1, 2, 3, 4]
+    assert select_positions(5, "last") == [4]
+    assert select_positions(5, slice(-2, None)) == [3, 4]
+    assert select_positions(5, [0, -1]) == [0, 4]
+    with pytest.raises(ValueError, match="out of range"):
+        select_positions(3, [5])
+    with pytest.raises(ValueError, match="not allowed"):
+        select_positions(3, "first")
+
+
+def test_memory_held_equals_requested_bytes(tiny_llama):
+    cache = cache_activations(tiny_llama, PROMPTS, HOOKS, batch_size=2, progress=False)
+    requested = sum(cache[n].numel() * cache[n].element_size() for n in HOOKS)
+    assert cache.nbytes() == requested
+    assert estimate_cache_bytes(tiny_llama, PROMPTS, HOOKS) == requested
+
+
+def test_budget_refuses_with_advice(tiny_llama):
+    with pytest.raises(MemoryBudgetError, match="positions='last'.*out_dir"):
+        cache_activations(tiny_llama, PROMPTS, HOOKS, max_bytes=100, progress=False)
+
+
+def test_stream_to_disk_and_load_lazily(tiny_llama, tmp_path):
+    in_memory = cache_activations(tiny_llama, PROMPTS, HOOKS, progress=False)
+    out = tmp_path / "acts"
+    streamed = cache_activations(
+        tiny_llama, PROMPTS, HOOKS, batch_size=1, out_dir=out, shard_bytes=1, max_bytes=10_000, progress=False
+    )
+    assert len(list(out.glob("shard-*.safetensors"))) == len(PROMPTS)
+    reloaded = ActivationCache.load(out)
+    assert reloaded.nbytes() == 0  # nothing loaded until asked
+    for name in HOOKS:
+        torch.testing.assert_close(reloaded[name], in_memory[name])
+    assert torch.equal(reloaded.prompt_index, in_memory.prompt_index)
+    assert reloaded.prompts == tuple(PROMPTS)
+    with pytest.raises(ValueError, match="not empty"):
+        cache_activations(tiny_llama, PROMPTS, HOOKS, out_dir=out, progress=False)
+
+
+def test_interrupted_streaming_leaves_nothing_and_no_hooks(tiny_llama, tmp_path, monkeypatch):
+    import labkit.cache as cache_module
+
+    calls = {"n": 0}
+    real_run = cache_module._run
+
+    def flaky_run(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the probe is call 1; fail on the second batch
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "_run", flaky_run)
+    before = count_hooks(tiny_llama) + count_hooks(hf_model_of(tiny_llama))
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(tiny_llama, PROMPTS, HOOKS, batch_size=1, out_dir=tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+    assert count_hooks(tiny_llama) + count_hooks(hf_model_of(tiny_llama)) == before
+
+
+def test_hooks_removed_after_exception_in_hook(tiny_llama):
+    from labkit.hooks import attach
+
+    before = count_hooks(tiny_llama) + count_hooks(hf_model_of(tiny_llama))
+
+    def boom(activation, site):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with attach(tiny_llama, {"blocks.0.hook_resid_pre": boom}) as run:
+            run(input_ids=torch.tensor([[1, 2, 3]]))
+    assert count_hooks(tiny_llama) + count_hooks(hf_model_of(tiny_llama)) == before
+
+
+@pytest.mark.parametrize(
+    ("prompts", "hooks", "kwargs", "match"),
+    [
+        ([], HOOKS, {}, "prompts is empty"),
+        (["x"], ["blocks.1.hook_resid_pr"], {}, "Closest real names: \\['blocks.1.hook_resid_pre'"),
+        (["x"], [], {}, "hook_names is empty"),
+        (["x"], HOOKS, {"batch_size": 0}, "batch_size must be a positive int"),
+        (["x"], HOOKS, {"positions": "first"}, "not allowed"),
+        (["one " * 100], HOOKS, {}, "context window is 64 tokens"),
+        (["x", 3], HOOKS, {}, "item 1 is int"),
+        (["x"], ["blocks.0.attn.hook_pattern"], {}, "not \\[batch, pos"),
+    ],
+)
+def test_bad_input(tiny_llama, prompts, hooks, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cache_activations(tiny_llama, prompts, hooks, progress=False, **kwargs)
