@@ -1,0 +1,788 @@
+"""Expert attribution: which (layer, expert) fire more for a behaviour than for control prompts.
+
+This is the analysis step of MoTE's *functional Token Resonance Imaging* (fTRI; "Mixture of
+Tunable Experts -- Behavior Modification of DeepSeek-R1 at Inference Time", 2025, section 3):
+run prompts that elicit a behaviour (``What happened {time}{place}?`` -> refusal) and control
+prompts, record the router's top-k choices (:func:`labkit.moe.trace.trace_routing`), and rank
+every routed expert by how much more it is selected for the behaviour. SteerMoE ("Steering MoE
+LLMs via Expert (De)Activation", Fayyaz et al., 2025, section 3.1) ranks experts by the same
+*risk difference* of activation frequencies. Both papers then switch the top experts off or on
+(:mod:`labkit.moe.masking`).
+
+labkit adds what a ranking needs before anyone acts on it:
+
+* three scores -- selection-frequency difference (``"frequency"``, the SteerMoE risk
+  difference), routing-weight mass difference (``"weight"``) and log-odds ratio with a
+  Haldane-Anscombe +0.5 continuity correction (``"log_odds"``);
+* two aggregations -- pool all tokens (``"token"``) or average per-prompt rates
+  (``"prompt"``), so one long prompt cannot dominate;
+* a test per cell (Fisher's exact test or a two-proportion z test on token counts, or Welch's
+  t test on per-prompt values), Benjamini-Hochberg q-values over *all* layer x expert cells,
+  bootstrap confidence intervals that resample prompts, and a split-half noise floor (the
+  largest |score| two random halves of the *control* prompts reach against each other).
+
+The data flow::
+
+    behavior = trace_routing(model, behaviour_prompts)
+    control = trace_routing(model, control_prompts)
+    attribution = attribute_experts(behavior, control, aggregate="prompt")
+    mask = ExpertMask.from_attribution(attribution, 10, mode="off")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+if TYPE_CHECKING:  # the trace type is only needed for annotations; attribution reads fields
+    from labkit.moe.trace import RoutingTrace
+
+__all__ = ["ExpertAttribution", "attribute_experts"]
+
+Metric = Literal["frequency", "weight", "log_odds"]
+Aggregate = Literal["token", "prompt"]
+Test = Literal["auto", "fisher", "z", "welch"]
+
+METRICS = ("frequency", "weight", "log_odds")
+AGGREGATES = ("token", "prompt")
+TESTS = ("auto", "fisher", "z", "welch")
+KIND = "labkit.ExpertAttribution"
+VERSION = 1
+
+_TENSOR_FIELDS = (
+    "score",
+    "behavior_counts",
+    "control_counts",
+    "behavior_rate",
+    "control_rate",
+    "p_value",
+    "q_value",
+    "ci_low",
+    "ci_high",
+)
+
+
+@dataclass(frozen=True)
+class ExpertAttribution:
+    """How much more each routed expert serves the behaviour prompts than the control prompts.
+
+    Rows are the traced layers in order (``layers[i]`` is the true model layer of row ``i``);
+    columns are experts ``0..n_experts-1``. Positive scores mean "more for the behaviour".
+
+    Attributes:
+        score: the attribution score per cell (see ``metric``).
+        behavior_counts: number of behaviour tokens whose top-k held the expert.
+        control_counts: the same for the control tokens.
+        behavior_rate: aggregated selection rate (``metric="weight"``: mean routing weight) on
+            the behaviour set, after the chosen aggregation.
+        control_rate: the same for the control set.
+        p_value: two-sided p-value of the per-cell test (``test``).
+        q_value: Benjamini-Hochberg adjusted p-value over all ``layer x expert`` cells.
+        ci_low: lower bound of the bootstrap percentile interval of ``score`` (prompts
+            resampled within each set), level ``1 - alpha``.
+        ci_high: upper bound of that interval.
+        noise_floor: the ``1 - alpha`` quantile over random control-vs-control splits of the
+            largest |score| across all cells; a score below it is indistinguishable from noise.
+        behavior_tokens, control_tokens: tokens counted per set.
+        behavior_prompts, control_prompts: prompts per set.
+        metric, aggregate, test: how the scores and p-values were computed.
+        alpha: the level used for q-values, intervals and the noise floor.
+        n_bootstrap: bootstrap resamples (0: no intervals, ``ci_*`` are NaN).
+        seed: seed of the bootstrap and the split-half draws.
+        layers: true model layer numbers of the rows.
+        n_experts, top_k: routing shape of the model.
+        model_name: the model both traces came from.
+        last_tokens: if set, only the last this many tokens of every prompt were counted.
+    """
+
+    score: Float[Tensor, "layer expert"]
+    behavior_counts: Int[Tensor, "layer expert"]
+    control_counts: Int[Tensor, "layer expert"]
+    behavior_rate: Float[Tensor, "layer expert"]
+    control_rate: Float[Tensor, "layer expert"]
+    p_value: Float[Tensor, "layer expert"]
+    q_value: Float[Tensor, "layer expert"]
+    ci_low: Float[Tensor, "layer expert"]
+    ci_high: Float[Tensor, "layer expert"]
+    noise_floor: float
+    behavior_tokens: int
+    control_tokens: int
+    behavior_prompts: int
+    control_prompts: int
+    metric: str
+    aggregate: str
+    test: str
+    alpha: float
+    n_bootstrap: int
+    seed: int
+    layers: tuple[int, ...]
+    n_experts: int
+    top_k: int
+    model_name: str
+    last_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        shape = (len(self.layers), self.n_experts)
+        for name in _TENSOR_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"ExpertAttribution.{name} must be a tensor of shape (layer, expert) = {shape}, "
+                    f"got {got}."
+                )
+        if self.metric not in METRICS:
+            raise ValueError(f"ExpertAttribution.metric {self.metric!r} not in {METRICS}.")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"ExpertAttribution.aggregate {self.aggregate!r} not in {AGGREGATES}.")
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def _cells_by_score(self) -> list[tuple[int, int, float]]:
+        """All cells as ``(row, expert, score)``, highest score first; ties by (row, expert)."""
+        flat = self.score.flatten().tolist()
+        order = sorted(range(len(flat)), key=lambda i: (-_nan_low(flat[i]), i))
+        return [(i // self.n_experts, i % self.n_experts, flat[i]) for i in order]
+
+    def top(self, n: int, per_layer_cap: int | None = None) -> list[tuple[int, int]]:
+        """The ``n`` highest-scoring experts as ``(layer, expert)`` with true model layer numbers.
+
+        Ranks by ``score`` alone (ties broken by layer, then expert); whether a cell is
+        significant or above the noise floor is for the caller to check (:meth:`significant`,
+        :attr:`noise_floor`). This is the list MoTE and SteerMoE switch off.
+
+        Args:
+            n: how many experts to return (at most ``layers x experts``).
+            per_layer_cap: at most this many experts from any one layer (``None``: no cap).
+
+        Returns:
+            ``[(layer, expert), ...]``, best first.
+
+        Raises:
+            ValueError: ``n`` is negative or larger than the number of cells, or the cap is < 1.
+        """
+        total = len(self.layers) * self.n_experts
+        if not isinstance(n, int) or n < 0 or n > total:
+            raise ValueError(
+                f"top(n={n!r}): n must be an int in 0..{total} "
+                f"({len(self.layers)} layers x {self.n_experts} experts)."
+            )
+        if per_layer_cap is not None and per_layer_cap < 1:
+            raise ValueError(f"top(per_layer_cap={per_layer_cap!r}): the cap must be >= 1 or None.")
+        chosen: list[tuple[int, int]] = []
+        per_layer: dict[int, int] = {}
+        for row, expert, _ in self._cells_by_score():
+            if len(chosen) == n:
+                break
+            if per_layer_cap is not None and per_layer.get(row, 0) >= per_layer_cap:
+                continue
+            per_layer[row] = per_layer.get(row, 0) + 1
+            chosen.append((self.layers[row], expert))
+        return chosen
+
+    def significant(
+        self, alpha: float | None = None, *, above_noise_floor: bool = False, direction: str = "up"
+    ) -> list[tuple[int, int]]:
+        """Cells whose q-value is below ``alpha``, highest score first.
+
+        Args:
+            alpha: FDR level; default the ``alpha`` the attribution was computed with.
+            above_noise_floor: also require ``|score| > noise_floor``.
+            direction: ``"up"`` (more for the behaviour, the default), ``"down"`` or ``"both"``.
+
+        Returns:
+            ``[(layer, expert), ...]`` with true model layer numbers.
+        """
+        if direction not in ("up", "down", "both"):
+            raise ValueError(f"significant(direction={direction!r}): use 'up', 'down' or 'both'.")
+        alpha = self.alpha if alpha is None else alpha
+        q = self.q_value.flatten().tolist()
+        out = []
+        for row, expert, score in self._cells_by_score():
+            if not q[row * self.n_experts + expert] < alpha:
+                continue
+            if direction == "up" and not score > 0 or direction == "down" and not score < 0:
+                continue
+            if above_noise_floor and not abs(score) > self.noise_floor:
+                continue
+            out.append((self.layers[row], expert))
+        return out
+
+    def to_frame(self):
+        """One row per (layer, expert) cell as a ``pandas.DataFrame``, highest score first.
+
+        Columns: ``layer`` (true model layer), ``expert``, ``score``, ``ci_low``, ``ci_high``,
+        ``p_value``, ``q_value``, ``significant`` (q < alpha), ``above_noise_floor``,
+        ``behavior_count``, ``control_count``, ``behavior_rate``, ``control_rate``.
+        """
+        import pandas as pd
+
+        n_layers, n_experts = len(self.layers), self.n_experts
+        frame = pd.DataFrame(
+            {
+                "layer": np.repeat(np.asarray(self.layers, dtype=np.int64), n_experts),
+                "expert": np.tile(np.arange(n_experts, dtype=np.int64), n_layers),
+                "score": self.score.flatten().double().numpy(),
+                "ci_low": self.ci_low.flatten().double().numpy(),
+                "ci_high": self.ci_high.flatten().double().numpy(),
+                "p_value": self.p_value.flatten().double().numpy(),
+                "q_value": self.q_value.flatten().double().numpy(),
+                "behavior_count": self.behavior_counts.flatten().numpy(),
+                "control_count": self.control_counts.flatten().numpy(),
+                "behavior_rate": self.behavior_rate.flatten().double().numpy(),
+                "control_rate": self.control_rate.flatten().double().numpy(),
+            }
+        )
+        frame.insert(7, "significant", frame["q_value"] < self.alpha)
+        frame.insert(8, "above_noise_floor", frame["score"].abs() > self.noise_floor)
+        order = [row * n_experts + expert for row, expert, _ in self._cells_by_score()]
+        return frame.iloc[order].reset_index(drop=True)
+
+    def summary(self, n: int = 10) -> str:
+        """A short text report: settings, noise floor and the top ``n`` cells with statistics."""
+        lines = [
+            f"ExpertAttribution({self.model_name!r}, metric={self.metric}, aggregate={self.aggregate}, "
+            f"test={self.test}): {self.behavior_prompts} behaviour / {self.control_prompts} control "
+            f"prompts, {len(self.layers)} layers x {self.n_experts} experts, top-{self.top_k}",
+            f"noise floor (split-half control, {1 - self.alpha:.0%} quantile of max |score|): "
+            f"{self.noise_floor:.4f}; significant (q < {self.alpha}): {len(self.significant())}",
+        ]
+        frame = self.to_frame().head(n)
+        for row in frame.itertuples():
+            lines.append(
+                f"  L{row.layer:<3d} E{row.expert:<4d} score {row.score:+.4f} "
+                f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]  q={row.q_value:.2g}"
+                f"{'  *' if row.significant else ''}{'' if row.above_noise_floor else '  (below noise floor)'}"
+            )
+        return "\n".join(lines)
+
+    # --- serialisation ------------------------------------------------------------------------
+
+    def _metadata(self) -> dict[str, Any]:
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TENSOR_FIELDS}
+        meta["layers"] = list(self.layers)
+        return {"kind": KIND, "version": VERSION, **meta}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``kind``/``version`` keys; tensors as nested lists)."""
+        data = self._metadata()
+        for name in _TENSOR_FIELDS:
+            data[name] = getattr(self, name).tolist()
+        return _json_safe(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExpertAttribution":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: ``kind`` is not ``"labkit.ExpertAttribution"`` or the version is unknown.
+        """
+        _check_kind(data)
+        kwargs = {k: v for k, v in data.items() if k not in ("kind", "version")}
+        for name in _TENSOR_FIELDS:
+            dtype = torch.int64 if name.endswith("_counts") else torch.float64
+            kwargs[name] = torch.tensor(kwargs[name], dtype=dtype)
+        return cls._from_parts(kwargs)
+
+    @classmethod
+    def _from_parts(cls, kwargs: dict[str, Any]) -> "ExpertAttribution":
+        kwargs = dict(kwargs)
+        kwargs["layers"] = tuple(int(layer) for layer in kwargs["layers"])
+        kwargs["noise_floor"] = float("nan") if kwargs["noise_floor"] is None else float(kwargs["noise_floor"])
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"ExpertAttribution: unknown fields {unknown}; known: {sorted(known)}.")
+        return cls(**kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<path>`` (safetensors: the tensors, settings as JSON metadata) and a readable
+        ``<path>.json`` sidecar with the settings -- the layout of ``RoutingTrace.save``; no pickle.
+
+        Returns:
+            The path written (``.safetensors`` appended when missing).
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_FIELDS}
+        metadata = _json_safe(self._metadata())
+        save_file(tensors, str(path), metadata={"labkit": json.dumps(metadata)})
+        path.with_name(path.name + ".json").write_text(json.dumps(metadata, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ExpertAttribution":
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not an ExpertAttribution.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file() and path.with_name(path.name + ".safetensors").is_file():
+            path = path.with_name(path.name + ".safetensors")
+        if not path.is_file():
+            raise FileNotFoundError(f"ExpertAttribution.load: no file at {str(path)!r}.")
+        with safe_open(str(path), framework="pt") as handle:
+            meta = (handle.metadata() or {}).get("labkit")
+            if meta is None:
+                raise ValueError(
+                    f"{str(path)!r} has no 'labkit' metadata; it was not written by ExpertAttribution.save."
+                )
+            data = json.loads(meta)
+            _check_kind(data)
+            tensors = {name: handle.get_tensor(name) for name in _TENSOR_FIELDS}
+        kwargs = {k: v for k, v in data.items() if k not in ("kind", "version")}
+        kwargs.update(tensors)
+        return cls._from_parts(kwargs)
+
+
+def _nan_low(value: float) -> float:
+    return -math.inf if math.isnan(value) else value
+
+
+def _json_safe(value):
+    """Replace NaN/inf floats by None (JSON has no NaN) recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _check_kind(data: dict[str, Any]) -> None:
+    if data.get("kind") != KIND:
+        raise ValueError(f"expected kind {KIND!r}, got {data.get('kind')!r}.")
+    if data.get("version") != VERSION:
+        raise ValueError(f"{KIND} version {data.get('version')!r} not supported (this labkit reads {VERSION}).")
+
+
+# --- per-prompt sums --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PromptSums:
+    """Sufficient statistics of one trace, per prompt: everything the scores need."""
+
+    selected: np.ndarray  # (prompt, layer, expert) tokens whose top-k held the expert
+    weight: np.ndarray  # (prompt, layer, expert) summed routing weight
+    weight_sq: np.ndarray  # (prompt, layer, expert) summed squared routing weight
+    tokens: np.ndarray  # (prompt,) tokens counted per prompt
+
+
+def _describe(trace) -> str:
+    shape = tuple(getattr(trace, "topk_indices", torch.empty(0)).shape)
+    return (
+        f"model {getattr(trace, 'model_name', '?')!r}, layers {tuple(getattr(trace, 'layers', ()))}, "
+        f"{getattr(trace, 'n_experts', '?')} experts, top-{getattr(trace, 'top_k', '?')}, "
+        f"{getattr(trace, 'n_prompts', '?')} prompts, topk_indices shape {shape}"
+    )
+
+
+def _validate(behavior, control) -> None:
+    for label, trace in (("behavior", behavior), ("control", control)):
+        missing = [
+            name
+            for name in ("topk_indices", "topk_weights", "prompt_index", "position", "layers", "n_experts", "n_prompts")
+            if not hasattr(trace, name)
+        ]
+        if missing:
+            raise TypeError(
+                f"attribute_experts: {label} is a {type(trace).__name__} without {missing}; pass a "
+                "labkit.moe.trace.RoutingTrace (from trace_routing)."
+            )
+        n_tokens = trace.topk_indices.shape[1] if trace.topk_indices.dim() == 3 else 0
+        if trace.topk_indices.dim() != 3 or n_tokens == 0 or trace.n_prompts == 0:
+            raise ValueError(
+                f"attribute_experts: the {label} trace is empty ({_describe(trace)}); trace at least "
+                "one prompt with at least one token."
+            )
+        if tuple(trace.topk_weights.shape) != tuple(trace.topk_indices.shape):
+            raise ValueError(
+                f"attribute_experts: {label} trace has topk_weights {tuple(trace.topk_weights.shape)} but "
+                f"topk_indices {tuple(trace.topk_indices.shape)}; they must match (layer, token, k)."
+            )
+        if trace.topk_indices.shape[0] != len(trace.layers):
+            raise ValueError(
+                f"attribute_experts: {label} trace has {trace.topk_indices.shape[0]} layers of indices but "
+                f"layers={tuple(trace.layers)}."
+            )
+        low, high = int(trace.topk_indices.min()), int(trace.topk_indices.max())
+        if low < 0 or high >= trace.n_experts:
+            raise ValueError(
+                f"attribute_experts: {label} trace selects experts {low}..{high} but says n_experts="
+                f"{trace.n_experts} (allowed 0..{trace.n_experts - 1})."
+            )
+        prompts = trace.prompt_index
+        if prompts.numel() != n_tokens or int(prompts.min()) < 0 or int(prompts.max()) >= trace.n_prompts:
+            raise ValueError(
+                f"attribute_experts: {label} trace prompt_index must have one entry per token "
+                f"({n_tokens}) in 0..{trace.n_prompts - 1}; got {prompts.numel()} entries in "
+                f"{int(prompts.min())}..{int(prompts.max())}."
+            )
+    checks = (
+        ("model_name", "traces come from different models"),
+        ("layers", "traces cover different layers"),
+        ("n_experts", "traces have different expert counts"),
+        ("top_k", "traces have different top-k"),
+    )
+    for name, what in checks:
+        if getattr(behavior, name, None) != getattr(control, name, None):
+            raise ValueError(
+                f"attribute_experts: {what}: behavior has {name}={getattr(behavior, name, None)!r}, control "
+                f"has {name}={getattr(control, name, None)!r}. Trace both prompt sets with the same model "
+                f"and the same layers.\n  behavior: {_describe(behavior)}\n  control:  {_describe(control)}"
+            )
+
+
+def _prompt_sums(trace, last_tokens: int | None) -> _PromptSums:
+    indices = trace.topk_indices.long()
+    weights = trace.topk_weights.double()
+    prompt_index = trace.prompt_index.long()
+    n_layers, n_tokens, _ = indices.shape
+    n_prompts, n_experts = int(trace.n_prompts), int(trace.n_experts)
+    keep = torch.ones(n_tokens, dtype=torch.bool)
+    if last_tokens is not None:
+        position = trace.position.long()
+        length = torch.zeros(n_prompts, dtype=torch.long).scatter_reduce(
+            0, prompt_index, position + 1, reduce="amax"
+        )
+        keep = position >= (length[prompt_index] - last_tokens)
+    indices, weights, prompt_index = indices[:, keep], weights[:, keep], prompt_index[keep]
+    # (layer, token, expert) selection indicator and routing weight; an expert appears at most
+    # once in a token's top-k, so the sums over k are 0/1 and the weight of that expert.
+    one_hot = torch.nn.functional.one_hot(indices, n_experts).double()  # layer token k expert
+    selected = one_hot.sum(dim=2)
+    weight = (one_hot * weights.unsqueeze(-1)).sum(dim=2)
+    tokens = torch.zeros(n_prompts, dtype=torch.float64).index_add_(
+        0, prompt_index, torch.ones(prompt_index.numel(), dtype=torch.float64)
+    )
+
+    def per_prompt(values: Tensor) -> np.ndarray:  # layer token expert -> prompt layer expert
+        out = torch.zeros(n_prompts, n_layers, n_experts, dtype=torch.float64)
+        out.index_add_(0, prompt_index, values.permute(1, 0, 2))
+        return out.numpy()
+
+    return _PromptSums(
+        selected=per_prompt(selected),
+        weight=per_prompt(weight),
+        weight_sq=per_prompt(weight * weight),
+        tokens=tokens.numpy(),
+    )
+
+
+# --- scores -----------------------------------------------------------------------------------
+
+
+def _rates(values: np.ndarray, tokens: np.ndarray, counts: np.ndarray, aggregate: str) -> tuple[np.ndarray, np.ndarray]:
+    """Aggregated rate and effective sample size from resampling weights.
+
+    Args:
+        values: (prompt, layer, expert) per-prompt sums (selections or weight).
+        tokens: (prompt,) tokens per prompt.
+        counts: (draw, prompt) how often each prompt is drawn (all ones: the observed set).
+        aggregate: ``"token"`` pools tokens; ``"prompt"`` averages per-prompt rates.
+
+    Returns:
+        ``(rate, size)``: rate (draw, layer, expert), size (draw,) -- tokens or prompts counted.
+    """
+    flat = values.reshape(values.shape[0], -1)
+    present = tokens > 0
+    if aggregate == "token":
+        size = counts @ tokens
+        rate = (counts @ flat) / np.maximum(size, 1e-300)[:, None]
+    else:
+        per_prompt = np.divide(flat, tokens[:, None], out=np.zeros_like(flat), where=present[:, None])
+        size = counts @ present.astype(np.float64)
+        rate = (counts @ per_prompt) / np.maximum(size, 1e-300)[:, None]
+    return rate.reshape(counts.shape[0], *values.shape[1:]), size
+
+
+def _score(metric: str, rate_b, size_b, rate_c, size_c) -> np.ndarray:
+    if metric in ("frequency", "weight"):
+        return rate_b - rate_c
+    # log-odds ratio with the Haldane-Anscombe correction: +0.5 to every cell of the 2x2 table
+    # (for prompt aggregation the "counts" are rate x number of prompts).
+    sb, sc = size_b.reshape(-1, 1, 1), size_c.reshape(-1, 1, 1)
+    hits_b, hits_c = rate_b * sb, rate_c * sc
+    return np.log((hits_b + 0.5) / (sb - hits_b + 0.5)) - np.log((hits_c + 0.5) / (sc - hits_c + 0.5))
+
+
+def _observed(sums: _PromptSums, metric: str, aggregate: str) -> tuple[np.ndarray, np.ndarray]:
+    values = sums.weight if metric == "weight" else sums.selected
+    rate, size = _rates(values, sums.tokens, np.ones((1, sums.tokens.shape[0])), aggregate)
+    return rate[0], size
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def _fisher(count_b: np.ndarray, n_b: int, count_c: np.ndarray, n_c: int) -> np.ndarray:
+    from scipy.stats import fisher_exact
+
+    p = np.ones(count_b.size)
+    cache: dict[tuple[int, int], float] = {}
+    for i, (a, c) in enumerate(zip(count_b.astype(np.int64).ravel(), count_c.astype(np.int64).ravel())):
+        key = (int(a), int(c))
+        if key not in cache:
+            cache[key] = float(fisher_exact([[a, n_b - a], [c, n_c - c]]).pvalue)
+        p[i] = cache[key]
+    return p.reshape(count_b.shape)
+
+
+def _two_proportion_z(count_b: np.ndarray, n_b: int, count_c: np.ndarray, n_c: int) -> np.ndarray:
+    from scipy.stats import norm
+
+    p_b, p_c = count_b / n_b, count_c / n_c
+    pooled = (count_b + count_c) / (n_b + n_c)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / n_b + 1 / n_c))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, (p_b - p_c) / se, 0.0)
+    return 2 * norm.sf(np.abs(z))
+
+
+def _welch(mean_b, var_b, n_b, mean_c, var_c, n_c) -> np.ndarray:
+    """Two-sided Welch t test from unit means and unbiased variances (vectorised over cells)."""
+    from scipy.stats import t as student_t
+
+    se_b, se_c = var_b / n_b, var_c / n_c
+    se = np.sqrt(se_b + se_c)
+    diff = mean_b - mean_c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = (se_b + se_c) ** 2 / (se_b**2 / max(n_b - 1, 1) + se_c**2 / max(n_c - 1, 1))
+        t = diff / se
+    p = 2 * student_t.sf(np.abs(t), np.where(np.isfinite(df), df, 1.0))
+    # zero variance in both sets: the difference is exact -- p = 1 if equal, else 0
+    degenerate = ~(se > 0)
+    return np.where(degenerate, np.where(np.isclose(diff, 0.0), 1.0, 0.0), p)
+
+
+def _unit_moments(sums: _PromptSums, metric: str, aggregate: str):
+    """Mean, unbiased variance and count of the test units (tokens or prompts) per cell."""
+    if aggregate == "token":
+        n = float(sums.tokens.sum())
+        total = (sums.weight if metric == "weight" else sums.selected).sum(0)
+        # an indicator squared is itself, so the selections double as their own squares
+        total_sq = (sums.weight_sq if metric == "weight" else sums.selected).sum(0)
+        mean = total / n
+        var = np.maximum(total_sq - n * mean**2, 0.0) / max(n - 1, 1)
+        return mean, var, n
+    values = sums.weight if metric == "weight" else sums.selected
+    present = sums.tokens > 0
+    per_prompt = values[present] / sums.tokens[present][:, None, None]
+    n = float(per_prompt.shape[0])
+    var = per_prompt.var(axis=0, ddof=1) if n > 1 else np.zeros(per_prompt.shape[1:])
+    return per_prompt.mean(axis=0), var, n
+
+
+def _p_values(test: str, metric: str, aggregate: str, behavior: _PromptSums, control: _PromptSums) -> np.ndarray:
+    if test in ("fisher", "z"):
+        n_b, n_c = int(behavior.tokens.sum()), int(control.tokens.sum())
+        count_b, count_c = behavior.selected.sum(0), control.selected.sum(0)
+        return (_fisher if test == "fisher" else _two_proportion_z)(count_b, n_b, count_c, n_c)
+    return _welch(*_unit_moments(behavior, metric, aggregate), *_unit_moments(control, metric, aggregate))
+
+
+def _resolve_test(test: str, metric: str, aggregate: str) -> str:
+    if test != "auto":
+        if test in ("fisher", "z") and metric == "weight":
+            raise ValueError(
+                f"attribute_experts: test={test!r} compares selection counts and cannot test "
+                "metric='weight'; use test='welch' or 'auto'."
+            )
+        return test
+    return "fisher" if aggregate == "token" and metric != "weight" else "welch"
+
+
+# --- bootstrap and noise floor ----------------------------------------------------------------
+
+
+def _draw_counts(rng: np.random.Generator, n_draws: int, n_prompts: int) -> np.ndarray:
+    """(draw, prompt) multiplicities of a with-replacement resample of the prompts."""
+    picks = rng.integers(0, n_prompts, size=(n_draws, n_prompts))
+    counts = np.zeros((n_draws, n_prompts))
+    np.add.at(counts, (np.repeat(np.arange(n_draws), n_prompts), picks.ravel()), 1.0)
+    return counts
+
+
+def _bootstrap(behavior: _PromptSums, control: _PromptSums, metric, aggregate, n_bootstrap, alpha, rng):
+    values = (lambda s: s.weight) if metric == "weight" else (lambda s: s.selected)
+    scores = []
+    chunk = 200  # bound memory: (chunk, layer, expert) at a time
+    for start in range(0, n_bootstrap, chunk):
+        size = min(chunk, n_bootstrap - start)
+        counts_b = _draw_counts(rng, size, behavior.tokens.shape[0])
+        counts_c = _draw_counts(rng, size, control.tokens.shape[0])
+        rate_b, size_b = _rates(values(behavior), behavior.tokens, counts_b, aggregate)
+        rate_c, size_c = _rates(values(control), control.tokens, counts_c, aggregate)
+        scores.append(_score(metric, rate_b, size_b, rate_c, size_c))
+    stacked = np.concatenate(scores, axis=0)
+    return np.quantile(stacked, alpha / 2, axis=0), np.quantile(stacked, 1 - alpha / 2, axis=0)
+
+
+def _noise_floor(control: _PromptSums, metric, aggregate, n_splits, alpha, rng) -> float:
+    n_prompts = control.tokens.shape[0]
+    if n_prompts < 2 or n_splits < 1:
+        return float("nan")
+    values = control.weight if metric == "weight" else control.selected
+    half = n_prompts // 2
+    maxima = []
+    for _ in range(n_splits):
+        order = rng.permutation(n_prompts)
+        a = np.zeros((1, n_prompts))
+        b = np.zeros((1, n_prompts))
+        a[0, order[:half]] = 1.0
+        b[0, order[half : 2 * half]] = 1.0  # equal halves; an odd prompt out sits out
+        rate_a, size_a = _rates(values, control.tokens, a, aggregate)
+        rate_b, size_b = _rates(values, control.tokens, b, aggregate)
+        maxima.append(float(np.abs(_score(metric, rate_a, size_a, rate_b, size_b)).max()))
+    return float(np.quantile(maxima, 1 - alpha))
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+
+def attribute_experts(
+    behavior: "RoutingTrace",
+    control: "RoutingTrace",
+    *,
+    metric: Metric = "frequency",
+    aggregate: Aggregate = "prompt",
+    test: Test = "auto",
+    n_bootstrap: int = 1000,
+    n_splits: int = 100,
+    seed: int = 0,
+    alpha: float = 0.05,
+    last_tokens: int | None = None,
+) -> ExpertAttribution:
+    """Rank every routed expert by how much more the router picks it for a behaviour (fTRI).
+
+    Method: MoTE's fTRI (2025, section 3) and SteerMoE's risk difference (Fayyaz et al., 2025,
+    section 3.1). For each traced layer ``l`` and expert ``e`` let ``p_B`` and ``p_C`` be the
+    share of behaviour / control tokens whose top-k holds ``e``. Scores:
+
+    * ``"frequency"``: ``p_B - p_C`` (risk difference, SteerMoE eq. 1);
+    * ``"weight"``: mean routing weight of ``e`` (0 where not selected) on B minus on C;
+    * ``"log_odds"``: ``log[(a+.5)/(b+.5)] - log[(c+.5)/(d+.5)]`` for the 2x2 table of
+      selected / not selected counts (Haldane-Anscombe correction; finite when a cell is 0).
+
+    ``aggregate="token"`` pools all tokens of a set; ``aggregate="prompt"`` first computes each
+    prompt's rate and averages over prompts, so a long prompt counts as much as a short one
+    (the default: the unit of replication is the prompt). Per cell a test gives a p-value:
+    ``"fisher"`` (exact) or ``"z"`` (two-proportion) on pooled token counts, or ``"welch"``
+    (Welch's t on per-unit values: per-prompt rates for ``aggregate="prompt"``, per-token
+    values for ``"token"``); ``"auto"`` picks Fisher for token-level counts and Welch
+    otherwise. Tokens of one prompt are correlated, so token-level p-values are optimistic; the
+    prompt-level bootstrap and noise floor are the honest guards. q-values are
+    Benjamini-Hochberg (``scipy.stats.false_discovery_control``) over all ``layer x expert``
+    cells. Bootstrap intervals resample prompts with replacement within each set. The noise
+    floor splits the control prompts into random equal halves ``n_splits`` times, scores half
+    against half, and reports the ``1 - alpha`` quantile of the largest |score| over cells; a
+    half has half the prompts, so the floor errs on the conservative side.
+
+    Args:
+        behavior: routing trace of the behaviour prompts (``trace_routing``).
+        control: routing trace of the control prompts, same model and layers.
+        metric: ``"frequency"``, ``"weight"`` or ``"log_odds"``.
+        aggregate: ``"prompt"`` or ``"token"``.
+        test: ``"auto"``, ``"fisher"``, ``"z"`` or ``"welch"``.
+        n_bootstrap: bootstrap resamples for the intervals (0 skips them: NaN intervals).
+        n_splits: control split-halves for the noise floor (0 skips it: NaN).
+        seed: seeds the bootstrap and the splits (``numpy.random.default_rng``).
+        alpha: FDR level for :meth:`ExpertAttribution.significant`, intervals at ``1 - alpha``.
+        last_tokens: count only the last this many tokens of each prompt (e.g. ``3``: the
+            tokens just before the answer, where a refusal decision is routed); ``None``: all.
+
+    Returns:
+        An :class:`ExpertAttribution` with ``(layer, expert)`` tensors.
+
+    Raises:
+        ValueError: an unknown metric/aggregate/test, an empty trace, or traces from different
+            models, layers, expert counts or top-k (the message shows both traces).
+        TypeError: an argument is not a routing trace.
+
+    Example:
+        >>> attribution = attribute_experts(behavior_trace, control_trace)  # doctest: +SKIP
+        >>> attribution.top(5)  # doctest: +SKIP
+        [(1, 7), (2, 3), ...]
+    """
+    if metric not in METRICS:
+        raise ValueError(f"attribute_experts: metric={metric!r}; allowed: {METRICS}.")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"attribute_experts: aggregate={aggregate!r}; allowed: {AGGREGATES}.")
+    if test not in TESTS:
+        raise ValueError(f"attribute_experts: test={test!r}; allowed: {TESTS}.")
+    if not 0 < alpha < 1:
+        raise ValueError(f"attribute_experts: alpha={alpha!r} must lie in (0, 1).")
+    if n_bootstrap < 0 or n_splits < 0:
+        raise ValueError(f"attribute_experts: n_bootstrap={n_bootstrap}, n_splits={n_splits} must be >= 0.")
+    if last_tokens is not None and last_tokens < 1:
+        raise ValueError(f"attribute_experts: last_tokens={last_tokens!r} must be >= 1 or None.")
+    _validate(behavior, control)
+    test = _resolve_test(test, metric, aggregate)
+
+    sums_b = _prompt_sums(behavior, last_tokens)
+    sums_c = _prompt_sums(control, last_tokens)
+    rate_b, size_b = _observed(sums_b, metric, aggregate)
+    rate_c, size_c = _observed(sums_c, metric, aggregate)
+    score = _score(metric, rate_b[None], size_b, rate_c[None], size_c)[0]
+
+    from scipy.stats import false_discovery_control
+
+    p_value = np.clip(_p_values(test, metric, aggregate, sums_b, sums_c), 0.0, 1.0)
+    q_value = false_discovery_control(p_value.ravel(), method="bh").reshape(p_value.shape)
+
+    rng = np.random.default_rng(seed)
+    if n_bootstrap > 0:
+        ci_low, ci_high = _bootstrap(sums_b, sums_c, metric, aggregate, n_bootstrap, alpha, rng)
+    else:
+        ci_low = ci_high = np.full(score.shape, np.nan)
+    noise_floor = _noise_floor(sums_c, metric, aggregate, n_splits, alpha, rng)
+
+    def as_float(array) -> Tensor:
+        return torch.as_tensor(np.asarray(array, dtype=np.float64))
+
+    return ExpertAttribution(
+        score=as_float(score),
+        behavior_counts=torch.as_tensor(sums_b.selected.sum(0).round().astype(np.int64)),
+        control_counts=torch.as_tensor(sums_c.selected.sum(0).round().astype(np.int64)),
+        behavior_rate=as_float(rate_b),
+        control_rate=as_float(rate_c),
+        p_value=as_float(p_value),
+        q_value=as_float(q_value),
+        ci_low=as_float(ci_low),
+        ci_high=as_float(ci_high),
+        noise_floor=noise_floor,
+        behavior_tokens=int(sums_b.tokens.sum()),
+        control_tokens=int(sums_c.tokens.sum()),
+        behavior_prompts=int(behavior.n_prompts),
+        control_prompts=int(control.n_prompts),
+        metric=metric,
+        aggregate=aggregate,
+        test=test,
+        alpha=float(alpha),
+        n_bootstrap=int(n_bootstrap),
+        seed=int(seed),
+        layers=tuple(int(layer) for layer in behavior.layers),
+        n_experts=int(behavior.n_experts),
+        top_k=int(behavior.top_k),
+        model_name=str(behavior.model_name),
+        last_tokens=last_tokens,
+    )

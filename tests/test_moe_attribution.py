@@ -1,0 +1,209 @@
+"""Expert attribution on synthetic routing traces with planted differences (no model needed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from labkit.moe.attribution import ExpertAttribution, attribute_experts
+from labkit.moe.trace import RoutingTrace
+
+LAYERS = (1, 3)  # true model layers: row 0 is layer 1, row 1 is layer 3
+N_EXPERTS = 8
+TOP_K = 2
+
+
+def make_trace(
+    prompt_lengths,
+    *,
+    seed: int,
+    boost: dict[tuple[int, int], float] | None = None,
+    boosted_prompts=None,
+    layers=LAYERS,
+    n_experts=N_EXPERTS,
+    top_k=TOP_K,
+    model_name="synthetic",
+) -> RoutingTrace:
+    """Top-k draws (without replacement) from a uniform router, some (row, expert) boosted.
+
+    ``boost[(row, expert)] = factor`` multiplies that expert's routing probability on the tokens
+    of ``boosted_prompts`` (default: every prompt).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    n_tokens = sum(prompt_lengths)
+    prompt_index = torch.repeat_interleave(torch.arange(len(prompt_lengths)), torch.tensor(prompt_lengths))
+    position = torch.cat([torch.arange(n) for n in prompt_lengths])
+    probs = torch.ones(len(layers), n_tokens, n_experts)
+    boosted = torch.ones(n_tokens, dtype=torch.bool)
+    if boosted_prompts is not None:
+        boosted = torch.isin(prompt_index, torch.tensor(list(boosted_prompts)))
+    for (row, expert), factor in (boost or {}).items():
+        probs[row, boosted, expert] *= factor
+    flat = probs.reshape(-1, n_experts)
+    indices = torch.multinomial(flat, top_k, replacement=False, generator=generator)
+    weights = torch.softmax(torch.randn(indices.shape, generator=generator), dim=-1)
+    return RoutingTrace(
+        topk_indices=indices.reshape(len(layers), n_tokens, top_k),
+        topk_weights=weights.reshape(len(layers), n_tokens, top_k),
+        router_logits=None,
+        token_ids=torch.zeros(n_tokens, dtype=torch.long),
+        prompt_index=prompt_index,
+        position=position,
+        layers=tuple(layers),
+        n_experts=n_experts,
+        top_k=top_k,
+        n_prompts=len(prompt_lengths),
+        model_name=model_name,
+    )
+
+
+PLANTED = {(0, 5): 4.0, (1, 2): 4.0}
+
+
+@pytest.fixture(scope="module")
+def planted_pair():
+    behavior = make_trace([12] * 40, seed=1, boost=PLANTED)
+    control = make_trace([12] * 40, seed=2)
+    return behavior, control
+
+
+@pytest.mark.parametrize("metric", ["frequency", "weight", "log_odds"])
+@pytest.mark.parametrize("aggregate", ["token", "prompt"])
+def test_planted_experts_are_recovered_at_the_top_and_significant(planted_pair, metric, aggregate):
+    attribution = attribute_experts(*planted_pair, metric=metric, aggregate=aggregate, n_bootstrap=200, seed=0)
+    assert set(attribution.top(2)) == {(1, 5), (3, 2)}  # true layer numbers, not rows
+    significant = attribution.significant()
+    assert set(significant[:2]) == {(1, 5), (3, 2)}
+    assert len(significant) == 2
+    frame = attribution.to_frame()
+    assert set(zip(frame.layer[:2], frame.expert[:2])) == {(1, 5), (3, 2)}
+    assert frame.score.is_monotonic_decreasing
+    assert (frame.score[:2] > attribution.noise_floor).all()
+    assert len(frame) == len(LAYERS) * N_EXPERTS
+
+
+def test_frequency_score_is_the_risk_difference(planted_pair):
+    behavior, control = planted_pair
+    attribution = attribute_experts(behavior, control, aggregate="token", n_bootstrap=0, n_splits=0)
+    selected_b = torch.nn.functional.one_hot(behavior.topk_indices, N_EXPERTS).sum(2).float().mean(1)
+    selected_c = torch.nn.functional.one_hot(control.topk_indices, N_EXPERTS).sum(2).float().mean(1)
+    torch.testing.assert_close(attribution.score, (selected_b - selected_c).double())
+    assert attribution.behavior_counts.sum() == behavior.n_tokens * len(LAYERS) * TOP_K
+    assert math.isnan(attribution.noise_floor) and attribution.ci_low.isnan().all()
+
+
+def test_same_distribution_gives_no_significant_expert():
+    first = make_trace([10] * 30, seed=11)
+    second = make_trace([10] * 30, seed=12)
+    for aggregate in ("token", "prompt"):
+        attribution = attribute_experts(first, second, aggregate=aggregate, n_bootstrap=0, seed=0)
+        assert attribution.significant(direction="both") == []
+        assert attribution.q_value.min() > 0.05
+        # the largest observed |score| is within the noise-floor scale
+        assert attribution.score.abs().max() < 2 * attribution.noise_floor
+
+
+def test_prompt_aggregation_resists_one_long_prompt():
+    # Behaviour: 20 short prompts with no signal plus one very long prompt that uses expert 6
+    # in row 0 heavily. Pooled tokens make it look like a strong behaviour expert; per-prompt
+    # averaging weighs the long prompt as 1 of 21.
+    lengths = [8] * 20 + [800]
+    behavior = make_trace(lengths, seed=3, boost={(0, 6): 30.0}, boosted_prompts=[20])
+    control = make_trace([8] * 21, seed=4)
+    token = attribute_experts(behavior, control, aggregate="token", n_bootstrap=0)
+    prompt = attribute_experts(behavior, control, aggregate="prompt", n_bootstrap=0)
+    assert token.top(1) == [(1, 6)] and token.score[0, 6] > 0.5
+    assert prompt.score[0, 6] < 0.1
+    assert (1, 6) not in prompt.significant()
+
+
+def test_bootstrap_interval_covers_the_true_difference():
+    # Planted boost of 4x for one of 8 experts, top-2 without replacement: the true selection
+    # probability is estimated by a huge sample; the interval from a modest one must cover it.
+    truth_b = make_trace([50] * 400, seed=21, boost={(0, 5): 4.0}, layers=(0,))
+    truth_c = make_trace([50] * 400, seed=22, layers=(0,))
+    truth = attribute_experts(truth_b, truth_c, aggregate="token", n_bootstrap=0, n_splits=0).score[0, 5]
+    covered = 0
+    for seed in range(10):
+        sample_b = make_trace([10] * 30, seed=100 + seed, boost={(0, 5): 4.0}, layers=(0,))
+        sample_c = make_trace([10] * 30, seed=200 + seed, layers=(0,))
+        attribution = attribute_experts(sample_b, sample_c, aggregate="token", n_bootstrap=300, seed=seed)
+        low, high = attribution.ci_low[0, 5], attribution.ci_high[0, 5]
+        assert low < attribution.score[0, 5] < high
+        covered += bool(low <= truth <= high)
+    assert covered >= 8  # nominal 95 %
+
+
+def test_last_tokens_counts_only_the_end_of_each_prompt(planted_pair):
+    behavior, control = planted_pair
+    attribution = attribute_experts(behavior, control, last_tokens=3, n_bootstrap=0, n_splits=0)
+    assert attribution.behavior_tokens == 3 * behavior.n_prompts
+    assert attribution.last_tokens == 3
+
+
+def test_top_with_per_layer_cap(planted_pair):
+    attribution = attribute_experts(*planted_pair, n_bootstrap=0, n_splits=0)
+    capped = attribution.top(4, per_layer_cap=1)
+    assert capped[:2] == attribution.top(2) and len(capped) == 2  # only two layers
+    assert len(attribution.top(16)) == 16
+    with pytest.raises(ValueError, match="0..16"):
+        attribution.top(17)
+
+
+def test_save_load_round_trip(planted_pair, tmp_path):
+    attribution = attribute_experts(*planted_pair, n_bootstrap=50, seed=3)
+    path = attribution.save(tmp_path / "attribution")
+    assert path.suffix == ".safetensors" and path.with_name(path.name + ".json").is_file()
+    loaded = ExpertAttribution.load(path)
+    for name in ("score", "behavior_counts", "p_value", "q_value", "ci_low", "ci_high"):
+        torch.testing.assert_close(getattr(loaded, name), getattr(attribution, name))
+    assert loaded.layers == LAYERS and loaded.noise_floor == attribution.noise_floor
+    assert loaded.top(3) == attribution.top(3)
+    again = ExpertAttribution.from_dict(attribution.to_dict())
+    torch.testing.assert_close(again.score, attribution.score)
+    assert again.metric == "frequency" and again.aggregate == "prompt"
+    with pytest.raises(ValueError, match="kind"):
+        ExpertAttribution.from_dict({**attribution.to_dict(), "kind": "steering_vector"})
+
+
+def test_deterministic_for_a_seed(planted_pair):
+    first = attribute_experts(*planted_pair, n_bootstrap=50, seed=7)
+    second = attribute_experts(*planted_pair, n_bootstrap=50, seed=7)
+    torch.testing.assert_close(first.ci_low, second.ci_low)
+    assert first.noise_floor == second.noise_floor
+
+
+def test_bad_input_errors_name_what_was_received(planted_pair):
+    behavior, control = planted_pair
+    other_model = make_trace([5] * 3, seed=0, model_name="other")
+    with pytest.raises(ValueError, match="different models.*'synthetic'.*'other'"):
+        attribute_experts(behavior, other_model)
+    with pytest.raises(ValueError, match=r"different layers.*\(1, 3\).*\(0, 1, 2\)"):
+        attribute_experts(behavior, make_trace([5] * 3, seed=0, layers=(0, 1, 2)))
+    with pytest.raises(ValueError, match="n_experts=8.*n_experts=16"):
+        attribute_experts(behavior, make_trace([5] * 3, seed=0, n_experts=16))
+    empty = RoutingTrace(
+        topk_indices=torch.zeros(2, 0, TOP_K, dtype=torch.long),
+        topk_weights=torch.zeros(2, 0, TOP_K),
+        router_logits=None,
+        token_ids=torch.zeros(0, dtype=torch.long),
+        prompt_index=torch.zeros(0, dtype=torch.long),
+        position=torch.zeros(0, dtype=torch.long),
+        layers=LAYERS,
+        n_experts=N_EXPERTS,
+        top_k=TOP_K,
+        n_prompts=0,
+        model_name="synthetic",
+    )
+    with pytest.raises(ValueError, match="control trace is empty.*0 prompts"):
+        attribute_experts(behavior, empty)
+    with pytest.raises(ValueError, match="metric='kl'.*frequency"):
+        attribute_experts(behavior, control, metric="kl")
+    with pytest.raises(ValueError, match="aggregate='sequence'"):
+        attribute_experts(behavior, control, aggregate="sequence")
+    with pytest.raises(ValueError, match="cannot test metric='weight'"):
+        attribute_experts(behavior, control, metric="weight", test="fisher")
+    with pytest.raises(TypeError, match="RoutingTrace"):
+        attribute_experts(behavior, {"topk_indices": None})
