@@ -6,5 +6,8 @@ mask them → evaluate → plot → widget.
 """
 
 from labkit.models import available_offline_models, load_model
+from labkit.generation import Generation, generate
+from labkit.steering import SteeringVector, actadd, mean_difference, steered
 
 __all__ = ["available_offline_models", "load_model"]
+__all__ += ["Generation", "SteeringVector", "actadd", "generate", "mean_difference", "steered"]

@@ -1,0 +1,213 @@
+"""Text generation on a labkit model: prompts in, completions (and token ids) out.
+
+Generation is the plain Hugging Face twin's own ``generate()`` (KV cache, sampling, streaming)
+— never the TransformerLens bridge, whose ~1,400 hook points would all run on every decode
+step. Interventions are ``torch`` hooks on just the modules in use: ``steering=`` vectors are
+attached here (:func:`labkit.steering.steered`), and any other labkit context already open on
+the twin (``labkit.steered``, an expert mask, ...) applies as well, because the twin is what runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from labkit.models import hf_model_of, tokenizer_of
+from labkit.steering import SteeringVector, prompt_length, steered
+
+__all__ = ["Generation", "generate"]
+
+
+@dataclass(frozen=True, eq=False)
+class Generation:
+    """The result of :func:`generate`; one entry per prompt, in order.
+
+    Attributes:
+        prompts: the prompts as given.
+        texts: the completions (new tokens only, special tokens removed).
+        token_ids: the new token ids of each completion, up to and including the first
+            end-of-sequence token (padding after it removed).
+        prompt_token_ids: the token ids each prompt was run as (chat template applied).
+    """
+
+    prompts: list[str]
+    texts: list[str]
+    token_ids: list[list[int]]
+    prompt_token_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def _check_prompts(prompts: Any) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"generate: need a prompt or a non-empty list of prompts, got {prompts!r}.")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"generate: prompt {i} must be a str, got {type(prompt).__name__}.")
+        if prompt == "":
+            raise ValueError(
+                f"generate: prompt {i} is empty (''); give at least one character (e.g. ' ')."
+            )
+    return list(prompts)
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"generate: {name} must be a finite number, got {value!r}.")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"generate: {name}={value!r} out of range; allowed {bracket}{low}, {high}].")
+    return float(value)
+
+
+def _encode(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "generate: chat=True but this model's tokenizer has no chat template; pass "
+                "chat=False (plain prompts) or set tokenizer.chat_template."
+            )
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
+        encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    else:
+        encoded = [tokenizer(p).input_ids for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"generate: prompt {i} ({prompts[i]!r}) tokenizes to no tokens.")
+    return [list(ids) for ids in encoded]
+
+
+def _trim(ids: list[int], eos: set[int], pad: int | None) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    while ids and pad is not None and ids[-1] == pad:
+        ids = ids[:-1]
+    return ids
+
+
+def generate(
+    model,
+    prompts: str | Sequence[str],
+    *,
+    steering: SteeringVector | Sequence[SteeringVector] | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    chat: bool = False,
+    streamer: Any = None,
+    use_cache: bool = True,
+    **generate_kwargs: Any,
+) -> Generation:
+    """Generate completions with the model's plain twin, optionally steered.
+
+    Prompts are left-padded into one batch (each row's result equals the prompt run alone);
+    the twin's Hugging Face ``generate`` runs with the KV cache. Steering vectors are attached
+    for the call (see :func:`labkit.steering.steered`): ActAdd vectors land on the prompt's front
+    positions in the prompt pass, directions on their positions at every step. ``temperature=0``
+    is greedy decoding; otherwise sampling with ``temperature`` / ``top_p`` / ``top_k``, made
+    reproducible by ``seed`` (the global RNG is forked, so the caller's random state is left
+    as it was).
+
+    Args:
+        model: a labkit bridge (``labkit.load_model``).
+        prompts: a prompt or a list of prompts (non-empty strings).
+        steering: a :class:`SteeringVector`, a list of them, or ``None``.
+        max_new_tokens: new tokens per prompt (≥ 1).
+        temperature: 0 for greedy; > 0 samples.
+        top_p: nucleus mass in (0, 1] (sampling only).
+        top_k: keep the k most likely tokens (0 = no limit; sampling only).
+        seed: seeds the sampler; same seed → same text, steered or not.
+        chat: wrap each prompt as a user turn with the tokenizer's chat template.
+        streamer: a ``transformers`` streamer (e.g. ``TextIteratorStreamer``), batch size 1.
+        use_cache: use the KV cache (default); ``False`` recomputes every step (for checks).
+        **generate_kwargs: passed on to ``GenerationConfig`` (e.g. ``min_new_tokens=48``,
+            ``repetition_penalty=1.2``).
+
+    Returns:
+        A :class:`Generation` (``texts``, ``token_ids``, ``prompt_token_ids``).
+
+    Raises:
+        ValueError: an empty prompt or prompt list, ``max_new_tokens < 1``, a temperature /
+            top_p out of range, ``chat=True`` without a chat template, or a steering vector
+            that does not fit the model.
+
+    Example:
+        >>> out = generate(model, ["The weather today is"], max_new_tokens=8)  # doctest: +SKIP
+        >>> out.texts  # doctest: +SKIP
+    """
+    from transformers import GenerationConfig
+
+    prompts = _check_prompts(prompts)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}.")
+    temperature = _check_number("temperature", temperature, 0.0, math.inf)
+    top_p = _check_number("top_p", top_p, 0.0, 1.0, low_open=True)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"generate: top_k must be an int ≥ 0 (0 = no limit), got {top_k!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"generate: seed must be an int or None, got {seed!r}.")
+
+    tokenizer = tokenizer_of(model)
+    twin = hf_model_of(model)
+    device = next(twin.parameters()).device
+    encoded = _encode(tokenizer, prompts, chat)
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention_mask = torch.tensor(
+        [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
+    )
+
+    eos = twin.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    sampling = temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=top_k if sampling else None,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        bos_token_id=tokenizer.bos_token_id,
+        use_cache=use_cache,
+        **generate_kwargs,
+    )
+    vectors = [] if steering is None else [steering]
+
+    with contextlib.ExitStack() as stack:
+        if seed is not None:
+            devices = [device] if device.type == "cuda" else []
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            torch.manual_seed(seed)
+        stack.enter_context(steered(model, *vectors))
+        stack.enter_context(prompt_length(twin, width))
+        with torch.no_grad():
+            sequences = twin.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                streamer=streamer,
+            )
+    new_ids = [_trim(row.tolist(), eos_ids, pad) for row in sequences[:, width:].cpu()]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+    return Generation(prompts=prompts, texts=texts, token_ids=new_ids, prompt_token_ids=encoded)
