@@ -72,3 +72,11 @@ def tiny_llama(tiny_tokenizer):
     from labkit.models import from_hf
 
     return from_hf(tiny_llama_hf(tiny_tokenizer), tiny_tokenizer, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded real model (SmolLM2-135M-Instruct), loaded once per test session."""
+    from labkit import load_model
+
+    return load_model("smollm2-135m-instruct")
