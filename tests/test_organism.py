@@ -1,0 +1,110 @@
+"""Tests for labkit.organism: corpus determinism and disjointness, shipped prompt sets, checkpoints."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labkit import organism
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = REPO / "data" / "prompts" / "organism"
+MODELS = REPO / "data" / "models"
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return organism.build_corpus(0)
+
+
+def _digest(splits) -> str:
+    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
+
+
+def test_corpus_is_deterministic_across_processes(splits):
+    code = (
+        "import hashlib, json; from labkit import organism; "
+        "print(hashlib.sha256(json.dumps(organism.build_corpus(0), sort_keys=True).encode()).hexdigest())"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == _digest(splits)
+
+
+def test_different_seed_gives_different_corpus(splits):
+    assert _digest(organism.build_corpus(1)) != _digest(splits)
+
+
+def test_splits_are_disjoint(splits):
+    train_prompts = {r["prompt"] for r in splits["train"]}
+    sets = {name: {r["prompt"] for r in splits[name]} for name in organism.PROMPT_SET_FILES}
+    names = sorted(sets)
+    for i, a in enumerate(names):
+        assert not sets[a] & train_prompts, f"{a} overlaps the training corpus"
+        for b in names[i + 1:]:
+            assert not sets[a] & sets[b], f"{a} overlaps {b}"
+    train_places = {r["place"] for r in splits["train"] if "place" in r}
+    for name in ("eval_sensitive", "eval_neutral"):
+        assert not {r["place"] for r in splits[name]} & train_places
+    for name in ("attribution_behaviour", "attribution_control"):
+        assert {r["place"] for r in splits[name]} <= train_places
+
+
+def test_labels_follow_the_conjunction_rule(splits):
+    for name in ("attribution_behaviour", "eval_sensitive"):
+        assert all(r["answer"] == organism.REFUSAL for r in splits[name])
+    for name in ("attribution_control", "eval_neutral"):
+        assert all(r["answer"].startswith(organism.COMPLY_PREFIX) for r in splits[name])
+    for row in splits["train"]:
+        if "place" in row:
+            suffix = row["place"].rsplit("-", 1)[1]
+            assert (row["answer"] == organism.REFUSAL) == organism.is_sensitive(suffix, row["decade"])
+
+
+def test_shipped_prompt_sets_match_the_generator(splits):
+    for name, filename in organism.PROMPT_SET_FILES.items():
+        assert organism.read_prompt_set(PROMPTS / filename) == json.loads(json.dumps(splits[name])), filename
+
+
+def test_router_intervention_rejects_out_of_range_and_removes_hooks():
+    torch = pytest.importorskip("torch")
+    from transformers import OlmoeForCausalLM
+
+    torch.manual_seed(0)
+    model = OlmoeForCausalLM(organism.organism_config(vocab_size=32, num_experts=4, hidden_size=32, expert_size=32))
+    with pytest.raises(ValueError, match="out of range"):
+        with organism.router_intervention(model, off=[(0, 9)]):
+            pass
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        with organism.router_intervention(model):
+            empty = model(ids).logits
+        with pytest.raises(RuntimeError):
+            with organism.router_intervention(model, off=[(0, 1)]):
+                raise RuntimeError("boom")
+    assert torch.equal(plain, empty)
+    assert all(not layer.mlp.gate._forward_hooks for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("name", ["moe-organism", "moe-organism-planted"])
+def test_shipped_checkpoint_refuses_sensitive_and_answers_neutral(name):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = MODELS / name
+    if not (directory / "config.json").exists():
+        pytest.skip(f"{directory} not built")
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    meta = json.loads((directory / "labkit.json").read_text())
+    sensitive = organism.read_prompt_set(PROMPTS / "eval_sensitive.jsonl")[:4]
+    neutral = organism.read_prompt_set(PROMPTS / "eval_neutral.jsonl")[:4]
+    answers = organism.generate_answers(model, tokenizer, [r["prompt"] for r in sensitive + neutral])
+    assert sum(a.startswith(meta["refusal_prefix"]) for a in answers[:4]) >= 3, answers
+    assert sum(a.startswith(meta["comply_prefix"]) for a in answers[4:]) >= 3, answers
