@@ -9,15 +9,19 @@ often each expert fires on behaviour prompts versus control prompts).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from labkit.moe.families import MoELayer, find_routers, hf_of
 
 __all__ = ["RoutingTrace", "trace_routing"]
 
@@ -185,5 +189,290 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def trace_routing(*args, **kwargs) -> RoutingTrace:  # replaced below once implemented
-    raise NotImplementedError("trace_routing is being implemented")
+Scope = Literal["all", "generated"] | tuple[Literal["last"], int]
+
+
+def _tokenizer_for(model, tokenizer):
+    """labkit's tokenizer for a bridge; a left-padding copy of ``tokenizer`` for a HF model."""
+    import copy
+
+    from labkit.models import _REGISTRY
+
+    record = _REGISTRY.get(model) if isinstance(model, torch.nn.Module) else None
+    if tokenizer is None:
+        if record is None:
+            raise ValueError(
+                "A plain Hugging Face model has no tokenizer attached: pass tokenizer=..., or "
+                "prompts as lists of token ids, or wrap it with labkit.models.from_hf."
+            )
+        return record.tokenizer
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _encode(tokenizer, prompts: Sequence[Any], chat: bool) -> list[list[int]]:
+    """Token ids per prompt, as a single-prompt call would make them (same rule as labkit.cache)."""
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError(f"trace_routing: prompt {i} is text but no tokenizer is available.")
+            if chat:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise ValueError("trace_routing: chat=True but the tokenizer has no chat template; use chat=False.")
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                )
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError(
+                f"trace_routing: prompt {i} is {type(prompt).__name__}; pass strings or lists of token ids."
+            )
+        if not ids:
+            raise ValueError(f"trace_routing: prompt {i} ({prompt!r}) tokenises to zero tokens.")
+        rows.append(list(ids))
+    return rows
+
+
+def _check_scope(scope) -> tuple[str, int]:
+    if scope in ("all", "generated"):
+        return scope, 0
+    if (
+        isinstance(scope, tuple)
+        and len(scope) == 2
+        and scope[0] == "last"
+        and isinstance(scope[1], int)
+        and not isinstance(scope[1], bool)
+        and scope[1] >= 1
+    ):
+        return "last", scope[1]
+    raise ValueError(
+        f"trace_routing: scope {scope!r} is not allowed; use 'all', 'generated', or ('last', k) with k ≥ 1."
+    )
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(input_ids, attention_mask, position_ids)``; positions count real tokens from 0."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+
+
+@contextlib.contextmanager
+def recording(routers: Sequence[MoELayer]) -> Iterator[list[list[tuple[Tensor, Tensor, Tensor]]]]:
+    """Record every router call's ``(router_logits, topk_weights, topk_indices)`` per layer.
+
+    A plain forward hook per router module reads the router's own output (so the recorded
+    choice is the one the model used, including any expert mask applied by a hook registered
+    before this one); handles are removed in ``finally``.
+
+    Yields:
+        One list per MoE layer (in ``routers`` order) that fills with one tuple per call.
+    """
+    records: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in routers]
+    handles = []
+    try:
+        for slot, moe_layer in zip(records, routers):
+
+            def hook(_module, _inputs, output, slot=slot):
+                slot.append((output[0].detach(), output[1].detach(), output[2].detach()))
+
+            handles.append(moe_layer.router.register_forward_hook(hook))
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _generate_greedy(hf_model, rows, pad_id, eos_ids, max_new_tokens, device) -> list[list[int]]:
+    """Greedy answers (new tokens up to and including the first end-of-sequence token)."""
+    from transformers import GenerationConfig
+
+    input_ids, attention_mask, _ = _left_pad(rows, pad_id, device)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids) or None,
+    )
+    out = hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    answers = []
+    for row in out[:, input_ids.shape[1] :].tolist():
+        answer = []
+        for token in row:
+            answer.append(token)
+            if token in eos_ids:
+                break
+        answers.append(answer)
+    return answers
+
+
+def trace_routing(
+    model,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+    scope: Scope = "all",
+    max_new_tokens: int = 32,
+    include_router_logits: bool = False,
+    chat: bool = False,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> RoutingTrace:
+    """Record which experts every MoE layer chooses for every real token of the prompts.
+
+    This is the measurement step of fTRI (*Mixture of Tunable Experts*, 2025, §3): run the
+    prompts, read each router's top-k choice per token. Prompts run in left-padded batches on
+    the plain twin with position ids counting real tokens only, so a batch traces exactly what
+    each prompt traces alone; padding tokens are dropped. A forward hook on each router module
+    reads the router's own output, so the recorded weights are what the experts were weighted
+    with (and an active :func:`labkit.moe.masked` mask is reflected).
+
+    Args:
+        model: a labkit bridge or a Hugging Face MoE model (OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral,
+            GPT-OSS, DeepSeek-V3).
+        prompts: strings, or lists of token ids (used as given).
+        batch_size: prompts per forward pass (≥ 1).
+        scope: which tokens to keep: ``"all"`` real tokens; ``("last", k)`` the last ``k`` real
+            tokens of each prompt; ``"generated"`` generate a greedy answer of up to
+            ``max_new_tokens`` tokens (up to and including the first end-of-sequence token),
+            then trace prompt + answer in one pass and keep the answer tokens (their
+            ``position`` continues after the prompt's).
+        max_new_tokens: answer length for ``scope="generated"``.
+        include_router_logits: also keep the raw router logits (``layer token expert``).
+        chat: wrap each text prompt as one user turn with the tokenizer's chat template.
+        tokenizer: needed only for a plain Hugging Face model given text prompts.
+        progress: show a ``tqdm`` progress bar over batches.
+
+    Returns:
+        A :class:`RoutingTrace`; tokens ordered by prompt, then position.
+
+    Raises:
+        ValueError: dense / unsupported model, bad scope, batch_size or max_new_tokens, empty
+            prompt list, or a prompt that tokenises to nothing.
+
+    Example:
+        >>> trace = trace_routing(model, ["What happened in 1989?"], scope=("last", 4))  # doctest: +SKIP
+        >>> trace.topk_indices.shape  # (layer, token, k)  # doctest: +SKIP
+        torch.Size([16, 4, 8])
+    """
+    from tqdm.auto import tqdm
+
+    kind, last_k = _check_scope(scope)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"trace_routing: batch_size must be an int ≥ 1, got {batch_size!r}.")
+    if kind == "generated" and (
+        isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+    ):
+        raise ValueError(f"trace_routing: max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}.")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("trace_routing: prompts is empty; pass at least one prompt.")
+
+    hf_model = hf_of(model)
+    routers = find_routers(model)
+    n_experts, top_k = routers[0].n_experts, routers[0].top_k
+    needs_tokenizer = tokenizer is not None or any(isinstance(p, str) for p in prompts) or kind == "generated"
+    tok = _tokenizer_for(model, tokenizer) if needs_tokenizer else None
+    rows = _encode(tok, prompts, chat)
+    pad_id = tok.pad_token_id if tok is not None else (hf_model.config.pad_token_id or 0)
+    device = next(hf_model.parameters()).device
+
+    n_prompts = len(rows)
+    order = sorted(range(n_prompts), key=lambda i: len(rows[i]))  # similar lengths batch together
+    batches = [order[i : i + batch_size] for i in range(0, n_prompts, batch_size)]
+    per_prompt: list[dict[str, Tensor] | None] = [None] * n_prompts
+
+    eos = hf_model.generation_config.eos_token_id if hf_model.generation_config is not None else None
+    if eos is None and tok is not None:
+        eos = tok.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+    bar = tqdm(batches, desc="trace_routing", unit="batch", disable=not progress)
+    with torch.inference_mode():
+        for batch in bar:
+            batch_rows = [rows[i] for i in batch]
+            keep_from = [0] * len(batch)
+            if kind == "generated":
+                answers = _generate_greedy(hf_model, batch_rows, pad_id, eos_ids, max_new_tokens, device)
+                keep_from = [len(r) for r in batch_rows]
+                batch_rows = [r + a for r, a in zip(batch_rows, answers)]
+            elif kind == "last":
+                keep_from = [max(0, len(r) - last_k) for r in batch_rows]
+            input_ids, attention_mask, position_ids = _left_pad(batch_rows, pad_id, device)
+            width = input_ids.shape[1]
+            with recording(routers) as records:
+                hf_model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+            # keep[b, s]: real token at or after keep_from (left padding: real tokens end the row)
+            keep = torch.zeros((len(batch), width), dtype=torch.bool)
+            for b, row in enumerate(batch_rows):
+                keep[b, width - len(row) + keep_from[b] :] = True
+            counts = keep.sum(-1).tolist()
+            keep_device = keep.to(device).reshape(-1)
+            per_layer = []
+            for record in records:
+                (logits, weights, indices), = record
+                picked = [indices[keep_device], weights[keep_device].float()]
+                if include_router_logits:
+                    picked.append(logits[keep_device].float())
+                per_layer.append([t.cpu() for t in picked])
+            # stack layers: (layer, kept tokens, k) then split per prompt
+            stacked = [torch.stack([layer[j] for layer in per_layer]) for j in range(len(per_layer[0]))]
+            splits = [torch.split(t, counts, dim=1) for t in stacked]
+            for b, prompt in enumerate(batch):
+                row = batch_rows[b]
+                entry = {"topk_indices": splits[0][b], "topk_weights": splits[1][b]}
+                if include_router_logits:
+                    entry["router_logits"] = splits[2][b]
+                entry["token_ids"] = torch.tensor(row[keep_from[b] :], dtype=torch.long)
+                entry["position"] = torch.arange(keep_from[b], len(row), dtype=torch.long)
+                per_prompt[prompt] = entry
+
+    def cat(name: str, dim: int) -> Tensor:
+        return torch.cat([entry[name] for entry in per_prompt], dim=dim)
+
+    return RoutingTrace(
+        topk_indices=cat("topk_indices", 1),
+        topk_weights=cat("topk_weights", 1),
+        router_logits=cat("router_logits", 1) if include_router_logits else None,
+        token_ids=cat("token_ids", 0),
+        prompt_index=torch.cat(
+            [torch.full((entry["token_ids"].shape[0],), i, dtype=torch.long) for i, entry in enumerate(per_prompt)]
+        ),
+        position=cat("position", 0),
+        layers=tuple(moe_layer.layer for moe_layer in routers),
+        n_experts=n_experts,
+        top_k=top_k,
+        n_prompts=n_prompts,
+        model_name=_model_name(model),
+    )
+
+
+def _model_name(model) -> str:
+    """labkit's name for a bridge; ``config.name_or_path`` (or the class name) for a HF model."""
+    from labkit.models import _REGISTRY
+
+    record = _REGISTRY.get(model) if isinstance(model, torch.nn.Module) else None
+    if record is not None:
+        return record.name
+    return getattr(model.config, "name_or_path", None) or type(model).__name__

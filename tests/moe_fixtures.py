@@ -1,0 +1,143 @@
+"""Tiny random-weight MoE models of every family labkit routes, built from transformers configs.
+
+Importable helper (not a conftest): ``from tests.moe_fixtures import tiny_moe_hf, FAMILIES``.
+Every model is seeded, float32, 3-4 layers, hidden size 32, 8 experts, so a forward pass costs
+milliseconds. Layer layouts exercise the numbering rules: DeepSeek-V3's first layer is dense
+(``first_k_dense_replace=1``), Qwen3-MoE's layer 1 is dense (``mlp_only_layers=[1]``), and
+Qwen2-MoE's layer 0 is dense (``decoder_sparse_step=2`` makes layers 1 and 3 sparse).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3")
+
+#: True model layer index of every MoE layer of each tiny model.
+MOE_LAYERS = {
+    "olmoe": [0, 1, 2],
+    "qwen2_moe": [1, 3],
+    "qwen3_moe": [0, 2],
+    "mixtral": [0, 1, 2],
+    "gpt_oss": [0, 1, 2],
+    "deepseek_v3": [1, 2, 3],
+}
+N_EXPERTS = 8
+TOP_K = 2
+
+
+def _common(tokenizer) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        num_experts_per_tok=TOP_K,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_moe_config(family: str, tokenizer):
+    """A transformers config for a tiny model of ``family`` (one of :data:`FAMILIES`)."""
+    import transformers as tf
+
+    common = _common(tokenizer)
+    if family == "olmoe":
+        config = tf.OlmoeConfig(
+            **common, intermediate_size=16, num_hidden_layers=3, num_experts=N_EXPERTS, norm_topk_prob=False
+        )
+        arch = "OlmoeForCausalLM"
+    elif family == "qwen2_moe":
+        config = tf.Qwen2MoeConfig(
+            **common,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_hidden_layers=4,
+            num_experts=N_EXPERTS,
+            decoder_sparse_step=2,
+            norm_topk_prob=False,
+        )
+        arch = "Qwen2MoeForCausalLM"
+    elif family == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(
+            **common,
+            head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            num_experts=N_EXPERTS,
+            mlp_only_layers=[1],
+            decoder_sparse_step=1,
+            norm_topk_prob=True,
+        )
+        arch = "Qwen3MoeForCausalLM"
+    elif family == "mixtral":
+        config = tf.MixtralConfig(**common, intermediate_size=16, num_hidden_layers=3, num_local_experts=N_EXPERTS)
+        arch = "MixtralForCausalLM"
+    elif family == "gpt_oss":
+        config = tf.GptOssConfig(
+            **common,
+            head_dim=8,
+            intermediate_size=16,
+            num_hidden_layers=3,
+            num_local_experts=N_EXPERTS,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+        arch = "GptOssForCausalLM"
+    elif family == "deepseek_v3":
+        config = tf.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4},  # multi-head latent attention: kv heads = heads
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=4,
+            n_routed_experts=N_EXPERTS,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
+        arch = "DeepseekV3ForCausalLM"
+    else:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    config.architectures = [arch]
+    config._attn_implementation = "eager"
+    return config
+
+
+def tiny_moe_hf(family: str, tokenizer, seed: int = 0):
+    """A seeded tiny random-weight causal LM of ``family`` (plain Hugging Face, eval mode).
+
+    Router weights are drawn larger than the default init so routing is decisive (no near-ties),
+    and DeepSeek-V3's ``e_score_correction_bias`` is made non-zero so tests see its effect.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_moe_config(family, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 3 or "expert" in name:  # batched experts are left uninitialised
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+            if name.endswith("mlp.router.bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    return model.eval()
