@@ -376,7 +376,9 @@ def wilson_rate(count: int, n: int, *, confidence: float = 0.95) -> Rate:
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * _math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return Rate(int(count), int(n), p, max(0.0, centre - half), min(1.0, centre + half), confidence)
+    low = 0.0 if count == 0 else max(0.0, centre - half)  # exact ends, free of rounding
+    high = 1.0 if count == n else min(1.0, centre + half)
+    return Rate(int(count), int(n), p, low, high, confidence)
 
 
 def behavior_rate(texts: _Iterable[str], detector, *, confidence: float = 0.95) -> Rate:
