@@ -5,6 +5,14 @@ All MoE work runs on the plain Hugging Face twin (:func:`labkit.models.hf_model_
 Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3); see :mod:`labkit.moe.families`.
 """
 
+from labkit.moe.families import moe_layers
+from labkit.moe.masking import ExpertMask, masked
 from labkit.moe.trace import RoutingTrace, trace_routing
 
-__all__ = ["RoutingTrace", "trace_routing"]
+__all__ = [
+    "RoutingTrace",
+    "trace_routing",
+    "ExpertMask",
+    "masked",
+    "moe_layers",
+]

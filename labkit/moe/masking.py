@@ -1,0 +1,613 @@
+"""Expert masks: switch routed experts off, force them on, or bias their selection.
+
+The intervention of *Mixture of Tunable Experts* (MoTE, 2025, §4): with the experts most tied to
+a behaviour found (:mod:`labkit.moe.attribution`), switch them off (or force them on) at
+inference time and watch the behaviour change; a random mask of the same size and layer spread
+is the control.
+
+An :class:`ExpertMask` is plain data: a sorted tuple of :class:`ExpertEdit` ``(layer, expert,
+mode, value)`` plus the model it was made for. ``with masked(model, mask): ...`` puts one plain
+``torch`` forward hook on the router module of each layer the mask touches (on the plain twin,
+so ``labkit.generate`` inside the block is masked, KV cache and all). The hook takes the
+router's own logits and recomputes ``(topk_weights, topk_indices)`` with the family's exact
+router math (:mod:`labkit.moe.families`) under a *selection* adjustment:
+
+* **off** — the expert is never selected; the next best expert takes its slot. Weights are the
+  family's weights of the experts actually chosen, from the unchanged scores, renormalised
+  exactly where the family renormalises (OLMoE/Qwen with ``norm_topk_prob=False`` keep the raw
+  softmax probabilities; Mixtral, ``norm_topk_prob=True`` and DeepSeek-V3 renormalise; GPT-OSS
+  re-softmaxes over the chosen logits).
+* **on** — the expert is always selected and keeps its natural weight (its softmax probability
+  / sigmoid score / logit under the same rules as above); it displaces the weakest choice.
+  DeepSeek-V3: the group holding it is forced into the ``topk_group`` chosen groups.
+* **bias** — a finite number added to the score the family's top-k ranks by (the router logit;
+  for DeepSeek-V3 the sigmoid score, beside ``e_score_correction_bias``). Like DeepSeek's own
+  correction bias it changes *which* experts are chosen, never their weights.
+
+Layers the mask does not touch get no hook, so an empty mask is bit-identical to no mask. Masks
+nest and compose (``contextlib.ExitStack``): all active masks on a router are merged. Editing
+only TransformerLens's router-logits hook would change nothing (the HF block reads the
+router's weights and indices), editing only indices would give a new expert zero weight, and
+rewriting scores before DeepSeek's routing shifts choices even with nothing masked — hence a
+full recomputation from the logits with the router's own ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from labkit.moe.families import MoELayer, RouterFamily, Selection, family_of, find_routers, hf_of, n_layers_of
+
+__all__ = ["ExpertEdit", "ExpertMask", "masked"]
+
+MASK_KIND = "labkit.ExpertMask"
+MASK_VERSION = 1
+MODES = ("off", "on", "bias")
+Mode = Literal["off", "on", "bias"]
+
+
+@dataclass(frozen=True, order=True)
+class ExpertEdit:
+    """One routed expert's edit.
+
+    Attributes:
+        layer: true model layer index (dense layers have no routed experts).
+        expert: routed expert index within the layer.
+        mode: ``"off"``, ``"on"`` or ``"bias"``.
+        value: the selection bias for ``mode="bias"`` (finite); 0.0 otherwise.
+    """
+
+    layer: int
+    expert: int
+    mode: str = "off"
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.expert == "shared":
+            raise ValueError(
+                f"ExpertMask: layer {self.layer}: shared experts cannot be masked — they are not routed "
+                "(every token always uses them), so routing cannot switch them off or on. Mask routed "
+                "experts (0..n_experts-1) only."
+            )
+        for name in ("layer", "expert"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ExpertMask: {name} must be an int ≥ 0, got {value!r}.")
+        if self.mode not in MODES:
+            raise ValueError(f"ExpertMask: unknown mode {self.mode!r}; allowed modes: {', '.join(MODES)}.")
+        value = float(self.value)
+        if self.mode == "bias" and not math.isfinite(value):
+            raise ValueError(
+                f"ExpertMask: layer {self.layer} expert {self.expert}: bias must be a finite number, got "
+                f"{self.value!r}. Use mode 'off' for -inf or 'on' for +inf."
+            )
+        if self.mode != "bias" and value != 0.0:
+            raise ValueError(f"ExpertMask: mode {self.mode!r} takes no value (got {self.value!r}); use mode 'bias'.")
+        object.__setattr__(self, "value", value)
+
+
+def _pairs(experts: Any) -> list[tuple[int, int]]:
+    """``[(layer, expert), ...]`` from pairs or a ``{layer: [experts]}`` mapping."""
+    if isinstance(experts, Mapping):
+        return [(layer, expert) for layer, group in experts.items() for expert in group]
+    pairs = []
+    for item in experts:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(
+                f"ExpertMask: expected (layer, expert) pairs or a {{layer: [experts]}} mapping, got item {item!r}."
+            )
+        pairs.append((item[0], item[1]))
+    return pairs
+
+
+def _model_meta(model) -> dict[str, Any]:
+    """``model_name``, ``n_layers``, ``n_experts`` of a model (bridge or Hugging Face)."""
+    from labkit.moe.trace import _model_name
+
+    routers = find_routers(model)
+    return {"model_name": _model_name(model), "n_layers": n_layers_of(model), "n_experts": routers[0].n_experts}
+
+
+@dataclass(frozen=True)
+class ExpertMask:
+    """Which routed experts to switch off, force on, or bias, for one model.
+
+    Attributes:
+        edits: sorted, one per ``(layer, expert)``.
+        model_name: name of the model it was made for (``None``: not bound to a model).
+        n_layers: that model's number of decoder layers (``None``: unknown).
+        n_experts: that model's routed experts per MoE layer (``None``: unknown).
+
+    Raises:
+        ValueError: an ``(layer, expert)`` given twice, or out of the recorded ranges.
+
+    Example:
+        >>> mask = ExpertMask.off([(3, 17), (5, 2)])
+        >>> [(e.layer, e.expert, e.mode) for e in mask.edits]
+        [(3, 17, 'off'), (5, 2, 'off')]
+    """
+
+    edits: tuple[ExpertEdit, ...] = ()
+    model_name: str | None = None
+    n_layers: int | None = None
+    n_experts: int | None = None
+
+    def __post_init__(self) -> None:
+        edits = tuple(sorted(e if isinstance(e, ExpertEdit) else ExpertEdit(*e) for e in self.edits))
+        seen = set()
+        for edit in edits:
+            key = (edit.layer, edit.expert)
+            if key in seen:
+                raise ValueError(f"ExpertMask: layer {edit.layer} expert {edit.expert} appears twice; give each once.")
+            seen.add(key)
+            if self.n_layers is not None and edit.layer >= self.n_layers:
+                raise ValueError(
+                    f"ExpertMask: layer {edit.layer} out of range; model has {self.n_layers} layers "
+                    f"(0..{self.n_layers - 1})."
+                )
+            if self.n_experts is not None and edit.expert >= self.n_experts:
+                raise ValueError(
+                    f"ExpertMask: layer {edit.layer} expert {edit.expert} out of range; model has "
+                    f"{self.n_experts} experts per layer (0..{self.n_experts - 1})."
+                )
+        object.__setattr__(self, "edits", edits)
+
+    # constructors -------------------------------------------------------------------------
+
+    @classmethod
+    def _make(cls, edits: list[ExpertEdit], model, meta: Mapping[str, Any] | None) -> "ExpertMask":
+        info = dict(_model_meta(model)) if model is not None else {}
+        info.update({k: v for k, v in (meta or {}).items() if v is not None})
+        return cls(tuple(edits), **info)
+
+    @classmethod
+    def off(cls, experts, *, model=None) -> "ExpertMask":
+        """Switch experts off: ``experts`` is ``[(layer, expert), ...]`` or ``{layer: [experts]}``.
+
+        Args:
+            experts: which routed experts.
+            model: optional model to bind to (records name, n_layers, n_experts; checks ranges).
+        """
+        return cls._make([ExpertEdit(layer, expert, "off") for layer, expert in _pairs(experts)], model, None)
+
+    @classmethod
+    def on(cls, experts, *, model=None) -> "ExpertMask":
+        """Force experts on (always selected, natural weight); same arguments as :meth:`off`."""
+        return cls._make([ExpertEdit(layer, expert, "on") for layer, expert in _pairs(experts)], model, None)
+
+    @classmethod
+    def bias(cls, experts, value: float | None = None, *, model=None) -> "ExpertMask":
+        """Bias experts' selection: ``{(layer, expert): bias}``, or pairs plus one ``value``.
+
+        Raises:
+            ValueError: pairs without ``value``, or a non-finite bias.
+        """
+        if isinstance(experts, Mapping) and all(isinstance(k, tuple) for k in experts):
+            items = [(layer, expert, b) for (layer, expert), b in experts.items()]
+        else:
+            if value is None:
+                raise ValueError(
+                    "ExpertMask.bias: give {(layer, expert): bias, ...} or (layer, expert) pairs and value=..."
+                )
+            items = [(layer, expert, value) for layer, expert in _pairs(experts)]
+        return cls._make([ExpertEdit(layer, expert, "bias", b) for layer, expert, b in items], model, None)
+
+    @classmethod
+    def from_attribution(cls, attribution, n: int, mode: Mode = "off", value: float | None = None, *, model=None) -> "ExpertMask":
+        """Mask the ``n`` top experts of an attribution result (anything with ``.top(n)``).
+
+        ``attribution.top(n)`` must return ``[(layer, expert), ...]`` (longer tuples are cut to
+        their first two items); ``model_name`` / ``n_layers`` / ``n_experts`` attributes of the
+        attribution, where present, are recorded.
+
+        Raises:
+            ValueError: unknown mode, ``n < 1``, or an object without ``.top``.
+        """
+        if mode not in MODES:
+            raise ValueError(f"ExpertMask.from_attribution: unknown mode {mode!r}; allowed modes: {', '.join(MODES)}.")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"ExpertMask.from_attribution: n must be an int ≥ 1, got {n!r}.")
+        if not callable(getattr(attribution, "top", None)):
+            raise ValueError(
+                f"ExpertMask.from_attribution: {type(attribution).__name__} has no .top(n) method returning "
+                "[(layer, expert), ...]."
+            )
+        pairs = [(int(item[0]), int(item[1])) for item in attribution.top(n)]
+        if mode == "bias" and value is None:
+            raise ValueError("ExpertMask.from_attribution: mode='bias' needs value=...")
+        edits = [ExpertEdit(layer, expert, mode, value if mode == "bias" else 0.0) for layer, expert in pairs]
+        meta = {key: getattr(attribution, key, None) for key in ("model_name", "n_layers", "n_experts")}
+        return cls._make(edits, model, meta)
+
+    @classmethod
+    def random(
+        cls,
+        model_or_shape,
+        n: int | None = None,
+        seed: int = 0,
+        *,
+        exclude: Iterable[tuple[int, int]] = (),
+        match_layers_of: "ExpertMask | None" = None,
+        mode: Mode = "off",
+        value: float | None = None,
+    ) -> "ExpertMask":
+        """A random control mask (MoTE §4: random deactivation as the baseline).
+
+        Args:
+            model_or_shape: a model (its MoE layers and expert count; at most ``n_experts -
+                top_k`` experts per layer are switched off), or ``(n_layers, n_experts)``
+                (every layer a candidate).
+            n: number of experts; with ``match_layers_of`` it may be omitted (= that mask's size).
+            seed: seeds the draw (same seed → same mask).
+            exclude: ``(layer, expert)`` pairs never drawn. With ``match_layers_of``, that mask's
+                experts are excluded as well.
+            match_layers_of: draw exactly as many experts in each layer as this mask has.
+            mode, value: as in :meth:`from_attribution`.
+
+        Raises:
+            ValueError: bad shape, ``n`` not matching ``match_layers_of``, or more experts asked
+                for than the layers can give.
+        """
+        if mode not in MODES:
+            raise ValueError(f"ExpertMask.random: unknown mode {mode!r}; allowed modes: {', '.join(MODES)}.")
+        if mode == "bias" and value is None:
+            raise ValueError("ExpertMask.random: mode='bias' needs value=...")
+        meta: dict[str, Any] = {}
+        if isinstance(model_or_shape, torch.nn.Module):
+            routers = find_routers(model_or_shape)
+            layers = [r.layer for r in routers]
+            n_experts = routers[0].n_experts
+            cap = n_experts - routers[0].top_k if mode == "off" else (routers[0].top_k if mode == "on" else n_experts)
+            meta = _model_meta(model_or_shape)
+        elif (
+            isinstance(model_or_shape, (tuple, list))
+            and len(model_or_shape) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in model_or_shape)
+        ):
+            n_layers, n_experts = model_or_shape
+            layers, cap = list(range(n_layers)), n_experts
+            meta = {"n_layers": n_layers, "n_experts": n_experts}
+        else:
+            raise ValueError(
+                f"ExpertMask.random: model_or_shape must be a model or (n_layers, n_experts), got {model_or_shape!r}."
+            )
+        excluded = set(map(tuple, exclude))
+        if match_layers_of is not None:
+            per_layer: dict[int, int] = {}
+            for edit in match_layers_of.edits:
+                per_layer[edit.layer] = per_layer.get(edit.layer, 0) + 1
+                excluded.add((edit.layer, edit.expert))
+            if n is not None and n != len(match_layers_of):
+                raise ValueError(
+                    f"ExpertMask.random: n={n} but match_layers_of has {len(match_layers_of)} experts; "
+                    "omit n or make them equal."
+                )
+            bad = sorted(set(per_layer) - set(layers))
+            if bad:
+                raise ValueError(f"ExpertMask.random: match_layers_of uses layers {bad}, not among {layers}.")
+        else:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"ExpertMask.random: n must be an int ≥ 1, got {n!r}.")
+            per_layer = None
+        rng = random.Random(seed)
+        chosen: list[tuple[int, int]] = []
+        if per_layer is not None:
+            for layer, count in sorted(per_layer.items()):
+                pool = [e for e in range(n_experts) if (layer, e) not in excluded]
+                if count > len(pool):
+                    raise ValueError(
+                        f"ExpertMask.random: layer {layer} needs {count} experts but only {len(pool)} are not excluded."
+                    )
+                chosen += [(layer, e) for e in rng.sample(pool, count)]
+        else:
+            pool = [(l, e) for l in layers for e in range(n_experts) if (l, e) not in excluded]
+            rng.shuffle(pool)
+            counts: dict[int, int] = {}
+            for layer, expert in pool:
+                if len(chosen) == n:
+                    break
+                if counts.get(layer, 0) < cap:
+                    counts[layer] = counts.get(layer, 0) + 1
+                    chosen.append((layer, expert))
+            if len(chosen) < n:
+                raise ValueError(
+                    f"ExpertMask.random: asked for {n} experts but only {len(chosen)} can be drawn "
+                    f"({len(layers)} layers × at most {cap} per layer, minus exclusions)."
+                )
+        edits = [ExpertEdit(l, e, mode, value if mode == "bias" else 0.0) for l, e in chosen]
+        return cls(tuple(edits), **meta)
+
+    # views -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.edits)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Layers the mask touches, ascending."""
+        return tuple(sorted({edit.layer for edit in self.edits}))
+
+    def experts(self, mode: Mode | None = None) -> list[tuple[int, int]]:
+        """``[(layer, expert), ...]`` of all edits, or of one mode."""
+        return [(e.layer, e.expert) for e in self.edits if mode is None or e.mode == mode]
+
+    def for_model(self, model) -> "ExpertMask":
+        """The same edits bound to ``model`` (records its name and sizes; checks ranges)."""
+        return ExpertMask(self.edits, **_model_meta(model))
+
+    # serialisation -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``kind`` / ``version``; inverse of :meth:`from_dict`."""
+        return {
+            "kind": MASK_KIND,
+            "version": MASK_VERSION,
+            "model_name": self.model_name,
+            "n_layers": self.n_layers,
+            "n_experts": self.n_experts,
+            "edits": [
+                {"layer": e.layer, "expert": e.expert, "mode": e.mode, **({"value": e.value} if e.mode == "bias" else {})}
+                for e in self.edits
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ExpertMask":
+        """Rebuild from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: wrong ``kind``, a newer ``version``, or invalid edits.
+        """
+        kind = data.get("kind")
+        if kind != MASK_KIND:
+            raise ValueError(f"ExpertMask.from_dict: kind is {kind!r}, expected {MASK_KIND!r}.")
+        version = int(data.get("version", MASK_VERSION))
+        if version > MASK_VERSION:
+            raise ValueError(
+                f"ExpertMask.from_dict: version {version} is newer than supported ({MASK_VERSION}); upgrade labkit."
+            )
+        edits = [
+            ExpertEdit(int(e["layer"]), int(e["expert"]), e.get("mode", "off"), float(e.get("value", 0.0)))
+            for e in data.get("edits", [])
+        ]
+        return cls(tuple(edits), data.get("model_name"), data.get("n_layers"), data.get("n_experts"))
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as JSON; returns the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ExpertMask":
+        """Read a mask written by :meth:`to_json`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# applying ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RouterState:
+    """The active masks of one router module and the single hook that applies them."""
+
+    family: RouterFamily
+    moe_layer: MoELayer
+    selections: list[Selection] = field(default_factory=list)
+    merged: Selection | None = None
+    handle: Any = None
+
+
+_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, _RouterState]" = weakref.WeakKeyDictionary()
+
+
+def _merge(selections: list[Selection]) -> Selection:
+    off = torch.stack([s.off for s in selections]).any(0)
+    on = torch.stack([s.on for s in selections]).any(0)
+    biases = [s.bias for s in selections if s.bias is not None]
+    bias = torch.stack(biases).sum(0) if biases else None
+    return Selection(off=off, on=on, bias=bias)
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or Path(a).name == Path(b).name
+
+
+def _check_model(mask: ExpertMask, model, routers: list[MoELayer]) -> None:
+    meta = _model_meta(model)
+    if mask.n_layers is not None and mask.n_layers != meta["n_layers"]:
+        raise ValueError(
+            f"ExpertMask was made for a model with {mask.n_layers} layers ({mask.model_name!r}); this model "
+            f"({meta['model_name']!r}) has {meta['n_layers']}. Make the mask for this model."
+        )
+    if mask.n_experts is not None and mask.n_experts != meta["n_experts"]:
+        raise ValueError(
+            f"ExpertMask was made for a model with {mask.n_experts} experts per layer ({mask.model_name!r}); "
+            f"this model ({meta['model_name']!r}) has {meta['n_experts']}. Make the mask for this model."
+        )
+    if mask.model_name is not None and not _same_model(mask.model_name, meta["model_name"]):
+        raise ValueError(
+            f"ExpertMask was made for model {mask.model_name!r}, not {meta['model_name']!r}. If the two are the "
+            "same model, rebind it with mask.for_model(model)."
+        )
+    n_layers, n_experts = meta["n_layers"], meta["n_experts"]
+    by_layer = {r.layer: r for r in routers}
+    family = family_of(model)
+    shared = f" ({family.name} also has always-on shared experts, which are not routed and cannot be masked)" if family.shared_experts else ""
+    for edit in mask.edits:
+        if edit.layer >= n_layers:
+            raise ValueError(
+                f"ExpertMask: layer {edit.layer} out of range; model has {n_layers} layers (0..{n_layers - 1}); "
+                f"MoE layers: {sorted(by_layer)}."
+            )
+        if edit.layer not in by_layer:
+            raise ValueError(
+                f"ExpertMask: layer {edit.layer} is a dense layer with no routed experts ({family.dense_rule}); "
+                f"MoE layers: {sorted(by_layer)}."
+            )
+        if edit.expert >= n_experts:
+            raise ValueError(
+                f"ExpertMask: layer {edit.layer} expert {edit.expert} out of range; model has {n_experts} "
+                f"experts per layer (0..{n_experts - 1}){shared}."
+            )
+
+
+def _check_selection(selection: Selection, moe_layer: MoELayer, family: RouterFamily) -> None:
+    """Refuse selections the router cannot honour; warn about DeepSeek groups emptied."""
+    layer, k, n = moe_layer.layer, moe_layer.top_k, moe_layer.n_experts
+    both = (selection.off & selection.on).nonzero().flatten().tolist()
+    if both:
+        raise ValueError(f"ExpertMask: layer {layer} experts {both} are both off and on (from nested masks).")
+    n_off, n_on = int(selection.off.sum()), int(selection.on.sum())
+    if n - n_off < k:
+        raise ValueError(
+            f"ExpertMask: layer {layer} switches off {n_off} of {n} experts, leaving {n - n_off} selectable, but "
+            f"each token needs top_k={k} experts. Switch off at most {n - k} experts per layer."
+        )
+    if n_on > k:
+        raise ValueError(
+            f"ExpertMask: layer {layer} forces {n_on} experts on, but each token takes only top_k={k}. "
+            f"Force at most {k} per layer."
+        )
+    if family.groups:
+        router = moe_layer.router
+        n_group, topk_group = router.num_group, router.topk_group
+        selectable = (~selection.off).view(n_group, -1).sum(-1).tolist()
+        on_groups = int(selection.on.view(n_group, -1).any(-1).sum())
+        if on_groups > topk_group:
+            raise ValueError(
+                f"ExpertMask: layer {layer} forces on experts in {on_groups} expert groups, but DeepSeek-V3 routes "
+                f"each token within topk_group={topk_group} of n_group={n_group} groups. Force experts on in at "
+                f"most {topk_group} groups."
+            )
+        emptied = [g for g, count in enumerate(selectable) if count == 0]
+        starved = [g for g, count in enumerate(selectable) if count == 1]
+        if emptied or starved:
+            warnings.warn(
+                f"ExpertMask: layer {layer}: expert groups {emptied} are emptied and groups {starved} keep a "
+                f"single expert; DeepSeek-V3 scores a group by its top-2 experts, so these groups are never "
+                f"preferred — tokens route within the other groups.",
+                stacklevel=4,
+            )
+        preferred = sorted(c for c in selectable if c >= 2)
+        rest = sorted(c for c in selectable if c < 2)
+        worst = sum(preferred[:topk_group]) if len(preferred) >= topk_group else sum(preferred) + sum(rest[: topk_group - len(preferred)])
+        if worst < k:
+            raise ValueError(
+                f"ExpertMask: layer {layer}: after this mask, the {topk_group} groups a token may be routed to can "
+                f"hold only {worst} selectable experts, fewer than top_k={k}. Switch off fewer experts per group."
+            )
+
+
+def _selection_for(edits: list[ExpertEdit], moe_layer: MoELayer) -> Selection:
+    device = moe_layer.router.weight.device
+    n = moe_layer.n_experts
+    off = torch.zeros(n, dtype=torch.bool, device=device)
+    on = torch.zeros(n, dtype=torch.bool, device=device)
+    bias = None
+    for edit in edits:
+        if edit.mode == "off":
+            off[edit.expert] = True
+        elif edit.mode == "on":
+            on[edit.expert] = True
+        else:
+            if bias is None:
+                bias = torch.zeros(n, dtype=torch.float32, device=device)
+            bias[edit.expert] = edit.value
+    return Selection(off=off, on=on, bias=bias)
+
+
+def _make_hook(state: _RouterState):
+    def hook(module, _inputs, output):
+        router_logits = output[0]
+        topk_indices, topk_weights = state.family.route(module, router_logits, state.merged)
+        return (router_logits, topk_weights, topk_indices, *output[3:])
+
+    return hook
+
+
+@contextlib.contextmanager
+def masked(model, mask: ExpertMask) -> Iterator[torch.nn.Module]:
+    """Apply an expert mask to every forward pass of the model's plain twin inside the block.
+
+    MoTE (2025, §4): switch the experts tied to a behaviour off (or on) at inference time. One
+    forward hook per touched router module recomputes the router's choice with the family's
+    exact math (see the module docstring for what off / on / bias mean per family). The hooks
+    are registered in front of any other hook on the router (so a routing trace taken inside
+    the block records the masked choice) and removed in ``finally`` — none survives an exception
+    or a ``KeyboardInterrupt``. Masks nest; the masks active on a router are merged.
+
+    Only the plain twin is masked (``labkit.generate``, ``trace_routing``, ``labkit.hooks.attach``
+    on twin hook points); calling the TransformerLens bridge itself runs unmasked.
+
+    Args:
+        model: a labkit bridge or a Hugging Face MoE model.
+        mask: an :class:`ExpertMask`.
+
+    Yields:
+        The plain Hugging Face model that is masked (the twin for a bridge).
+
+    Raises:
+        ValueError: the model is dense; the mask was made for another model; a layer or expert
+            out of range or a dense layer; fewer than ``top_k`` selectable experts left in a
+            layer; more than ``top_k`` forced on; an expert both off and on; DeepSeek-V3 group
+            limits that cannot be met.
+        TypeError: ``mask`` is not an :class:`ExpertMask`.
+
+    Example:
+        >>> with masked(model, ExpertMask.off([(3, 17)])):  # doctest: +SKIP
+        ...     labkit.generate(model, "What happened in 1989?").texts
+    """
+    if not isinstance(mask, ExpertMask):
+        raise TypeError(f"masked: expected an ExpertMask, got {type(mask).__name__}.")
+    hf_model = hf_of(model)
+    family = family_of(model)
+    routers = find_routers(model)
+    _check_model(mask, model, routers)
+    by_layer = {r.layer: r for r in routers}
+    plan = []
+    for layer in mask.layers:
+        moe_layer = by_layer[layer]
+        selection = _selection_for([e for e in mask.edits if e.layer == layer], moe_layer)
+        state = _ACTIVE.get(moe_layer.router)
+        merged = _merge([*(state.selections if state else []), selection])
+        _check_selection(merged, moe_layer, family)
+        plan.append((moe_layer, selection))
+
+    entered: list[tuple[torch.nn.Module, Selection]] = []
+    try:
+        for moe_layer, selection in plan:
+            router = moe_layer.router
+            state = _ACTIVE.get(router)
+            if state is None:
+                state = _ACTIVE[router] = _RouterState(family, moe_layer)
+            state.selections.append(selection)
+            entered.append((router, selection))
+            state.merged = _merge(state.selections)
+            if state.handle is None:
+                state.handle = router.register_forward_hook(_make_hook(state), prepend=True)
+        yield hf_model
+    finally:
+        for router, selection in reversed(entered):
+            state = _ACTIVE.get(router)
+            if state is None:
+                continue
+            state.selections = [s for s in state.selections if s is not selection]
+            if state.selections:
+                state.merged = _merge(state.selections)
+            else:
+                if state.handle is not None:
+                    state.handle.remove()
+                del _ACTIVE[router]
