@@ -13,7 +13,7 @@ drive directly (``tests/test_widgets.py``) without a kernel or a browser.
   callback, records the time of the first token, and aborts generation by raising
   :class:`GenerationCancelled` from ``put`` once its token is cancelled.
 * :class:`MaskState` — which experts the user clicked: each (layer, expert) cell cycles
-  normal → off → on → normal; "top-N off" and "random N off" build whole states. It is plain,
+  normal → off → on → normal; "top-N off" and "random N off" set whole lists of cells. It is plain,
   frozen data; :meth:`MaskState.to_expert_mask` turns it into the package's ``ExpertMask``.
 * :func:`word_diff` / :func:`diff_html` — what changed between the unsteered and the steered
   completion, word by word.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import html
-import random
 import re
 import threading
 import time
@@ -388,22 +387,6 @@ class MaskState:
             self._check(int(layer), int(expert))
             mapping[(int(layer), int(expert))] = state
         return self._with(mapping)
-
-    @classmethod
-    def random_off(cls, layers: Sequence[int], n_experts: int, n: int, *, seed: int = 0) -> "MaskState":
-        """``n`` experts drawn uniformly without replacement, all off (the control for top-N).
-
-        Raises:
-            ValueError: ``n`` is negative or more than the number of cells.
-        """
-        cells = [(int(layer), expert) for layer in layers for expert in range(n_experts)]
-        if not 0 <= n <= len(cells):
-            raise ValueError(
-                f"MaskState.random_off: n={n} must be in 0..{len(cells)} "
-                f"({len(layers)} layers x {n_experts} experts)."
-            )
-        chosen = random.Random(seed).sample(cells, n)
-        return cls(tuple(int(layer) for layer in layers), n_experts).with_states(chosen, "off")
 
     def cleared(self) -> "MaskState":
         """Every expert back to normal."""

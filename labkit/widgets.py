@@ -380,10 +380,11 @@ def _labkit_heatmap(attribution, mask):
     return expert_heatmap(attribution, mask=mask)
 
 
-def _labkit_mask_factory(state: MaskState, attribution):
-    from labkit.moe import ExpertMask
+def _labkit_mask_factory(state: MaskState, model):
+    from labkit.moe.masking import ExpertEdit, ExpertMask
 
-    return ExpertMask.from_cells(off=state.off, on=state.on, n_experts=attribution.n_experts, model_name=attribution.model_name)
+    edits = tuple(ExpertEdit(layer, expert, mode) for (layer, expert), mode in state.cells)
+    return ExpertMask(edits).for_model(model)
 
 
 def _labkit_masked(model, mask):
@@ -392,10 +393,33 @@ def _labkit_masked(model, mask):
     return masked(model, mask)
 
 
-def _labkit_behavior_rate(model, prompts, detector, *, mask, **settings) -> float:
-    from labkit.evals import behavior_rate
+def _labkit_random_cells(model, n: int, seed: int) -> list[tuple[int, int]]:
+    from labkit.moe import ExpertMask
 
-    return float(behavior_rate(model, prompts, detector, mask=mask, **settings))
+    return ExpertMask.random(model, n, seed).experts("off")
+
+
+def _labkit_behavior_rate(model, prompts, detector, *, mask, max_new_tokens: int):
+    """Greedy completions of ``prompts`` (under ``mask`` unless ``None``) → ``behavior_rate``."""
+    import contextlib
+
+    from labkit.evals import behavior_rate
+    from labkit.generation import generate
+
+    with contextlib.ExitStack() as stack:
+        if mask is not None:
+            stack.enter_context(_labkit_masked(model, mask))
+        texts = generate(model, list(prompts), max_new_tokens=max_new_tokens).texts
+    return behavior_rate(texts, detector)
+
+
+def _format_rate(rate) -> str:
+    """A float or a :class:`labkit.evals.Rate` as ``"93% [85–97%]"``; ``"…"`` while pending."""
+    if rate is None:
+        return "…"
+    if hasattr(rate, "rate"):
+        return f"{rate.rate:.0%} [{rate.ci_low:.0%}–{rate.ci_high:.0%}]"
+    return f"{float(rate):.0%}"
 
 
 class ExpertPanel:
@@ -420,10 +444,14 @@ class ExpertPanel:
         top_n: start value of the top-N control. random_seed: seed of the random-N control.
         max_new_tokens: tokens per completion (greedy).
         autorun: compute the baseline and the (empty-mask) state at construction.
-        generate, heatmap, mask_factory, masked, behavior_rate: the labkit calls, replaceable:
-            ``heatmap(attribution, mask) -> plotly Figure``; ``mask_factory(state, attribution)
-            -> ExpertMask``; ``masked(model, mask)`` a context manager; ``behavior_rate(model,
-            prompts, detector, *, mask, max_new_tokens) -> float``.
+        generate, heatmap, mask_factory, masked, behavior_rate, random_cells: the labkit calls,
+            replaceable: ``heatmap(attribution, mask) -> plotly Figure`` (default
+            :func:`labkit.viz.expert_heatmap`); ``mask_factory(state, model) -> ExpertMask``;
+            ``masked(model, mask)`` a context manager (:func:`labkit.moe.masked`);
+            ``behavior_rate(model, prompts, detector, *, mask, max_new_tokens) -> Rate | float``
+            (default: greedy completions scored by :func:`labkit.evals.behavior_rate`);
+            ``random_cells(model, n, seed) -> [(layer, expert)]`` (default
+            ``ExpertMask.random(model, n, seed)``).
 
     Attributes:
         state: the current :class:`~labkit.live.MaskState`. mask: the current ``ExpertMask``.
@@ -449,7 +477,8 @@ class ExpertPanel:
         heatmap: Callable[..., Any] | None = None,
         mask_factory: Callable[[MaskState, Any], Any] | None = None,
         masked: Callable[..., Any] | None = None,
-        behavior_rate: Callable[..., float] | None = None,
+        behavior_rate: Callable[..., Any] | None = None,
+        random_cells: Callable[[Any, int, int], list[tuple[int, int]]] | None = None,
     ) -> None:
         import plotly.graph_objects as go
 
@@ -466,14 +495,15 @@ class ExpertPanel:
         self._mask_factory = mask_factory or _labkit_mask_factory
         self._masked = masked or _labkit_masked
         self._behavior_rate = behavior_rate or _labkit_behavior_rate
+        self._random_cells = random_cells or _labkit_random_cells
         self._random_seed = int(random_seed)
         self._random_clicks = 0
 
         self.state = MaskState(tuple(int(layer) for layer in attribution.layers), int(attribution.n_experts))
-        self.mask = self._mask_factory(self.state, attribution)
+        self.mask = self._mask_factory(self.state, model)
         self.masked_text = self.baseline_text = ""
-        self.masked_rate: float | None = None
-        self.baseline_rate: float | None = None
+        self.masked_rate = None
+        self.baseline_rate = None
         self._baseline_for: str | None = None
 
         n_cells = len(self.state.layers) * self.state.n_experts
@@ -542,14 +572,13 @@ class ExpertPanel:
     def switch_off_random(self, n: int) -> MaskState:
         """Switch off ``n`` experts drawn at random (a new draw per click; seeded)."""
         self._random_clicks += 1
-        state = MaskState.random_off(self.state.layers, self.state.n_experts, int(n),
-                                     seed=self._random_seed + self._random_clicks)
-        return self.set_state(state)
+        cells = self._random_cells(self.model, int(n), self._random_seed + self._random_clicks)
+        return self.set_state(self.state.cleared().with_states(cells, "off"))
 
     def set_state(self, state: MaskState) -> MaskState:
         """Show a new mask state and regenerate under it."""
         self.state = state
-        self.mask = self._mask_factory(state, self.attribution)
+        self.mask = self._mask_factory(state, self.model)
         self._show_state()
         self.refresh()
         return state
@@ -643,12 +672,9 @@ class ExpertPanel:
         self.baseline_output.value = _text_box("baseline", self.baseline_text, "labkit-expert-baseline")
         self.masked_output.value = _text_box("masked", self.masked_text, "labkit-masked")
 
-        def fmt(rate):
-            return "…" if rate is None else f"{rate:.0%}"
-
         self.rate.value = (
-            f"behaviour rate on {len(self.eval_prompts)} prompts: baseline <b>{fmt(self.baseline_rate)}</b>"
-            f" → masked <b>{fmt(self.masked_rate)}</b>"
+            f"behaviour rate on {len(self.eval_prompts)} prompts: baseline <b>{_format_rate(self.baseline_rate)}</b>"
+            f" → masked <b>{_format_rate(self.masked_rate)}</b>"
         )
 
     def _show_error(self, error: BaseException) -> None:

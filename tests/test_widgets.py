@@ -157,15 +157,6 @@ def test_mask_state_transforms_return_new_objects_and_validate():
         MaskState((0,), 2, (((0, 1), "normal"),))
 
 
-def test_mask_state_random_off_is_seeded_and_sized():
-    a = MaskState.random_off((0, 1, 2), 8, 5, seed=3)
-    assert len(a.off) == 5 and a.on == []
-    assert a == MaskState.random_off((0, 1, 2), 8, 5, seed=3)
-    assert a != MaskState.random_off((0, 1, 2), 8, 5, seed=4)
-    with pytest.raises(ValueError, match="0..24"):
-        MaskState.random_off((0, 1, 2), 8, 25)
-
-
 def test_mask_state_to_expert_mask_uses_the_factory():
     state = MaskState((0, 1), 4).cycle(0, 1).cycle(1, 0).cycle(1, 0)
     assert state.to_expert_mask(lambda **cells: cells) == {"off": [(0, 1)], "on": [(1, 0)]}
@@ -365,8 +356,8 @@ def _expert_panel(**kwargs):
 
     panel = ExpertPanel(
         None, attribution, eval_prompts=["p1", "p2"], detector=None, generate=generate, heatmap=heatmap,
-        mask_factory=lambda state, attribution: _FakeMask(off=state.off, on=state.on), masked=masked,
-        behavior_rate=rate, **kwargs,
+        mask_factory=lambda state, model: _FakeMask(off=state.off, on=state.on), masked=masked,
+        behavior_rate=rate, random_cells=lambda model, n, seed: [(0, (seed + i) % 3) for i in range(n)], **kwargs,
     )
     return panel, masks_applied
 
@@ -405,9 +396,9 @@ def test_expert_panel_top_random_clear_and_export(fake_tokenizer, tmp_path):
     assert panel.state.off == [(0, 1), (2, 2)]
     panel.random_button.click()
     first_random = panel.state.off
-    assert len(first_random) == 2
+    assert len(first_random) == 2 and all(layer == 0 for layer, _ in first_random)
     panel.random_button.click()
-    assert len(panel.state.off) == 2
+    assert len(panel.state.off) == 2 and panel.state.off != first_random  # a new draw per click
     panel.clear_button.click()
     assert panel.state.cells == ()
     panel.click(0, 0)
@@ -421,4 +412,37 @@ def test_expert_panel_shows_click_errors(fake_tokenizer):
     panel, _ = _expert_panel(autorun=False)
     _click(panel.figure, 0, 7, 0)  # expert 7 does not exist
     assert "out of range" in panel.error.value
+    panel.close()
+
+
+def test_expert_panel_on_a_tiny_olmoe_with_labkit_defaults(tiny_tokenizer):
+    """The default labkit calls (ExpertMask, masked, random, behaviour rate) on a real MoE."""
+    import plotly.graph_objects as go
+
+    from labkit.evals import RefusalDetector
+    from labkit.models import from_hf
+    from labkit.moe import trace_routing
+    from labkit.moe.attribution import attribute_experts
+    from labkit.widgets import ExpertPanel
+    from tests.moe_fixtures import tiny_moe_hf
+
+    model = from_hf(tiny_moe_hf("olmoe", tiny_tokenizer), tiny_tokenizer, name="tiny-olmoe")
+    behaviour = trace_routing(model, ["love and hate", "war and peace"], progress=False)
+    control = trace_routing(model, ["one two three", "the cat sat"], progress=False)
+    attribution = attribute_experts(behaviour, control, n_bootstrap=10, n_splits=5)
+
+    def heatmap(attribution, mask):  # labkit.viz.expert_heatmap in the notebook
+        return go.Figure(go.Heatmap(z=attribution.score.tolist()))
+
+    panel = ExpertPanel(model, attribution, eval_prompts=["the dog ran", "what happened"],
+                        detector=RefusalDetector(phrases=("the",)), heatmap=heatmap, max_new_tokens=4)
+    assert panel.wait(60), panel.error.value
+    assert panel.error.value == "" and panel.baseline_rate is not None
+    _click(panel.figure, 0, 3, 1)
+    assert panel.wait(60) and panel.error.value == ""
+    assert panel.mask.experts("off") == [(attribution.layers[1], 3)]
+    assert json.loads(panel.mask_json.value)["edits"] == [{"layer": attribution.layers[1], "expert": 3, "mode": "off"}]
+    panel.random_button.click()
+    assert panel.wait(60) and panel.error.value == ""
+    assert len(panel.mask.experts("off")) == panel.top_n.value
     panel.close()
