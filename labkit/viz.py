@@ -1,0 +1,284 @@
+"""Pure functions from labkit results to plotly figures: no model access, no global state.
+
+Every function takes plain data (an :class:`~labkit.moe.attribution.ExpertAttribution`, an
+:class:`~labkit.moe.masking.ExpertMask`, the table of :func:`labkit.moe.compare_conditions`) and
+returns a new ``plotly.graph_objects.Figure``; the same input gives the same figure (snapshot
+tests compare ``fig.to_dict()``), in the spirit of CircuitsVis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["condition_plot", "expert_heatmap"]
+
+#: How each mask mode is drawn over the heatmap.
+MASK_MARKERS = {
+    "off": dict(symbol="x-thin-open", color="black", size=11, line=dict(width=3, color="black")),
+    "on": dict(symbol="square-open", color="darkgreen", size=16, line=dict(width=3, color="darkgreen")),
+    "bias": dict(symbol="diamond-open", color="purple", size=14, line=dict(width=2, color="purple")),
+}
+
+
+def _mask_edits(mask) -> list[tuple[int, int, str, float]]:
+    """``(layer, expert, mode, value)`` from an ExpertMask or a list of (layer, expert) pairs (= off)."""
+    if hasattr(mask, "edits"):
+        return [(int(e.layer), int(e.expert), str(e.mode), float(e.value)) for e in mask.edits]
+    edits = []
+    for item in mask:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(
+                f"expert_heatmap: mask must be an ExpertMask or [(layer, expert), ...], got item {item!r}."
+            )
+        edits.append((int(item[0]), int(item[1]), "off", 0.0))
+    return edits
+
+
+def expert_heatmap(attribution, *, mask=None, title: str | None = None, height: int | None = None):
+    """Layer x expert heatmap of attribution scores, significant cells and an optional mask marked.
+
+    Colours diverge around 0 (red: more for the behaviour, blue: more for control) on a
+    symmetric scale. Hovering a cell shows the score with its bootstrap interval, the selection
+    counts and rates of both prompt sets, p and q. Cells with ``q < alpha`` (either sign) carry a ring; the
+    split-half noise floor is given in the title. With ``mask``, switched-off experts get an
+    ``x``, forced-on ones a square, biased ones a diamond (MoTE's interventions, section 4).
+
+    Args:
+        attribution: an :class:`~labkit.moe.attribution.ExpertAttribution`.
+        mask: an :class:`~labkit.moe.masking.ExpertMask` or ``[(layer, expert), ...]``; edits on
+            layers the attribution does not cover are not drawn.
+        title: figure title (default: model, metric, aggregation, noise floor).
+        height: figure height in pixels (default grows with the number of layers).
+
+    Returns:
+        A ``plotly.graph_objects.Figure``; rows are labelled with true model layer numbers.
+
+    Example:
+        >>> fig = expert_heatmap(attribution, mask=ExpertMask.from_attribution(attribution, 5))  # doctest: +SKIP
+    """
+    import numpy as np
+    import plotly.graph_objects as go
+
+    layers = [int(layer) for layer in attribution.layers]
+    n_experts = int(attribution.n_experts)
+    y_labels = [f"L{layer}" for layer in layers]
+    x_values = list(range(n_experts))
+    score = attribution.score.double().numpy()
+    finite = np.abs(score[np.isfinite(score)])
+    limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    custom = np.stack(
+        [
+            attribution.behavior_counts.double().numpy(),
+            attribution.control_counts.double().numpy(),
+            attribution.behavior_rate.double().numpy(),
+            attribution.control_rate.double().numpy(),
+            attribution.p_value.double().numpy(),
+            attribution.q_value.double().numpy(),
+            attribution.ci_low.double().numpy(),
+            attribution.ci_high.double().numpy(),
+        ],
+        axis=-1,
+    )
+    rate_label = "weight" if attribution.metric == "weight" else "rate"
+    hover = (
+        "layer %{y}, expert %{x}<br>score %{z:+.4f} [%{customdata[6]:+.4f}, %{customdata[7]:+.4f}]"
+        f"<br>behaviour: %{{customdata[0]:.0f}} tokens, {rate_label} %{{customdata[2]:.3f}}"
+        f"<br>control: %{{customdata[1]:.0f}} tokens, {rate_label} %{{customdata[3]:.3f}}"
+        "<br>p %{customdata[4]:.2g}, q %{customdata[5]:.2g}<extra></extra>"
+    )
+    figure = go.Figure(
+        go.Heatmap(
+            z=score.tolist(),
+            x=x_values,
+            y=y_labels,
+            customdata=custom.tolist(),
+            hovertemplate=hover,
+            colorscale="RdBu",
+            reversescale=True,
+            zmin=-limit,
+            zmax=limit,
+            zmid=0.0,
+            colorbar=dict(title=dict(text=attribution.metric.replace("_", " "))),
+            xgap=1,
+            ygap=1,
+            name="score",
+        )
+    )
+    q = attribution.q_value.double().numpy()
+    rows, columns = np.nonzero(q < attribution.alpha)
+    figure.add_trace(
+        go.Scatter(
+            x=[int(c) for c in columns],
+            y=[y_labels[r] for r in rows],
+            mode="markers",
+            marker=dict(symbol="circle-open", size=14, color="gold", line=dict(width=2, color="gold")),
+            name=f"q < {attribution.alpha:g}",
+            hoverinfo="skip",
+        )
+    )
+    if mask is not None:
+        edits = [e for e in _mask_edits(mask) if e[0] in layers]
+        for mode in ("off", "on", "bias"):
+            chosen = [e for e in edits if e[2] == mode]
+            if not chosen:
+                continue
+            figure.add_trace(
+                go.Scatter(
+                    x=[e[1] for e in chosen],
+                    y=[f"L{e[0]}" for e in chosen],
+                    mode="markers",
+                    marker=MASK_MARKERS[mode],
+                    name=f"mask: {mode}",
+                    text=[f"bias {e[3]:+g}" if mode == "bias" else mode for e in chosen],
+                    hovertemplate="layer %{y}, expert %{x}: %{text}<extra></extra>",
+                )
+            )
+    if title is None:
+        floor = attribution.noise_floor
+        floor_text = "n/a" if floor is None or not math.isfinite(floor) else f"{floor:.3f}"
+        title = (
+            f"{attribution.model_name}: {attribution.metric} ({attribution.aggregate}-level), "
+            f"{attribution.behavior_prompts} behaviour vs {attribution.control_prompts} control prompts; "
+            f"noise floor {floor_text}"
+        )
+    figure.update_layout(
+        title=dict(text=title, font=dict(size=13)),
+        xaxis=dict(title="expert", dtick=1 if n_experts <= 32 else None, showgrid=False),
+        yaxis=dict(title="layer", autorange="reversed", type="category", showgrid=False),
+        height=height or max(260, 60 + 36 * len(layers)),
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1.0),
+        plot_bgcolor="white",
+        template="plotly_white",
+    )
+    return figure
+
+
+def _label(row) -> str:
+    condition, n = row["condition"], int(row["n"])
+    if condition == "baseline":
+        return "baseline"
+    if condition == "top_off":
+        return f"top-{n} off"
+    if condition == "random_off":
+        return f"random-{n} off"
+    if condition == "random_off_mean":
+        return f"random-{n} off"
+    if condition == "top_on":
+        return f"top-{n} on"
+    if condition == "top_bias":
+        return f"top-{n} bias {row['bias']:+g}"
+    return f"{condition} {n}"
+
+
+def _panels(table) -> list[tuple[str, str, str]]:
+    """``(title, value column, stem)`` for behaviour, control and each task set."""
+    panels = [("behaviour rate", "behavior_rate", "behavior"), ("control (false-positive) rate", "control_rate", "control")]
+    for column in table.columns:
+        if column.endswith("_accuracy"):
+            stem = column[: -len("_accuracy")]
+            panels.append((f"{stem} accuracy", column, stem))
+    return panels
+
+
+def condition_plot(table, *, title: str | None = None):
+    """Bar chart of the :func:`labkit.moe.compare_conditions` table: one panel per measure.
+
+    Panels: behaviour rate, control (false-positive) rate, then accuracy per task set. Bars
+    are the conditions in table order; error bars are the Wilson intervals, except for the
+    random-mask bars, which show the mean over seeds with +/- one standard deviation *across
+    seeds* and the individual seeds as grey dots (MoTE, section 4: random deactivation gives
+    smaller, noisier shifts). Conditions a panel does not measure (e.g. forced-on on behaviour
+    prompts) are left out of that panel.
+
+    Args:
+        table: the ``pandas.DataFrame`` returned by ``compare_conditions``.
+        title: figure title.
+
+    Returns:
+        A ``plotly.graph_objects.Figure``.
+
+    Raises:
+        ValueError: the table lacks the ``condition``/``n`` columns or any measure column.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    missing = [c for c in ("condition", "n") if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"condition_plot: the table lacks columns {missing}; pass the DataFrame from compare_conditions."
+        )
+    panels = [p for p in _panels(table) if p[1] in table.columns]
+    if not panels:
+        raise ValueError("condition_plot: the table has no *_rate or *_accuracy columns to plot.")
+    summary = table[table.condition != "random_off"]
+    seeds = table[table.condition == "random_off"]
+    labels = [_label(row) for _, row in summary.iterrows()]
+    colours = {
+        "baseline": "#7f7f7f",
+        "top_off": "#d62728",
+        "random_off_mean": "#aec7e8",
+        "top_on": "#2ca02c",
+        "top_bias": "#9467bd",
+    }
+    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels], shared_yaxes=True)
+    for index, (_, column, stem) in enumerate(panels, start=1):
+        xs, ys, plus, minus, colour, hover = [], [], [], [], [], []
+        for label, (_, row) in zip(labels, summary.iterrows()):
+            value = row[column]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            if row["condition"] == "random_off_mean":
+                spread = row.get(f"{stem}_sd", 0.0)
+                spread = 0.0 if spread is None or math.isnan(spread) else float(spread)
+                plus.append(spread)
+                minus.append(spread)
+                hover.append(f"{label}: mean {value:.3f} +/- {spread:.3f} (sd over seeds)")
+            else:
+                low, high = row.get(f"{stem}_ci_low", value), row.get(f"{stem}_ci_high", value)
+                plus.append(float(high - value))
+                minus.append(float(value - low))
+                hover.append(f"{label}: {value:.3f} [{low:.3f}, {high:.3f}]")
+            xs.append(label)
+            ys.append(float(value))
+            colour.append(colours.get(row["condition"], "#1f77b4"))
+        figure.add_trace(
+            go.Bar(
+                x=xs,
+                y=ys,
+                marker_color=colour,
+                error_y=dict(type="data", array=plus, arrayminus=minus, visible=True),
+                hovertext=hover,
+                hoverinfo="text",
+                showlegend=False,
+                name=column,
+            ),
+            row=1,
+            col=index,
+        )
+        if column in seeds.columns and seeds[column].notna().any():
+            figure.add_trace(
+                go.Scatter(
+                    x=[_label(row) for _, row in seeds.iterrows()],
+                    y=[float(v) for v in seeds[column]],
+                    mode="markers",
+                    marker=dict(color="#444444", size=6, symbol="circle"),
+                    name="random seeds",
+                    showlegend=index == 1,
+                    text=[f"seed {int(s)}" for s in seeds["seed"]],
+                    hovertemplate="%{x}, %{text}: %{y:.3f}<extra></extra>",
+                ),
+                row=1,
+                col=index,
+            )
+    figure.update_yaxes(range=[0, 1.05], title_text="rate", row=1, col=1)
+    figure.update_xaxes(categoryorder="array", categoryarray=list(dict.fromkeys(labels)), tickangle=-40)
+    figure.update_layout(
+        title=dict(text=title or "Expert masking: behaviour and off-target skills", font=dict(size=14)),
+        height=420,
+        width=max(700, 320 * len(panels)),
+        template="plotly_white",
+        bargap=0.25,
+    )
+    return figure

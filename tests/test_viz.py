@@ -1,0 +1,90 @@
+"""Figures are pure and deterministic: same result in, same figure data out."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from labkit.moe import ExpertMask, attribute_experts
+from labkit.viz import condition_plot, expert_heatmap
+from tests.test_moe_attribution import PLANTED, make_trace
+
+
+@pytest.fixture(scope="module")
+def attribution():
+    behavior = make_trace([12] * 30, seed=1, boost=PLANTED)
+    control = make_trace([12] * 30, seed=2)
+    return attribute_experts(behavior, control, n_bootstrap=50, seed=0)
+
+
+def _snapshot(figure) -> str:
+    return json.dumps(figure.to_plotly_json(), sort_keys=True, default=str)
+
+
+def test_heatmap_is_deterministic_and_labelled_with_true_layers(attribution):
+    mask = ExpertMask.from_attribution(attribution, 2)
+    first, second = expert_heatmap(attribution, mask=mask), expert_heatmap(attribution, mask=mask)
+    assert _snapshot(first) == _snapshot(second)
+    heatmap = first.data[0]
+    assert list(heatmap.y) == ["L1", "L3"] and list(heatmap.x) == list(range(8))
+    np.testing.assert_allclose(np.array(heatmap.z), attribution.score.numpy())
+    assert heatmap.zmin == -heatmap.zmax and heatmap.zmid == 0
+    assert len(heatmap.customdata[0][0]) == 8  # counts, rates, p, q, interval on hover
+    significant = first.data[1]
+    # both directions are ringed: the planted experts take top-k slots from the others
+    expected = {(f"L{layer}", expert) for layer, expert in attribution.significant(direction="both")}
+    assert {("L1", 5), ("L3", 2)} <= set(zip(significant.y, significant.x)) == expected
+    off = first.data[2]
+    assert off.name == "mask: off" and set(zip(off.y, off.x)) == {("L1", 5), ("L3", 2)}
+    assert "noise floor" in first.layout.title.text
+
+
+def test_heatmap_mask_modes_and_plain_pairs(attribution):
+    mask = ExpertMask(
+        edits=((1, 0, "on", 0.0), (3, 7, "bias", -2.0), (9, 1, "off", 0.0))
+    )
+    figure = expert_heatmap(attribution, mask=mask)
+    names = [trace.name for trace in figure.data]
+    assert names == ["score", "q < 0.05", "mask: on", "mask: bias"]  # layer 9 is not traced
+    pairs = expert_heatmap(attribution, mask=[(1, 4)])
+    assert pairs.data[-1].name == "mask: off"
+    with pytest.raises(ValueError, match="ExpertMask or"):
+        expert_heatmap(attribution, mask=[1, 2])
+
+
+def _table() -> pd.DataFrame:
+    rows = [
+        dict(condition="baseline", n=0, seed=np.nan, bias=np.nan, behavior_rate=0.9, behavior_ci_low=0.8,
+             behavior_ci_high=0.95, control_rate=0.05, control_ci_low=0.01, control_ci_high=0.1,
+             add_accuracy=0.7, add_ci_low=0.6, add_ci_high=0.8),
+        dict(condition="top_off", n=2, seed=np.nan, bias=np.nan, behavior_rate=0.1, behavior_ci_low=0.05,
+             behavior_ci_high=0.2, control_rate=0.0, control_ci_low=0.0, control_ci_high=0.05,
+             add_accuracy=0.7, add_ci_low=0.6, add_ci_high=0.8),
+        dict(condition="random_off", n=2, seed=0, bias=np.nan, behavior_rate=0.85, control_rate=0.05, add_accuracy=0.6),
+        dict(condition="random_off", n=2, seed=1, bias=np.nan, behavior_rate=0.75, control_rate=0.1, add_accuracy=0.7),
+        dict(condition="random_off_mean", n=2, seed=np.nan, bias=np.nan, behavior_rate=0.8, behavior_sd=0.07,
+             control_rate=0.075, control_sd=0.035, add_accuracy=0.65, add_sd=0.07),
+        dict(condition="top_on", n=2, seed=np.nan, bias=np.nan, control_rate=0.4, control_ci_low=0.3, control_ci_high=0.5),
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_condition_plot_is_deterministic_with_one_panel_per_measure():
+    table = _table()
+    first, second = condition_plot(table), condition_plot(table)
+    assert _snapshot(first) == _snapshot(second)
+    titles = [a.text for a in first.layout.annotations]
+    assert titles == ["behaviour rate", "control (false-positive) rate", "add accuracy"]
+    behaviour_bars = first.data[0]
+    assert list(behaviour_bars.x) == ["baseline", "top-2 off", "random-2 off"]  # top-2 on: no behaviour
+    assert list(behaviour_bars.y) == [0.9, 0.1, 0.8]
+    np.testing.assert_allclose(behaviour_bars.error_y.array, [0.05, 0.1, 0.07])
+    seeds = first.data[1]
+    assert list(seeds.y) == [0.85, 0.75]
+    control_bars = first.data[2]
+    assert list(control_bars.x)[-1] == "top-2 on"
+    with pytest.raises(ValueError, match="lacks columns"):
+        condition_plot(pd.DataFrame({"x": [1]}))
