@@ -65,10 +65,11 @@ class HookSite:
 def _alias_table(bridge) -> dict[str, str]:
     """Map every alias name to the bridge hook point it stands for."""
     table: dict[str, str] = {}
+    hook_dict = bridge.hook_dict  # a property that rebuilds the whole dict: read it once
     for alias, target in (getattr(bridge, "hook_aliases", None) or {}).items():
         targets = [target] if isinstance(target, str) else list(target)
         for candidate in targets:
-            if candidate in bridge.hook_dict:
+            if candidate in hook_dict:
                 table[alias] = candidate
                 break
     for path, module in bridge.named_modules():
@@ -79,7 +80,7 @@ def _alias_table(bridge) -> dict[str, str]:
             targets = [target] if isinstance(target, str) else list(target)
             for candidate in targets:
                 full = f"{path}.{candidate}"
-                if full in bridge.hook_dict:
+                if full in hook_dict:
                     table[f"{path}.{alias}"] = full
                     break
     return table

@@ -1,0 +1,227 @@
+"""Steering vectors: ActAdd recipe, mean difference, serialisation, composition, bad input, hygiene."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import labkit
+from labkit.hooks import count_hooks
+from labkit.models import hf_model_of, tokenizer_of
+from labkit.steering import SteeringVector, steered
+
+
+def hidden_states(model, token_ids: list[int]) -> tuple[torch.Tensor, ...]:
+    """Reference activations straight from Hugging Face: ``hidden_states[L]`` enters block L."""
+    twin = hf_model_of(model)
+    with torch.no_grad():
+        out = twin(input_ids=torch.tensor([token_ids]), output_hidden_states=True)
+    return tuple(h[0] for h in out.hidden_states)
+
+
+def logits(model, text: str) -> torch.Tensor:
+    ids = tokenizer_of(model)(text, return_tensors="pt")
+    with torch.no_grad():
+        return hf_model_of(model)(**ids).logits
+
+
+# --- the published recipe ------------------------------------------------------------------
+
+
+def test_actadd_is_coefficient_times_padded_difference(tiny_llama):
+    tokenizer = tokenizer_of(tiny_llama)
+    plus, minus = " wedding party", " "
+    vector = labkit.actadd(tiny_llama, plus, minus, layer=1, coefficient=3.0)
+    plus_ids, minus_ids = tokenizer(plus).input_ids, tokenizer(minus).input_ids
+    space = tokenizer(" ", add_special_tokens=False).input_ids[-1]
+    assert len(plus_ids) > len(minus_ids)  # the shorter side is right-padded with spaces
+    minus_padded = minus_ids + [space] * (len(plus_ids) - len(minus_ids))
+    expected = hidden_states(tiny_llama, plus_ids)[1] - hidden_states(tiny_llama, minus_padded)[1]
+    assert vector.activations.shape == (len(plus_ids), tiny_llama.cfg.d_model)
+    torch.testing.assert_close(vector.activations, expected)
+    torch.testing.assert_close(vector.steering_vector, 3.0 * expected)
+    assert vector.positions == "front" and vector.hook_name == "blocks.1.hook_resid_pre"
+    assert vector.source["plus"] == plus and vector.source["minus_token_ids"] == minus_padded
+    assert vector.model_name == "tiny-llama" and vector.layer == 1
+
+
+def test_actadd_adds_to_the_first_real_positions_of_each_row(tiny_llama):
+    tokenizer = tokenizer_of(tiny_llama)
+    vector = labkit.actadd(tiny_llama, " wedding", " ", layer=1, coefficient=2.0)
+    n = vector.n_positions
+    texts = ["the cat sat on a mat and the dog ran to the park", "love and hate and war"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)  # left padding
+    seen = {}
+
+    def grab(activation, _site):
+        seen["act"] = activation.detach().clone()
+
+    with steered(tiny_llama, vector) as twin:
+        # registered after the steering hook, so it sees the stream after the addition
+        with labkit.hooks.attach(tiny_llama, {"blocks.1.hook_resid_pre": grab}):
+            positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            twin(**batch, position_ids=positions)
+    for row, text in enumerate(texts):
+        ids = tokenizer(text).input_ids
+        start = batch.input_ids.shape[1] - len(ids)
+        added = seen["act"][row, start:] - hidden_states(tiny_llama, ids)[1]
+        torch.testing.assert_close(added[:n], vector.steering_vector, rtol=1e-4, atol=1e-4)
+        assert torch.all(added[n:].abs().max(dim=-1).values < 1e-4)
+    steered_act = seen["act"]
+    with labkit.hooks.attach(tiny_llama, {"blocks.1.hook_resid_pre": grab}) as twin:
+        twin(**batch, position_ids=positions)
+    pads = batch.attention_mask == 0
+    assert pads.any() and torch.equal(steered_act[pads], seen["act"][pads])  # pads get nothing
+
+
+def test_mean_difference_is_difference_of_means(tiny_llama):
+    tokenizer = tokenizer_of(tiny_llama)
+    positive, negative = ["love", "love and peace"], ["hate", "hate and war", "war"]
+    vector = labkit.mean_difference(tiny_llama, positive, negative, layer=2, coefficient=1.5)
+
+    def mean_last(prompts):
+        return torch.stack([hidden_states(tiny_llama, tokenizer(p).input_ids)[2][-1] for p in prompts]).mean(0)
+
+    torch.testing.assert_close(vector.activations, mean_last(positive) - mean_last(negative), rtol=1e-4, atol=1e-5)
+    assert vector.activations.shape == (tiny_llama.cfg.d_model,) and vector.positions == "all"
+    mean_tokens = labkit.mean_difference(tiny_llama, positive, negative, layer=2, token="mean")
+    assert not torch.allclose(mean_tokens.activations, vector.activations)
+
+
+# --- data type ----------------------------------------------------------------------------
+
+
+def test_save_load_roundtrip_safetensors_and_json(tiny_llama, tmp_path):
+    vector = labkit.actadd(tiny_llama, "love", "hate", layer=0, coefficient=-2.5)
+    json_path, tensor_path = vector.save(tmp_path / "love_hate")
+    assert json_path.name == "love_hate.json" and tensor_path.name == "love_hate.safetensors"
+    meta = json.loads(json_path.read_text())
+    assert meta["kind"] == "labkit.SteeringVector" and meta["model_name"] == "tiny-llama"
+    assert meta["layer"] == 0 and meta["source"]["plus"] == "love"
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+    for path in (tmp_path / "love_hate", json_path, tensor_path):
+        loaded = SteeringVector.load(path)
+        assert torch.equal(loaded.activations, vector.activations)
+        assert loaded.metadata() == vector.metadata()
+    assert SteeringVector.from_dict(vector.to_dict()).metadata() == vector.metadata()
+
+
+def test_vector_is_frozen_and_transforms_return_new_objects(tiny_llama):
+    vector = labkit.mean_difference(tiny_llama, ["love"], ["hate"], layer=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        vector.coefficient = 3.0
+    other = vector.with_coefficient(3.0).with_positions("generated")
+    assert vector.coefficient == 1.0 and vector.positions == "all"
+    assert other.coefficient == 3.0 and other.positions == "generated"
+
+
+# --- composition ---------------------------------------------------------------------------
+
+
+def test_vectors_compose_same_and_different_layers(tiny_llama):
+    text = "the cat sat on a mat"
+    direction = labkit.mean_difference(tiny_llama, ["love"], ["hate"], layer=1, coefficient=1.0)
+    with steered(tiny_llama, direction.with_coefficient(2.0)):
+        doubled = logits(tiny_llama, text)
+    with steered(tiny_llama, direction, direction):
+        twice = logits(tiny_llama, text)
+    with steered(tiny_llama, direction), steered(tiny_llama, direction):
+        nested = logits(tiny_llama, text)
+    torch.testing.assert_close(twice, doubled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nested, twice)
+
+    layer2 = labkit.actadd(tiny_llama, " wedding", " ", layer=2, coefficient=3.0)
+    with steered(tiny_llama, direction, layer2):
+        both = logits(tiny_llama, text)
+    with steered(tiny_llama, direction):
+        one = logits(tiny_llama, text)
+    assert not torch.allclose(both, one) and not torch.allclose(one, logits(tiny_llama, text))
+
+
+def test_zero_coefficient_changes_nothing(tiny_llama):
+    vector = labkit.actadd(tiny_llama, " wedding", " ", layer=1, coefficient=0.0)
+    plain = logits(tiny_llama, "the dog ran to the park")
+    with steered(tiny_llama, vector):
+        assert torch.equal(logits(tiny_llama, "the dog ran to the park"), plain)
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_bad_input_errors_name_received_and_allowed(tiny_llama, tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"prompt 0 is empty"):
+        labkit.actadd(tiny_llama, "", " ", layer=1)
+    with pytest.raises(ValueError, match=r"need at least one prompt"):
+        labkit.mean_difference(tiny_llama, [], ["hate"], layer=1)
+    with pytest.raises(ValueError, match=r"layer 3 out of range; model has 3 layers \(0\.\.2\)"):
+        labkit.actadd(tiny_llama, "love", "hate", layer=3)
+    with pytest.raises(ValueError, match=r"coefficient must be finite, got nan"):
+        labkit.actadd(tiny_llama, "love", "hate", layer=1, coefficient=float("nan"))
+    with pytest.raises(ValueError, match=r"coefficient must be finite, got inf"):
+        labkit.mean_difference(tiny_llama, ["love"], ["hate"], layer=1).with_coefficient(float("inf"))
+    with pytest.raises(ValueError, match=r"positions='front' is not allowed"):
+        labkit.mean_difference(tiny_llama, ["love"], ["hate"], layer=1, positions="front")
+    with pytest.raises(ValueError, match=r"positions='middle' is not allowed; use one of"):
+        SteeringVector("blocks.0.hook_resid_pre", torch.ones(32), positions="middle")
+    bad = torch.ones(32)
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match=r"1 NaN/inf value"):
+        SteeringVector("blocks.0.hook_resid_pre", bad)
+    with pytest.raises(ValueError, match=r"shape \(pos, d_model\) or \(d_model,\)"):
+        SteeringVector("blocks.0.hook_resid_pre", torch.ones(2, 3, 32), positions="front")
+
+    wide = SteeringVector("blocks.0.hook_resid_pre", torch.ones(48), model_name="tiny-llama")
+    with pytest.raises(ValueError, match=r"d_model=48, but model 'tiny-llama' has d_model=32"):
+        with steered(tiny_llama, wide):
+            pass
+    deep = SteeringVector("blocks.7.hook_resid_pre", torch.ones(32))
+    with pytest.raises(ValueError, match=r"layer 7 out of range; model has 3 layers"):
+        labkit.generate(tiny_llama, "love", steering=deep, max_new_tokens=2)
+    from labkit.models import from_hf
+    from tests.conftest import tiny_llama_hf
+
+    other = from_hf(tiny_llama_hf(tiny_tokenizer, seed=1), tiny_tokenizer, name="other-llama")
+    vector = labkit.mean_difference(tiny_llama, ["love"], ["hate"], layer=1)
+    with pytest.raises(ValueError, match=r"made for model 'tiny-llama' and refuses to apply to 'other-llama'"):
+        with steered(other, vector):
+            pass
+    with pytest.raises(ValueError, match=r"exists only inside the TransformerLens bridge"):
+        with steered(tiny_llama, SteeringVector("blocks.0.attn.hook_pattern", torch.ones(32))):
+            pass
+    assert count_hooks(hf_model_of(tiny_llama)) == 0
+
+
+# --- hook hygiene --------------------------------------------------------------------------
+
+
+def test_no_hook_survives_exit_exception_or_interrupt(tiny_llama):
+    twin = hf_model_of(tiny_llama)
+    vectors = [
+        labkit.actadd(tiny_llama, " wedding", " ", layer=1, coefficient=4.0),
+        labkit.mean_difference(tiny_llama, ["love"], ["hate"], layer=2),
+    ]
+    assert count_hooks(twin) == 0
+    with steered(tiny_llama, *vectors):
+        assert count_hooks(twin) == 3  # one per vector + the input observer
+    assert count_hooks(twin) == 0
+
+    with pytest.raises(RuntimeError):
+        with steered(tiny_llama, *vectors):
+            raise RuntimeError("boom")
+    assert count_hooks(twin) == 0
+
+    with pytest.raises(KeyboardInterrupt):
+        with steered(tiny_llama, *vectors):
+            raise KeyboardInterrupt
+    assert count_hooks(twin) == 0
+
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with labkit.hooks.attach(tiny_llama, {"blocks.2.hook_resid_post": interrupt}):
+            labkit.generate(tiny_llama, "love", steering=vectors, max_new_tokens=4)
+    assert count_hooks(twin) == 0 and count_hooks(tiny_llama) == 0
