@@ -9,6 +9,9 @@ Qwen2-MoE's layer 0 is dense (``decoder_sparse_step=2`` makes layers 1 and 3 spa
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3")
@@ -87,6 +90,7 @@ def tiny_moe_config(family: str, tokenizer):
             num_hidden_layers=3,
             num_local_experts=N_EXPERTS,
             sliding_window=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         )
         arch = "GptOssForCausalLM"
@@ -141,3 +145,18 @@ def tiny_moe_hf(family: str, tokenizer, seed: int = 0):
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
     return model.eval()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one CPU thread, restoring the caller's setting after.
+
+    The tiny models do microseconds of math per op; on a shared 2-core machine torch's default
+    thread pool makes them 50-100x slower through oversubscription.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

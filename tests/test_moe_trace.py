@@ -1,0 +1,191 @@
+"""Routing traces on tiny random models of all six MoE families (plain HF and labkit bridge)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from labkit.hooks import count_hooks
+from labkit.moe import RoutingTrace, moe_layers, trace_routing
+from labkit.moe.families import find_routers
+from tests.conftest import make_tokenizer, tiny_llama_hf
+from tests.moe_fixtures import FAMILIES, MOE_LAYERS, N_EXPERTS, TOP_K, one_thread, tiny_moe_hf
+
+PROMPTS = [
+    "the cat sat on a mat",
+    "love",
+    "what happened in the city during war and peace",
+    "one two three",
+    "the dog ran to the park while",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer():
+    return make_tokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def hf(family: str):
+    """One tiny model per family for the whole session (tests only add hooks they remove)."""
+    return tiny_moe_hf(family, _tokenizer())
+
+
+def router_outputs(model, input_ids):
+    """What each HF router module itself returns, read with hooks independent of labkit.
+
+    (``output_router_logits=True`` makes transformers install permanent output-capturing hooks,
+    so tests that count hooks use a model that never ran it.)
+    """
+    seen = {}
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        router = getattr(layer.mlp, "router", None) or getattr(layer.mlp, "gate", None)
+        if router is None or not hasattr(router, "top_k"):
+            continue
+        handles.append(router.register_forward_hook(lambda m, i, o, index=index: seen.__setitem__(index, o)))
+    try:
+        with torch.no_grad():
+            out = model(input_ids, output_router_logits=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trace_is_the_routers_own_choice(family):
+    model, tokenizer = tiny_moe_hf(family, _tokenizer()), _tokenizer()  # own copy: output_router_logits
+    trace = trace_routing(model, [PROMPTS[2]], tokenizer=tokenizer, include_router_logits=True, progress=False)
+    assert count_hooks(model) == 0
+    ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
+    seen, out = router_outputs(model, ids)
+
+    assert trace.layers == tuple(MOE_LAYERS[family]) == tuple(moe_layers(model)) == tuple(sorted(seen))
+    assert trace.topk_indices.shape == (len(trace.layers), ids.shape[1], TOP_K)
+    assert trace.router_logits.shape == (len(trace.layers), ids.shape[1], N_EXPERTS)
+    assert (trace.n_experts, trace.top_k, trace.n_prompts) == (N_EXPERTS, TOP_K, 1)
+    for row, layer in enumerate(trace.layers):
+        logits, weights, indices = seen[layer]
+        assert torch.equal(trace.topk_indices[row], indices)
+        assert torch.equal(trace.topk_weights[row], weights.float())
+        assert torch.equal(trace.router_logits[row], logits.float())
+        # transformers' own output_router_logits agrees (one entry per MoE layer, in order)
+        assert torch.equal(trace.router_logits[row], out.router_logits[row].float())
+    assert torch.equal(trace.token_ids, ids[0])
+    assert torch.equal(trace.position, torch.arange(ids.shape[1]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_per_prompt(family):
+    model, tokenizer = hf(family), _tokenizer()
+    batched = trace_routing(model, PROMPTS, tokenizer=tokenizer, batch_size=3, progress=False)
+    alone = [trace_routing(model, [p], tokenizer=tokenizer, batch_size=1, progress=False) for p in PROMPTS]
+    assert torch.equal(batched.topk_indices, torch.cat([t.topk_indices for t in alone], dim=1))
+    torch.testing.assert_close(batched.topk_weights, torch.cat([t.topk_weights for t in alone], dim=1))
+    assert torch.equal(batched.token_ids, torch.cat([t.token_ids for t in alone]))
+    lengths = [len(tokenizer(p).input_ids) for p in PROMPTS]
+    assert batched.prompt_index.tolist() == [i for i, n in enumerate(lengths) for _ in range(n)]
+    assert batched.position.tolist() == [j for n in lengths for j in range(n)]
+    assert batched.n_prompts == len(PROMPTS)
+
+
+def test_scope_last_and_generated():
+    model, tokenizer = hf("olmoe"), _tokenizer()
+    full = trace_routing(model, PROMPTS, tokenizer=tokenizer, progress=False)
+    last = trace_routing(model, PROMPTS, tokenizer=tokenizer, scope=("last", 2), progress=False)
+    keep = torch.zeros(full.n_tokens, dtype=torch.bool)
+    for prompt in range(len(PROMPTS)):
+        rows = (full.prompt_index == prompt).nonzero().flatten()
+        keep[rows[-2:]] = True
+    assert torch.equal(last.topk_indices, full.topk_indices[:, keep])
+    assert torch.equal(last.position, full.position[keep])
+
+    generated = trace_routing(
+        model, PROMPTS[:2], tokenizer=tokenizer, scope="generated", max_new_tokens=4, progress=False
+    )
+    for prompt, text in enumerate(PROMPTS[:2]):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            answer = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answer = answer[0, ids.shape[1] :]
+        rows = generated.prompt_index == prompt
+        assert generated.token_ids[rows].tolist() == answer.tolist()
+        assert generated.position[rows].tolist() == list(range(ids.shape[1], ids.shape[1] + len(answer)))
+        # routing of the answer tokens = routing in one pass over prompt + answer
+        whole = trace_routing(model, [torch.cat([ids[0], answer]).tolist()], progress=False)
+        assert torch.equal(generated.topk_indices[:, rows], whole.topk_indices[:, ids.shape[1] :])
+
+
+def test_bridge_and_hf_model_give_the_same_trace():
+    from labkit.models import from_hf
+
+    tokenizer = _tokenizer()
+    bridge = from_hf(tiny_moe_hf("deepseek_v3", tokenizer), tokenizer, name="tiny-deepseek")
+    on_bridge = trace_routing(bridge, PROMPTS, progress=False)
+    on_hf = trace_routing(hf("deepseek_v3"), PROMPTS, tokenizer=tokenizer, progress=False)
+    assert on_bridge.layers == (1, 2, 3)
+    assert torch.equal(on_bridge.topk_indices, on_hf.topk_indices)
+    assert on_bridge.model_name == "tiny-deepseek"
+
+
+def test_save_load_round_trip(tmp_path):
+    model, tokenizer = hf("qwen3_moe"), _tokenizer()
+    for logits in (False, True):
+        trace = trace_routing(model, PROMPTS[:2], tokenizer=tokenizer, include_router_logits=logits, progress=False)
+        path = trace.save(tmp_path / f"trace{logits}.safetensors")
+        assert (tmp_path / f"trace{logits}.safetensors.json").is_file()
+        loaded = RoutingTrace.load(path)
+        again = RoutingTrace.from_dict(trace.to_dict())
+        for other in (loaded, again):
+            assert other.layers == trace.layers == (0, 2)
+            assert (other.router_logits is None) == (not logits)
+            for name in ("topk_indices", "topk_weights", "token_ids", "prompt_index", "position"):
+                assert torch.equal(getattr(other, name), getattr(trace, name))
+            assert other.metadata() == trace.metadata()
+
+
+def test_no_hook_survives_an_exception():
+    model, tokenizer = hf("mixtral"), _tokenizer()
+    router = find_routers(model)[1].router
+
+    def explode(*_):
+        raise KeyboardInterrupt
+
+    handle = router.register_forward_pre_hook(explode)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trace_routing(model, PROMPTS, tokenizer=tokenizer, progress=False)
+    finally:
+        handle.remove()
+    assert count_hooks(model) == 0
+
+
+def test_bad_input_errors():
+    model, tokenizer = hf("olmoe"), _tokenizer()
+    with pytest.raises(ValueError, match=r"scope \('first', 2\) is not allowed; use 'all', 'generated'"):
+        trace_routing(model, PROMPTS, tokenizer=tokenizer, scope=("first", 2))
+    with pytest.raises(ValueError, match="batch_size must be an int ≥ 1, got 0"):
+        trace_routing(model, PROMPTS, tokenizer=tokenizer, batch_size=0)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        trace_routing(model, [], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="pass tokenizer"):
+        trace_routing(model, PROMPTS)
+    dense = tiny_llama_hf(tokenizer)
+    with pytest.raises(ValueError, match=r"'llama'.*Supported families: OLMoE"):
+        trace_routing(dense, PROMPTS, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="'llama'"):
+        moe_layers(dense)
+    with pytest.raises(ValueError, match=r"topk_indices has shape \(1, 3, 2\), expected \(2, 3, 2\)"):
+        RoutingTrace(
+            torch.zeros(1, 3, 2, dtype=torch.long), torch.zeros(1, 3, 2), None, torch.zeros(3, dtype=torch.long),
+            torch.zeros(3, dtype=torch.long), torch.arange(3), (0, 1), 8, 2, 1, "x",
+        )
