@@ -617,7 +617,10 @@ class ExpertPanel:
         if not points.xs:
             return  # plotly dispatches every click to every trace; only the clicked one has points
         try:
-            row, expert = heatmap_cell(trace.x, trace.y, points.xs[0], points.ys[0])
+            # Marker traces drawn over the heatmap (significance, mask) share its axes: read the
+            # clicked cell off the heatmap trace's own x / y, whichever trace took the click.
+            grid = next((t for t in self.figure.data if t.type == "heatmap"), trace)
+            row, expert = heatmap_cell(grid.x, grid.y, points.xs[0], points.ys[0])
             self.click(self.state.layers[row], expert)
         except Exception as error:  # noqa: BLE001 - a click handler's error would only reach the log
             self._show_error(error)

@@ -1,0 +1,185 @@
+"""The lab notebook in a real browser: JupyterLab headless, Chromium via Playwright.
+
+Select with ``pytest -m browser tests/test_browser.py``. Starts ``jupyter lab`` on a free loopback
+port with a random token (settings, workspaces and runtime files in a temporary folder, so no
+earlier session leaks in), opens ``notebooks/05_steering_lab.ipynb`` in Debian's Chromium
+(``apt-get install -y chromium``; Playwright's own browser download is not used), runs all cells,
+then checks the two promises of the lab: moving the coefficient slider changes the steered text,
+and a click on a heatmap cell changes the expert mask. A screenshot goes to
+``artifacts/steering_lab.png``. The server is always shut down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = "notebooks/05_steering_lab.ipynb"
+CHROMIUM = os.environ.get("LABKIT_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = REPO / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"jupyter lab exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"jupyter lab did not answer {url} in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+@pytest.fixture()
+def jupyter_lab(tmp_path):
+    """A JupyterLab server on a free port; yields its base URL and token; always stopped."""
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+    }
+    log = tmp_path / "jupyter.log"
+    command = [
+        sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+        f"--ServerApp.token={token}", f"--ServerApp.root_dir={REPO}", "--ServerApp.port_retries=0",
+        "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for_server(f"{base}/api/status?token={token}", process, log)
+        yield base, token
+    finally:
+        _stop(process)
+
+
+def _text(page, selector: str) -> str:
+    return page.locator(selector).first.inner_text()
+
+
+def _wait_text(page, selector: str, predicate, timeout: float, what: str) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        if page.locator(selector).count():
+            text = _text(page, selector)
+            if predicate(text):
+                return text
+        page.wait_for_timeout(250)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last text of {selector}: {text!r}")
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent; install it with: apt-get install -y chromium")
+def test_steering_lab_in_chromium(jupyter_lab):
+    from playwright.sync_api import sync_playwright
+
+    base, token = jupyter_lab
+    ARTIFACTS.mkdir(exist_ok=True)
+    started = time.monotonic()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}", wait_until="domcontentloaded")
+            # The kernel status lives on a hidden element: wait for it attached, not visible.
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", state="attached", timeout=60_000)
+
+            page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
+            page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
+
+            # Every code cell has run when no prompt shows [*] and the last prompt has a number.
+            page.wait_for_function(
+                """() => {
+                    const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
+                    return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+                }""",
+                timeout=180_000,
+            )
+            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .jp-RenderedText pre, .jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
+            assert page.locator("[data-mime-type='application/vnd.jupyter.error']").count() == 0, errors.all_inner_texts()
+
+            # --- steering: move the slider, the steered text must change -------------------------
+            steered = ".labkit-steered .labkit-steered-text"
+            before = _wait_text(page, steered, lambda t: len(t.strip()) > 0, 60, "the first steered completion")
+            _wait_text(page, ".labkit-status", lambda t: "tokens in" in t, 60, "the first generation to finish")
+            handle = page.locator(".labkit-coefficient .noUi-handle").first
+            handle.scroll_into_view_if_needed()
+            handle.click()
+            handle.press("Home")  # coefficient to its minimum: the opposite steering direction
+            _wait_text(page, ".labkit-coefficient .widget-readout", lambda t: t.strip().startswith("-"), 20,
+                       "the slider readout to move")
+            after = _wait_text(page, ".labkit-status", lambda t: "coefficient -" in t, 90,
+                               "the regeneration at the new coefficient")
+            after = _text(page, steered)
+            assert after.strip() != before.strip(), f"steered text did not change: {after!r}"
+            assert page.locator(".labkit-error-area .labkit-error").count() == 0
+
+            # --- experts: click a heatmap cell, the mask must change ------------------------------
+            label = ".labkit-mask-label"
+            initial = _wait_text(page, label, lambda t: "mask:" in t, 30, "the mask label")
+            plot = page.locator(".labkit-heatmap .nsewdrag").first
+            plot.scroll_into_view_if_needed()
+            box = plot.bounding_box()
+            page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+            changed = _wait_text(page, label, lambda t: t != initial, 20, "the mask label to change after a click")
+            assert "1 off" in changed, changed
+            mask_json = page.locator(".labkit-mask-json textarea").first.input_value()
+            assert '"mode": "off"' in mask_json, mask_json
+
+            page.screenshot(path=str(ARTIFACTS / "steering_lab.png"), full_page=True)
+        except BaseException:
+            try:
+                page.screenshot(path=str(ARTIFACTS / "steering_lab_failure.png"), full_page=True)
+            except Exception:  # noqa: BLE001 - the original failure matters more
+                pass
+            raise
+        finally:
+            browser.close()
+    print(f"browser test: {time.monotonic() - started:.1f} s in the browser")
