@@ -495,10 +495,12 @@ def _check_selection(selection: Selection, moe_layer: MoELayer, family: RouterFa
         emptied = [g for g, count in enumerate(selectable) if count == 0]
         starved = [g for g, count in enumerate(selectable) if count == 1]
         if emptied or starved:
+            parts = [f"expert groups {emptied} are emptied"] if emptied else []
+            parts += [f"expert groups {starved} keep a single expert"] if starved else []
             warnings.warn(
-                f"ExpertMask: layer {layer}: expert groups {emptied} are emptied and groups {starved} keep a "
-                f"single expert; DeepSeek-V3 scores a group by its top-2 experts, so these groups are never "
-                f"preferred — tokens route within the other groups.",
+                f"ExpertMask: layer {layer}: {' and '.join(parts)}; DeepSeek-V3 scores a group by the sum of its "
+                "top-2 choice scores, so such a group is never preferred and tokens route within the other "
+                f"groups (topk_group={topk_group} of n_group={n_group}).",
                 stacklevel=4,
             )
         preferred = sorted(c for c in selectable if c >= 2)

@@ -1,0 +1,333 @@
+"""Expert masks on tiny random models of all six MoE families: parity, semantics, guard rails."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import pytest
+import torch
+
+from labkit.hooks import count_hooks
+from labkit.moe import ExpertMask, masked, trace_routing
+from labkit.moe.families import find_routers
+from tests.conftest import make_tokenizer, tiny_llama_hf
+from tests.moe_fixtures import FAMILIES, MOE_LAYERS, N_EXPERTS, TOP_K, one_thread, tiny_moe_hf
+
+PROMPTS = ["the cat sat on a mat", "what happened in the city during war and peace", "one two three four five"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer():
+    return make_tokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def hf(family: str):
+    return tiny_moe_hf(family, _tokenizer())
+
+
+def ids_of(text: str) -> torch.Tensor:
+    return _tokenizer()(text, return_tensors="pt").input_ids
+
+
+def trace(model):
+    return trace_routing(model, PROMPTS, tokenizer=_tokenizer(), progress=False)
+
+
+def a_valid_mask(family: str) -> list[tuple[int, int]]:
+    """Two experts off in the last MoE layer, from different DeepSeek groups (no group emptied)."""
+    return [(MOE_LAYERS[family][-1], 0), (MOE_LAYERS[family][-1], 3)]
+
+
+# --- parity -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_mask_is_bit_identical(family):
+    model = hf(family)
+    before = count_hooks(model)
+    with torch.no_grad():
+        plain = model(ids_of(PROMPTS[1])).logits
+        with masked(model, ExpertMask()):
+            assert count_hooks(model) == before  # nothing registered
+            again = model(ids_of(PROMPTS[1])).logits
+    assert torch.equal(plain, again)
+
+
+# --- semantics --------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:ExpertMask.*keep a single expert")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_off_expert_is_never_chosen_and_on_expert_always(family):
+    model = hf(family)
+    pairs = a_valid_mask(family)
+    layer = pairs[0][0]
+    natural = trace(model)
+    row = natural.layers.index(layer)
+    off = torch.tensor([e for _, e in pairs])
+    assert torch.isin(natural.topk_indices[row], off).any(), "fixture should route to the experts we switch off"
+    with masked(model, ExpertMask.off(pairs, model=model)):
+        switched_off = trace(model)
+    assert not torch.isin(switched_off.topk_indices[row], off).any()
+    # the masked layer is the last MoE layer, so every earlier layer routes exactly as before
+    assert torch.equal(switched_off.topk_indices[:row], natural.topk_indices[:row])
+
+    rarely = int(torch.bincount(natural.topk_indices[row].flatten(), minlength=N_EXPERTS).argmin())
+    with masked(model, ExpertMask.on([(layer, rarely)])):
+        forced = trace(model)
+    assert (forced.topk_indices[row] == rarely).any(-1).all()
+
+
+def reference_route(family, router, logits, off, on, bias):
+    """Independent, token-by-token reading of each family's router (for the parity check)."""
+    n, k = router.num_experts, router.top_k
+    indices, weights = [], []
+    for token_logits in logits.float():
+        if family == "deepseek_v3":
+            scores = token_logits.sigmoid()
+            choice = scores + router.e_score_correction_bias + bias
+            choice[off] = -math.inf
+            size = n // router.num_group
+            group_score = [sorted(choice[g * size : (g + 1) * size].tolist())[-2:] for g in range(router.num_group)]
+            group_score = [sum(pair) for pair in group_score]
+            for g in range(router.num_group):
+                if on[g * size : (g + 1) * size].any():
+                    group_score[g] = math.inf
+            groups = sorted(range(router.num_group), key=lambda g: -group_score[g])[: router.topk_group]
+            allowed = [e for e in range(n) if e // size in groups]
+            key = {e: (math.inf if on[e] else choice[e].item()) for e in allowed}
+            chosen = sorted(allowed, key=lambda e: -key[e])[:k]
+            w = scores[chosen]
+            w = w / (w.sum() + 1e-20) if router.norm_topk_prob else w
+            w = w * router.routed_scaling_factor
+        elif family == "gpt_oss":
+            key = token_logits + bias
+            key[off], key[on] = -math.inf, math.inf
+            chosen = key.argsort(descending=True)[:k].tolist()
+            w = torch.softmax(token_logits[chosen], dim=-1)
+        else:
+            probs = torch.softmax(token_logits, dim=-1)
+            key = probs * bias.exp()
+            key[off], key[on] = -math.inf, math.inf
+            chosen = key.argsort(descending=True)[:k].tolist()
+            w = probs[chosen]
+            if family == "mixtral" or router.norm_topk_prob:
+                w = w / w.sum()
+        indices.append(chosen)
+        weights.append(w)
+    return torch.tensor(indices), torch.stack(weights)
+
+
+@pytest.mark.filterwarnings("ignore:ExpertMask.*keep a single expert")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masked_block_output_equals_hand_computation(family):
+    model = hf(family)
+    layer = MOE_LAYERS[family][0]
+    block = model.model.layers[layer].mlp
+    router = block.router if family == "gpt_oss" else block.gate
+    mask = ExpertMask((( layer, 1, "off"), (layer, 6, "on"), (layer, 4, "bias", 1.5)))
+    off = torch.zeros(N_EXPERTS, dtype=torch.bool)
+    on = torch.zeros(N_EXPERTS, dtype=torch.bool)
+    bias = torch.zeros(N_EXPERTS)
+    off[1], on[6], bias[4] = True, True, 1.5
+
+    seen = {}
+    handle = block.register_forward_hook(lambda m, i, o: seen.update(x=i[0], out=o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad(), masked(model, mask):
+            model(ids_of(PROMPTS[1]))
+    finally:
+        handle.remove()
+
+    with torch.no_grad():
+        x = seen["x"].reshape(-1, seen["x"].shape[-1])
+        logits = torch.nn.functional.linear(x, router.weight, getattr(router, "bias", None))
+        chosen, weights = reference_route(family, router, logits, off, on, bias)
+        assert (chosen == 6).any(-1).all() and not (chosen == 1).any()
+        expected = block.experts(x, chosen, weights.to(x.dtype))
+        if family == "qwen2_moe":
+            expected = expected + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        if family == "deepseek_v3":
+            expected = expected + block.shared_experts(x)
+    torch.testing.assert_close(seen["out"].reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss"])
+def test_bias_changes_choice_not_weights(family):
+    model = hf(family)
+    layer = MOE_LAYERS[family][-1]
+    natural = trace_routing(model, PROMPTS, tokenizer=_tokenizer(), include_router_logits=True, progress=False)
+    with masked(model, ExpertMask.bias({(layer, 2): 50.0})):
+        biased = trace(model)
+    row = natural.layers.index(layer)
+    assert (biased.topk_indices[row] == 2).any(-1).all()
+    with masked(model, ExpertMask.on([(layer, 2)])):
+        forced = trace(model)
+    # a huge bias acts like "on"; both weight expert 2 by its natural score
+    torch.testing.assert_close(
+        torch.sort(biased.topk_weights[row], -1).values, torch.sort(forced.topk_weights[row], -1).values
+    )
+
+
+def test_masked_generation_with_kv_cache_through_labkit_generate():
+    from labkit.generation import generate
+    from labkit.models import from_hf
+
+    tokenizer = _tokenizer()
+    bridge = from_hf(tiny_moe_hf("olmoe", tokenizer), tokenizer, name="tiny-olmoe")
+    mask = ExpertMask.off([(0, 0), (1, 0), (1, 5), (2, 7)], model=bridge)
+    plain = generate(bridge, PROMPTS, max_new_tokens=8).token_ids
+    with masked(bridge, mask):
+        cached = generate(bridge, PROMPTS, max_new_tokens=8).token_ids
+        uncached = generate(bridge, PROMPTS, max_new_tokens=8, use_cache=False).token_ids
+        answers = trace_routing(bridge, PROMPTS, scope="generated", max_new_tokens=8, progress=False)
+    assert cached == uncached
+    assert cached != plain
+    assert not torch.isin(answers.topk_indices[0], torch.tensor([0])).any()
+    assert count_hooks(bridge) + count_hooks(hf_twin(bridge)) == 0
+
+
+def hf_twin(bridge):
+    from labkit.models import hf_model_of
+
+    return hf_model_of(bridge)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_no_hook_survives_an_exception(error):
+    model = hf("qwen2_moe")
+    before = count_hooks(model)
+    with pytest.raises(error):
+        with masked(model, ExpertMask.off(a_valid_mask("qwen2_moe"))):
+            assert count_hooks(model) == before + 1
+            raise error("interrupted")
+    assert count_hooks(model) == before
+
+
+def test_masks_nest_and_merge():
+    model = hf("mixtral")
+    layer = 2
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(masked(model, ExpertMask.off([(layer, 0)])))
+        with masked(model, ExpertMask.off([(layer, 3)])):
+            both = trace(model)
+        only_first = trace(model)
+    row = both.layers.index(layer)
+    assert not torch.isin(both.topk_indices[row], torch.tensor([0, 3])).any()
+    assert not (only_first.topk_indices[row] == 0).any() and (only_first.topk_indices[row] == 3).any()
+    assert count_hooks(model) == 0
+    with masked(model, ExpertMask.off([(layer, 0)])):
+        with pytest.raises(ValueError, match=r"layer 2 experts \[0\] are both off and on"):
+            with masked(model, ExpertMask.on([(layer, 0)])):
+                pass
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def test_round_trip_and_constructors(tmp_path):
+    model = hf("deepseek_v3")
+    mask = ExpertMask(((1, 2, "off"), (3, 5, "bias", -0.5), (2, 7, "on")), "tiny", 4, 8)
+    assert [(e.layer, e.expert) for e in mask.edits] == [(1, 2), (2, 7), (3, 5)]
+    assert ExpertMask.from_dict(mask.to_dict()) == mask
+    assert ExpertMask.from_json(mask.to_json(tmp_path / "mask.json")) == mask
+    assert mask.to_dict()["kind"] == "labkit.ExpertMask" and mask.to_dict()["version"] == 1
+
+    assert ExpertMask.off({1: [2, 3]}) == ExpertMask.off([(1, 2), (1, 3)])
+    assert ExpertMask.bias([(1, 2)], 0.5).edits[0].value == 0.5
+
+    class Attribution:  # duck-typed: anything with .top(n)
+        n_experts = 8
+
+        def top(self, n):
+            return [(3, 1, 9.0), (1, 4, 7.0), (2, 0, 5.0)][:n]
+
+    from_attr = ExpertMask.from_attribution(Attribution(), 2, model=model)
+    assert from_attr.experts() == [(1, 4), (3, 1)] and from_attr.n_layers == 4
+
+    control = ExpertMask.random(model, seed=3, match_layers_of=from_attr)
+    assert sorted(e.layer for e in control.edits) == [1, 3]
+    assert not set(control.experts()) & set(from_attr.experts())
+    assert control == ExpertMask.random(model, seed=3, match_layers_of=from_attr)
+    spread = ExpertMask.random(model, 12, seed=0, exclude=[(1, 0)])
+    assert len(spread) == 12 and (1, 0) not in spread.experts()
+    assert set(spread.layers) <= {1, 2, 3}
+    assert all(sum(e.layer == l for e in spread.edits) <= N_EXPERTS - TOP_K for l in spread.layers)
+    assert len(ExpertMask.random((4, 8), 5, seed=1)) == 5
+
+
+# --- guard rails ------------------------------------------------------------------------------
+
+
+def test_errors_name_the_value_and_the_allowed_range():
+    model = hf("deepseek_v3")
+
+    def apply(mask):
+        with masked(model, mask):
+            pass
+
+    with pytest.raises(ValueError, match=r"layer 9 out of range; model has 4 layers \(0\.\.3\)"):
+        apply(ExpertMask.off([(9, 0)]))
+    with pytest.raises(ValueError, match=r"layer 1 expert 8 out of range; model has 8 experts per layer \(0\.\.7\).*shared"):
+        apply(ExpertMask.off([(1, 8)]))
+    with pytest.raises(ValueError, match=r"layer 0 is a dense layer.*MoE layers: \[1, 2, 3\]"):
+        apply(ExpertMask.off([(0, 1)]))
+    with pytest.raises(ValueError, match=r"made for a model with 64 experts per layer"):
+        apply(ExpertMask.off([(1, 1)]).__class__(((1, 1, "off"),), "big-moe", 4, 64))
+    with pytest.raises(ValueError, match=r"made for model 'other-model'.*for_model"):
+        apply(ExpertMask(((1, 1, "off"),), "other-model"))
+    with pytest.raises(ValueError, match=r"unknown mode 'mute'; allowed modes: off, on, bias"):
+        ExpertMask(((1, 1, "mute"),))
+    with pytest.raises(ValueError, match=r"bias must be a finite number, got nan"):
+        ExpertMask.bias({(1, 1): float("nan")})
+    with pytest.raises(ValueError, match=r"shared experts cannot be masked — they are not routed"):
+        ExpertMask.off([(1, "shared")])
+    with pytest.raises(ValueError, match=r"layer 1 expert 2 appears twice"):
+        ExpertMask.off([(1, 2), (1, 2)])
+    with pytest.raises(ValueError, match=r"switches off 7 of 8 experts, leaving 1 selectable.*at most 6"):
+        apply(ExpertMask.off([(1, e) for e in range(7)]))
+    with pytest.raises(ValueError, match=r"forces 3 experts on, but each token takes only top_k=2"):
+        apply(ExpertMask.on([(1, 0), (1, 2), (1, 4)]))
+    with pytest.warns(UserWarning, match=r"expert groups \[0\] are emptied"):
+        apply(ExpertMask.off([(1, 0), (1, 1)]))
+    with pytest.raises(ValueError, match=r"'llama'.*Supported families"):
+        with masked(tiny_llama_hf(_tokenizer()), ExpertMask.off([(0, 0)])):
+            pass
+    with pytest.raises(TypeError, match="expected an ExpertMask, got dict"):
+        with masked(model, {"off": [(1, 1)]}):
+            pass
+    assert count_hooks(model) == 0
+
+
+def test_deepseek_group_limits():
+    """topk_group=1 of 4 groups of 2 experts, top_k=2: each token routes inside one group."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.moe_fixtures import tiny_moe_config
+
+    config = tiny_moe_config("deepseek_v3", _tokenizer())
+    config.topk_group = 1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match=r"forces on experts in 2 expert groups.*topk_group=1 of n_group=4"):
+        with masked(model, ExpertMask.on([(1, 0), (1, 2)])):
+            pass
+    with pytest.raises(ValueError, match=r"hold only 1 selectable experts, fewer than top_k=2"):
+        with pytest.warns(UserWarning, match="keep a single expert"):
+            with masked(model, ExpertMask.off([(1, 0), (1, 2), (1, 4), (1, 6)])):
+                pass
+    with masked(model, ExpertMask.on([(1, 3)])):
+        forced = trace_routing(model, PROMPTS, tokenizer=_tokenizer(), progress=False)
+    row = forced.layers.index(1)
+    assert (forced.topk_indices[row] == 3).any(-1).all()
+    assert (forced.topk_indices[row] // 2 == 1).all()  # both choices from expert 3's group
+    assert count_hooks(model) == 0
