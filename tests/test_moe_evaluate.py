@@ -38,6 +38,7 @@ def test_table_has_every_condition_and_consistent_rates(olmoe, attribution):
         bias_values=(-3.0,), max_new_tokens=3, batch_size=2, progress=False,
     )
     counts = table.condition.value_counts().to_dict()
+    # top_k=2: both n=1 and n=2 can be forced on without exceeding top_k per layer
     assert counts == {"baseline": 1, "top_off": 2, "random_off": 4, "random_off_mean": 2, "top_on": 2, "top_bias": 1}
     assert table.condition.iloc[0] == "baseline"
     assert (table.behavior_n.dropna() == 3).all()
@@ -56,6 +57,7 @@ def test_table_has_every_condition_and_consistent_rates(olmoe, attribution):
     seeds = table[(table.condition == "random_off") & (table.n == 2)]
     assert math.isclose(mean.behavior_rate, seeds.behavior_rate.mean())
     assert "baseline n=0 seed=nan bias=nan" in table.attrs["examples"]
+    assert table.seed.dtype == "Int64"
 
 
 def test_baseline_row_equals_unmasked_generation_and_empty_mask(olmoe, attribution):

@@ -111,7 +111,10 @@ def compare_conditions(
       top-``n`` when a layer is too small). ``random_off_mean`` rows give the mean over seeds,
       with the spread across seeds in the ``*_sd`` columns.
     * ``top_on`` -- the top-``n`` experts forced on (``force_on=True``), run on the control
-      prompts only: MoTE's forced activation raised refusals, i.e. the false-positive rate.
+      prompts only: MoTE's forced activation raised refusals, i.e. the false-positive rate. A
+      token takes only ``top_k`` experts, so at most ``top_k`` per layer are forced (the best
+      ``n`` under that cap, column ``experts``); an ``n`` whose capped set equals a smaller
+      ``n``'s is not run again.
     * ``top_bias`` -- a soft selection bias ``b`` (column ``bias``) on the top-``bias_n``
       experts for each ``b`` in ``bias_values`` (negative: less often chosen).
 
@@ -170,6 +173,8 @@ def compare_conditions(
     n_values = tuple(n_values)
     bias_n = max(n_values) if bias_n is None else bias_n
     excluded = attribution.top(max(n_values)) if n_values else []
+    top_k = getattr(attribution, "top_k", None)
+    forced_sets: list[list[tuple[int, int]]] = []
 
     # --- the plan: (row key, mask, which sets to measure) ------------------------------------
     all_sets = ("behavior", "control", *task_sets)
@@ -186,8 +191,13 @@ def compare_conditions(
             row = {"condition": "random_off", "n": n, "seed": random_seed, "bias": math.nan}
             plan.append(({**row, "experts": _experts_label(mask.experts())}, mask, all_sets))
         if force_on:
-            mask = ExpertMask.from_attribution(attribution, n, mode="on", model=model)
-            plan.append(({"condition": "top_on", **key}, mask, ("control",)))
+            # a token takes only top_k experts, so at most top_k per layer can be forced on: the
+            # best n under that cap (fewer when n > layers x top_k; a set already run is skipped)
+            forced = attribution.top(n, per_layer_cap=top_k) if top_k else top
+            if forced and forced not in forced_sets:
+                forced_sets.append(forced)
+                row = {"condition": "top_on", "n": n, "seed": math.nan, "bias": math.nan}
+                plan.append(({**row, "experts": _experts_label(forced)}, ExpertMask.on(forced, model=model), ("control",)))
     for value in bias_values:
         mask = ExpertMask.from_attribution(attribution, bias_n, mode="bias", value=float(value), model=model)
         key = {"condition": "top_bias", "n": bias_n, "seed": math.nan, "bias": float(value)}
@@ -253,6 +263,7 @@ def compare_conditions(
         columns += [f"{name}_{s}" for s in ("accuracy", "ci_low", "ci_high", "sd")]
     frame = pd.DataFrame(ordered).reindex(columns=columns)
     frame["n"] = frame["n"].astype(int)
+    frame["seed"] = frame["seed"].astype("Int64")  # <NA> where a condition has no seed
     frame.attrs["examples"] = examples
     frame.attrs["detector"] = repr(detector)
     return frame
