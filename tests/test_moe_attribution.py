@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -166,6 +167,12 @@ def test_save_load_round_trip(planted_pair, tmp_path):
     assert again.metric == "frequency" and again.aggregate == "prompt"
     with pytest.raises(ValueError, match="kind"):
         ExpertAttribution.from_dict({**attribution.to_dict(), "kind": "steering_vector"})
+    # NaN intervals and noise floor (skipped) survive JSON as null
+    bare = attribute_experts(*planted_pair, n_bootstrap=0, n_splits=0)
+    restored = ExpertAttribution.from_dict(json.loads(json.dumps(bare.to_dict())))
+    assert restored.ci_low.isnan().all() and math.isnan(restored.noise_floor)
+    restored_file = ExpertAttribution.load(bare.save(tmp_path / "bare.safetensors"))
+    assert math.isnan(restored_file.noise_floor)
 
 
 def test_deterministic_for_a_seed(planted_pair):

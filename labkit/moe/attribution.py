@@ -289,8 +289,10 @@ class ExpertAttribution:
         _check_kind(data)
         kwargs = {k: v for k, v in data.items() if k not in ("kind", "version")}
         for name in _TENSOR_FIELDS:
-            dtype = torch.int64 if name.endswith("_counts") else torch.float64
-            kwargs[name] = torch.tensor(kwargs[name], dtype=dtype)
+            if name.endswith("_counts"):
+                kwargs[name] = torch.tensor(kwargs[name], dtype=torch.int64)
+            else:  # JSON null (NaN, e.g. intervals skipped with n_bootstrap=0) back to NaN
+                kwargs[name] = torch.as_tensor(np.array(kwargs[name], dtype=np.float64))
         return cls._from_parts(kwargs)
 
     @classmethod
@@ -317,7 +319,8 @@ class ExpertAttribution:
         if path.suffix != ".safetensors":
             path = path.with_name(path.name + ".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_FIELDS}
+        # clone: safetensors refuses tensors that share memory
+        tensors = {name: getattr(self, name).detach().cpu().clone().contiguous() for name in _TENSOR_FIELDS}
         metadata = _json_safe(self._metadata())
         save_file(tensors, str(path), metadata={"labkit": json.dumps(metadata)})
         path.with_name(path.name + ".json").write_text(json.dumps(metadata, indent=2) + "\n")
@@ -753,7 +756,7 @@ def attribute_experts(
     if n_bootstrap > 0:
         ci_low, ci_high = _bootstrap(sums_b, sums_c, metric, aggregate, n_bootstrap, alpha, rng)
     else:
-        ci_low = ci_high = np.full(score.shape, np.nan)
+        ci_low, ci_high = np.full(score.shape, np.nan), np.full(score.shape, np.nan)
     noise_floor = _noise_floor(sums_c, metric, aggregate, n_splits, alpha, rng)
 
     def as_float(array) -> Tensor:
