@@ -18,7 +18,7 @@ from labkit.cache import ActivationCache
 from labkit.hooks import resolve_hook
 from labkit.models import tokenizer_of
 
-__all__ = ["logit_lens", "logit_lens_table", "residual_norms"]
+__all__ = ["answer_rank_by_layer", "logit_lens", "logit_lens_table", "residual_norms"]
 
 
 def logit_lens(
@@ -89,3 +89,48 @@ def residual_norms(cache: ActivationCache, hook_names: Sequence[str]) -> pd.Data
         frame = pd.DataFrame({"hook": name, "position": cache.position.numpy(), "norm": norms.numpy()})
         frames.append(frame.groupby(["hook", "position"], as_index=False).agg(mean_norm=("norm", "mean"), n=("norm", "size")))
     return pd.concat(frames, ignore_index=True)
+
+
+def answer_rank_by_layer(
+    model, cache: ActivationCache, hook_names: Sequence[str], *, answers: Sequence[str]
+) -> pd.DataFrame:
+    """Logit-lens rank and probability of each prompt's expected answer token, per layer.
+
+    Decodes the last kept position of every prompt at every hook point and looks up the first
+    token of ``answers[i]`` (e.g. ``" Paris"``).
+
+    Args:
+        model: the bridge the cache came from.
+        cache: cache holding ``hook_names`` (last position of each prompt must be kept).
+        hook_names: residual-stream hook points, in layer order.
+        answers: one expected continuation per cached prompt.
+
+    Returns:
+        DataFrame indexed by ``layer`` with ``median rank`` (0 = top-1), ``top-1 rate`` and
+        ``mean p(answer)`` over prompts.
+
+    Raises:
+        ValueError: ``len(answers)`` differs from the number of cached prompts.
+    """
+    if len(answers) != cache.n_prompts:
+        raise ValueError(f"got {len(answers)} answers for {cache.n_prompts} cached prompts.")
+    tokenizer = tokenizer_of(model)
+    answer_ids = torch.tensor([tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in answers])
+    weight = next(model.parameters())
+    rows = []
+    for name in hook_names:
+        last = torch.stack([per[-1] for per in cache.per_prompt(name)]).to(weight.device, weight.dtype)
+        with torch.inference_mode():
+            logits = model.unembed(model.ln_final(last.unsqueeze(0))).squeeze(0)
+        target = logits.gather(1, answer_ids[:, None].to(logits.device))
+        rank = (logits > target).sum(-1).float()
+        prob = logits.softmax(-1).gather(1, answer_ids[:, None].to(logits.device)).squeeze(1)
+        rows.append(
+            {
+                "layer": resolve_hook(model, name).layer,
+                "median rank": float(rank.median()),
+                "top-1 rate": float((rank == 0).float().mean()),
+                "mean p(answer)": float(prob.mean()),
+            }
+        )
+    return pd.DataFrame(rows).set_index("layer")

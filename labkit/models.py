@@ -20,6 +20,7 @@ Embedded offline models:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -203,6 +204,20 @@ def _hub_error(name: str, error: Exception) -> ModelNotAvailableError:
     )
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-load progress bars (they are volatile notebook output)."""
+    from transformers.utils import logging as hf_logging
+
+    was_disabled = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf(source: str, dtype: torch.dtype, device: str | torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -215,8 +230,9 @@ def _load_hf(source: str, dtype: torch.dtype, device: str | torch.device):
             f"Model {source!r} has no 'architectures' in its config.json; the TransformerLens "
             "bridge needs it to pick an adapter. Add e.g. \"architectures\": [\"OlmoeForCausalLM\"]."
         )
-    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with _quiet_transformers():
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     return hf_model.to(device).eval(), tokenizer
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["condition_plot", "expert_heatmap"]
+__all__ = ["condition_plot", "expert_heatmap", "residual_norm_heatmap"]
 
 #: How each mask mode is drawn over the heatmap.
 MASK_MARKERS = {
@@ -280,5 +280,39 @@ def condition_plot(table, *, title: str | None = None):
         width=max(700, 320 * len(panels)),
         template="plotly_white",
         bargap=0.25,
+    )
+    return figure
+
+
+def residual_norm_heatmap(norms, *, title: str | None = None):
+    """Layer × position heatmap of mean residual-stream norms.
+
+    Args:
+        norms: the DataFrame from :func:`labkit.lens.residual_norms` (columns ``hook``,
+            ``position``, ``mean_norm``); hook names of the form ``blocks.{L}.…``.
+        title: optional figure title.
+
+    Returns:
+        A ``plotly.graph_objects.Figure`` (layers on the y axis, positions on the x axis).
+    """
+    import plotly.graph_objects as go
+
+    frame = norms.assign(layer=norms["hook"].str.split(".").str[1].astype(int))
+    grid = frame.pivot_table(index="layer", columns="position", values="mean_norm").sort_index()
+    figure = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=[int(c) for c in grid.columns],
+            y=[int(i) for i in grid.index],
+            colorscale="Viridis",
+            colorbar={"title": "mean ‖resid‖"},
+            hovertemplate="layer %{y}, position %{x}<br>mean norm %{z:.1f}<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        title=title or "Residual-stream norm by layer and position",
+        xaxis_title="position (real tokens)",
+        yaxis_title="layer",
+        template="plotly_white",
     )
     return figure
