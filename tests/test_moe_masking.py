@@ -254,6 +254,12 @@ def test_round_trip_and_constructors(tmp_path):
     from_attr = ExpertMask.from_attribution(Attribution(), 2, model=model)
     assert from_attr.experts() == [(1, 4), (3, 1)] and from_attr.n_layers == 4
 
+    class ForeignAttribution(Attribution):
+        n_experts = 64
+
+    with pytest.raises(ValueError, match="attribution has n_experts=64 but the model has n_experts=8"):
+        ExpertMask.from_attribution(ForeignAttribution(), 2, model=model)
+
     control = ExpertMask.random(model, seed=3, match_layers_of=from_attr)
     assert sorted(e.layer for e in control.edits) == [1, 3]
     assert not set(control.experts()) & set(from_attr.experts())

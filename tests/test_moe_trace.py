@@ -125,16 +125,19 @@ def test_scope_last_and_generated():
         assert torch.equal(generated.topk_indices[:, rows], whole.topk_indices[:, ids.shape[1] :])
 
 
-def test_bridge_and_hf_model_give_the_same_trace():
-    from labkit.models import from_hf
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bridge_and_hf_model_give_the_same_trace(family):
+    """TransformerLens 4.3 boots every family; labkit traces the bridge's plain twin."""
+    from labkit.models import from_hf, hf_model_of
 
     tokenizer = _tokenizer()
-    bridge = from_hf(tiny_moe_hf("deepseek_v3", tokenizer), tokenizer, name="tiny-deepseek")
+    bridge = from_hf(tiny_moe_hf(family, tokenizer), tokenizer, name=f"tiny-{family}")
     on_bridge = trace_routing(bridge, PROMPTS, progress=False)
-    on_hf = trace_routing(hf("deepseek_v3"), PROMPTS, tokenizer=tokenizer, progress=False)
-    assert on_bridge.layers == (1, 2, 3)
+    on_hf = trace_routing(hf(family), PROMPTS, tokenizer=tokenizer, progress=False)
+    assert on_bridge.layers == tuple(MOE_LAYERS[family]) == tuple(moe_layers(bridge))
     assert torch.equal(on_bridge.topk_indices, on_hf.topk_indices)
-    assert on_bridge.model_name == "tiny-deepseek"
+    assert on_bridge.model_name == f"tiny-{family}"
+    assert count_hooks(hf_model_of(bridge)) == 0
 
 
 def test_save_load_round_trip(tmp_path):
@@ -179,6 +182,10 @@ def test_bad_input_errors():
         trace_routing(model, [], tokenizer=tokenizer)
     with pytest.raises(ValueError, match="pass tokenizer"):
         trace_routing(model, PROMPTS)
+    with pytest.raises(ValueError, match="chat=True but the tokenizer has no chat template"):
+        trace_routing(model, PROMPTS, tokenizer=tokenizer, chat=True)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int ≥ 1, got 0"):
+        trace_routing(model, PROMPTS, tokenizer=tokenizer, scope="generated", max_new_tokens=0)
     dense = tiny_llama_hf(tokenizer)
     with pytest.raises(ValueError, match=r"'llama'.*Supported families: OLMoE"):
         trace_routing(dense, PROMPTS, tokenizer=tokenizer)

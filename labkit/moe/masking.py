@@ -104,11 +104,11 @@ def _pairs(experts: Any) -> list[tuple[int, int]]:
         return [(layer, expert) for layer, group in experts.items() for expert in group]
     pairs = []
     for item in experts:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        if not (isinstance(item, (tuple, list)) and len(item) >= 2):
             raise ValueError(
                 f"ExpertMask: expected (layer, expert) pairs or a {{layer: [experts]}} mapping, got item {item!r}."
             )
-        pairs.append((item[0], item[1]))
+        pairs.append((item[0], item[1]))  # longer tuples (layer, expert, score, ...) are cut to the pair
     return pairs
 
 
@@ -168,8 +168,17 @@ class ExpertMask:
 
     @classmethod
     def _make(cls, edits: list[ExpertEdit], model, meta: Mapping[str, Any] | None) -> "ExpertMask":
-        info = dict(_model_meta(model)) if model is not None else {}
-        info.update({k: v for k, v in (meta or {}).items() if v is not None})
+        """Bind to ``model`` if given (its name and sizes win), else to ``meta`` where known."""
+        meta = {k: v for k, v in (meta or {}).items() if v is not None}
+        if model is None:
+            return cls(tuple(edits), **meta)
+        info = _model_meta(model)
+        for key in ("n_layers", "n_experts"):
+            if key in meta and int(meta[key]) != info[key]:
+                raise ValueError(
+                    f"ExpertMask: the attribution has {key}={meta[key]} but the model has {key}={info[key]}; "
+                    "it was computed on another model."
+                )
         return cls(tuple(edits), **info)
 
     @classmethod
