@@ -27,6 +27,11 @@ DeepSeek-V3     sigmoid scores; choose on scores + e_score_correction_bias withi
                 dense first ``first_k_dense_replace`` layers; always-on shared experts
 ==============  =========================================================================
 
+TransformerLens 4.3 boots all six families (its ``MoEBridge`` wraps the Hugging Face block and
+calls its forward); it exposes ``blocks.{L}.mlp.hook_expert_indices`` / ``hook_expert_weights``
+for five of them, but none for DeepSeek-V3 (only ``hook_router_scores``), and editing its
+router-logits hook changes nothing downstream. labkit therefore never routes through the bridge.
+
 Layers without experts keep their true layer numbers: :func:`moe_layers` of a Qwen3-MoE with
 ``mlp_only_layers=[1]`` and three layers is ``[0, 2]``.
 """

@@ -41,7 +41,8 @@ class RoutingTrace:
         topk_indices: expert chosen, per traced MoE layer, per kept (non-pad) token, in the
             order the family's router returns them.
         topk_weights: routing weight of each chosen expert, exactly as the family's router
-            outputs it (after renormalisation / scaling where the family does that).
+            outputs it (after renormalisation / scaling where the family does that), stored
+            as float32 (a lossless up-cast for bfloat16 / float16 models).
         router_logits: raw router logits over all experts, or ``None`` when not requested.
         token_ids: vocabulary id of each kept token.
         prompt_index: which prompt (0..n_prompts-1) each token came from.
