@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -86,6 +87,27 @@ def _alias_table(bridge) -> dict[str, str]:
     return table
 
 
+@dataclass(frozen=True)
+class _HookIndex:
+    """Everything name resolution needs, computed once per bridge (its structure is fixed)."""
+
+    hook_dict: dict[str, torch.nn.Module]
+    aliases: dict[str, str]
+    io_points: dict[int, tuple[torch.nn.Module, str]]
+    sites: dict[str, "HookSite"]
+
+
+_INDEX: "weakref.WeakKeyDictionary[torch.nn.Module, _HookIndex]" = weakref.WeakKeyDictionary()
+
+
+def _index(model) -> _HookIndex:
+    index = _INDEX.get(model)
+    if index is None:
+        index = _HookIndex(dict(model.hook_dict), _alias_table(model), _module_io_points(model), {})
+        _INDEX[model] = index
+    return index
+
+
 def hook_names(model) -> list[str]:
     """Every hook name the model accepts: bridge hook points plus TransformerLens aliases.
 
@@ -95,7 +117,8 @@ def hook_names(model) -> list[str]:
     Returns:
         Sorted list of names, e.g. ``["blocks.0.hook_attn_out", "blocks.0.hook_in", ...]``.
     """
-    return sorted({*model.hook_dict, *_alias_table(model)})
+    index = _index(model)
+    return sorted({*index.hook_dict, *index.aliases})
 
 
 def _module_io_points(bridge) -> dict[int, tuple[torch.nn.Module, str]]:
@@ -134,9 +157,11 @@ def resolve_hook(model, name: str) -> HookSite:
     """
     if not isinstance(name, str):
         raise TypeError(f"hook name must be a str, got {type(name).__name__}: {name!r}")
-    aliases = _alias_table(model)
-    canonical = aliases.get(name, name)
-    point = model.hook_dict.get(canonical)
+    index = _index(model)
+    if name in index.sites:
+        return index.sites[name]
+    canonical = index.aliases.get(name, name)
+    point = index.hook_dict.get(canonical)
     if point is None:
         names = hook_names(model)
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
@@ -147,13 +172,15 @@ def resolve_hook(model, name: str) -> HookSite:
             "labkit.hooks.hook_names(model)."
         )
     module_path, side = None, None
-    owner = _module_io_points(model).get(id(point))
+    owner = index.io_points.get(id(point))
     if owner is not None:
         component, side = owner
         module_path = lab_model(model).module_paths.get(id(component.original_component))
         if module_path is None:
             side = None
-    return HookSite(name, canonical, module_path, side, _layer_of(name))
+    site = HookSite(name, canonical, module_path, side, _layer_of(name))
+    index.sites[name] = site
+    return site
 
 
 def _replace_first(value, new: Tensor):
@@ -231,7 +258,7 @@ def attach(model, hooks: HookSpec, *, target: Literal["auto", "bridge"] = "auto"
             if use_twin:
                 handles.append(_register(runner.get_submodule(site.module_path), site, fn))
             else:
-                point = model.hook_dict[site.canonical]
+                point = _index(model).hook_dict[site.canonical]
                 bridge_site = HookSite(site.name, site.canonical, None, "output", site.layer)
                 handles.append(_register(point, bridge_site, fn))
         yield runner
