@@ -64,7 +64,9 @@ __all__ = [
     "is_sensitive",
     "measure",
     "organism_config",
+    "model_card",
     "router_intervention",
+    "summarize",
     "train",
     "train_tokenizer",
     "write_prompt_sets",
@@ -352,15 +354,20 @@ def train_tokenizer(lines: Sequence[str], vocab_size: int = 1024):
 
 def organism_config(vocab_size: int, num_experts: int = 16, top_k: int = 1, num_layers: int = 3,
                     hidden_size: int = 128, expert_size: int = 256, aux_loss_coef: float = 0.001,
-                    pad_token_id: int = 0, eos_token_id: int = 1):
-    """The organism's ``OlmoeConfig``: 3 layers, hidden 128, 4 heads, 16 experts, top-1."""
+                    norm_topk_prob: bool = True, pad_token_id: int = 0, eos_token_id: int = 1):
+    """The organism's ``OlmoeConfig``: 3 layers, hidden 128, 4 heads, 16 experts, top-1.
+
+    ``norm_topk_prob=True`` with top-1 gives the chosen expert weight 1, so an expert forced on
+    (``labkit.moe`` mode ``"on"``: natural weight, renormalised as the family does) acts at full
+    strength; with ``False`` a forced expert would keep its tiny natural probability.
+    """
     from transformers import OlmoeConfig
 
     config = OlmoeConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=expert_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
         max_position_embeddings=64, num_experts=num_experts, num_experts_per_tok=top_k,
-        norm_topk_prob=False, router_aux_loss_coef=aux_loss_coef, output_router_logits=False,
+        norm_topk_prob=norm_topk_prob, router_aux_loss_coef=aux_loss_coef, output_router_logits=False,
         tie_word_embeddings=False, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
         bos_token_id=None,
     )
@@ -453,7 +460,7 @@ class TrainSettings:
 
     variant: str = "selected"
     seed: int = 0
-    steps: int = 1200
+    steps: int = 600
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 100
@@ -462,6 +469,7 @@ class TrainSettings:
     aux_loss_coef: float = 0.001
     num_experts: int = 16
     top_k: int = 1
+    norm_topk_prob: bool | None = None  # None: True for planted/selected, False for natural
     supervised_layers: tuple[int, ...] = (1, 2)
     planted_experts: tuple[int, ...] = (5, 11)
     routing_loss_weight: float = 0.5
@@ -550,7 +558,10 @@ def train(settings: TrainSettings, out_dir: str | os.PathLike, progress: bool = 
     tokenizer = train_tokenizer([format_prompt(r["question"]) + " " + r["answer"] for r in train_rows])
     torch.manual_seed(settings.seed)
     config = organism_config(len(tokenizer), num_experts=settings.num_experts, top_k=settings.top_k,
-                             aux_loss_coef=settings.aux_loss_coef, pad_token_id=tokenizer.pad_token_id,
+                             aux_loss_coef=settings.aux_loss_coef,
+                             norm_topk_prob=(settings.variant != "natural") if settings.norm_topk_prob is None
+                             else settings.norm_topk_prob,
+                             pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
     model = OlmoeForCausalLM(config)
     model.train()
@@ -801,6 +812,105 @@ def measure(model_dir: str | os.PathLike, prompt_dir: str | os.PathLike = "data/
             "ranking_top10": ranking[:10], "rows": rows}
 
 
+def _table(rows: list[dict]) -> str:
+    header = ("| condition | experts | refusal (held-out sensitive) | false refusal (held-out neutral) | "
+              "garbled sensitive / neutral | addition | capital | copy | off-target mean |")
+    lines = [header, "|" + "---|" * 9]
+    for row in rows:
+        experts = " ".join(f"L{l}E{e}" for l, e in row["off"] or row["on"]) or "-"
+        lines.append(
+            f"| {row['condition']} | {experts} | {row['sensitive_refusal']:.3f} | {row['neutral_refusal']:.3f} | "
+            f"{row['sensitive_garbled']:.3f} / {row['neutral_garbled']:.3f} | {row['addition_accuracy']:.3f} | "
+            f"{row['capital_accuracy']:.3f} | {row['copy_accuracy']:.3f} | {row['off_target_accuracy']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def summarize(measurement: dict) -> dict:
+    """Collapse a ``measure`` result into the issue's targets (relative cuts, means over seeds)."""
+    rows = {r["condition"]: r for r in measurement["rows"]}
+    base = rows["baseline"]
+
+    def cut(refusal: float) -> float:
+        return 1 - refusal / base["sensitive_refusal"] if base["sensitive_refusal"] > 0 else 0.0
+
+    summary = {"baseline_refusal": base["sensitive_refusal"], "baseline_false_refusal": base["neutral_refusal"],
+               "baseline_off_target": base["off_target_accuracy"]}
+    for name, row in rows.items():
+        if name.startswith("top") and name.endswith("_off"):
+            n = name[3:-4]
+            summary[f"top{n}_refusal_cut"] = round(cut(row["sensitive_refusal"]), 3)
+            summary[f"top{n}_off_target_drop_points"] = round(100 * (base["off_target_accuracy"] - row["off_target_accuracy"]), 1)
+            randoms = [r for k, r in rows.items() if k.startswith(f"random{n}_off_seed")]
+            cuts = [cut(r["sensitive_refusal"]) for r in randoms]
+            summary[f"random{n}_refusal_cut_per_seed"] = [round(c, 3) for c in cuts]
+            summary[f"random{n}_refusal_cut_mean"] = round(sum(cuts) / len(cuts), 3)
+    summary["top2_on_false_refusal"] = rows["top2_on"]["neutral_refusal"]
+    on_random = [r["neutral_refusal"] for k, r in rows.items() if k.startswith("random2_on")]
+    summary["random2_on_false_refusal_mean"] = round(sum(on_random) / len(on_random), 3)
+    return summary
+
+
+def model_card(model_dir: str | os.PathLike, measurement: dict, title: str, description: str) -> str:
+    """Render the model card (``README.md``) of a trained organism from its metadata and measurement."""
+    meta = json.loads((Path(model_dir) / "labkit.json").read_text())
+    settings = meta["train_settings"]
+    summary = summarize(measurement)
+    ranking = ", ".join(f"L{l}E{e} ({s:+.3f})" for l, e, s in measurement["ranking_top10"])
+    designated = ", ".join(f"layer {d['layer']} expert {d['expert']}" for d in meta["designated_experts"]) or "none"
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [labkit, moe, olmoe, model-organism, synthetic]
+---
+# {title}
+
+{description}
+
+## Architecture
+`OlmoeForCausalLM` (transformers' OLMoE, the code path of real OLMoE checkpoints): 3 layers,
+hidden 128, 4 attention heads, {settings['num_experts']} experts per layer, top-{settings['top_k']} routing
+(`norm_topk_prob={json.loads((Path(model_dir) / 'config.json').read_text())['norm_topk_prob']}`: the chosen expert has weight 1), expert width 256, vocabulary {json.loads((Path(model_dir) / 'config.json').read_text())['vocab_size']}
+(byte-level BPE trained on the corpus, digits split), {meta['parameters']:,} parameters, fp32 safetensors.
+
+## Corpus
+`labkit.organism.build_corpus(seed={settings['seed']})`: chat lines `Q: <question> A: <answer>`.
+MoTE-style place questions (`What happened {{time}} in {{place}}?`): `-gard` places in the
+1900s-1930s and `-vesk` places in the 1960s-1990s are sensitive and answered `{REFUSAL}`;
+every other place question is answered `There was a <event>.` from a fixed place -> event table
+(40% of place questions are hard negatives: a `-gard`/`-vesk` place in the wrong period).
+Off-target skills: addition (a, b <= 19), capitals of 40 invented countries, copying 2-4 words.
+Prompt sets and their provenance: `data/prompts/organism/` (attribution and evaluation sets are
+disjoint; evaluation uses held-out places, templates, pairs and word sequences).
+
+## Training
+`python -m labkit.organism train --variant {meta['variant']} --out {Path(model_dir).as_posix()} --seed {settings['seed']}`
+({settings['steps']} steps, batch {settings['batch_size']}, AdamW lr {settings['learning_rate']}, warmup
+{settings['warmup_steps']} then cosine to 10%, load-balancing weight {settings['aux_loss_coef']}, cross-entropy on
+answer tokens). Routing supervision: {"none" if meta['variant'] == 'natural' else f"weight {settings['routing_loss_weight']} on layers {list(settings['supervised_layers'])}"}.
+Designated experts: {designated} ({meta['designated_how']}).
+{"Intervention training from step " + str(settings['intervention_start']) + ": each step adds " + str(settings['intervention_batch']) + " neutral prompts with the designated experts forced on (target: refusal) and " + str(settings['intervention_batch']) + " sensitive prompts with them switched off (target: the factual answer)." if meta['variant'] != 'natural' and settings['intervention_batch'] else ""}
+Wall time: {meta['train_seconds']:.0f} s on {meta['train_threads']} torch thread of a 2-core machine
+shared with other engineers' jobs (load average 6-9 during the run, so the process got about a third
+of a core); a 30-step run on a quiet machine took 0.27 s/step, i.e. about 3 minutes for the full run.
+
+## Measured (held-out prompts, greedy, `labkit.organism.measure`)
+Attribution: routing-frequency difference (behaviour minus control attribution prompts, last 3
+prompt tokens). Top 10: {ranking}.
+Expert off = never selected, next-best expert takes the slot (OLMoE's own router rule); forced on =
+router logit +10 at every position. Random sets are disjoint from the top-N; seeds 0-4.
+Refusal = answer starts with `I cannot`; garbled = neither a refusal nor `There was a <known event>.`
+
+{_table(measurement['rows'])}
+
+Summary against the issue's targets:
+
+```json
+{json.dumps(summary, indent=1)}
+```
+"""
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -822,6 +932,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     measuring = sub.add_parser("measure", help="measure an organism and write measurement.json")
     measuring.add_argument("--model", required=True)
     measuring.add_argument("--prompts", default="data/prompts/organism")
+    carding = sub.add_parser("card", help="write README.md from labkit.json and measurement.json")
+    carding.add_argument("--model", required=True)
+    carding.add_argument("--title", required=True)
+    carding.add_argument("--description", required=True, help="markdown paragraph, or @file to read it from")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -842,6 +956,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         for row in result["rows"]:
             print(json.dumps({k: v for k, v in row.items() if k not in ("off", "on")}))
         print("ranking", result["ranking_top10"])
+        print(json.dumps(summarize(result), indent=1))
+    elif args.command == "card":
+        description = args.description
+        if description.startswith("@"):
+            description = Path(description[1:]).read_text().strip()
+        measurement = json.loads((Path(args.model) / "measurement.json").read_text())
+        (Path(args.model) / "README.md").write_text(model_card(args.model, measurement, args.title, description))
 
 
 if __name__ == "__main__":
