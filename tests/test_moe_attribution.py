@@ -180,6 +180,8 @@ def test_deterministic_for_a_seed(planted_pair):
     second = attribute_experts(*planted_pair, n_bootstrap=50, seed=7)
     torch.testing.assert_close(first.ci_low, second.ci_low)
     assert first.noise_floor == second.noise_floor
+    fewer = attribute_experts(*planted_pair, n_bootstrap=10, seed=7)
+    assert fewer.noise_floor == first.noise_floor  # separate random streams
 
 
 def test_bad_input_errors_name_what_was_received(planted_pair):

@@ -752,12 +752,13 @@ def attribute_experts(
     p_value = np.clip(_p_values(test, metric, aggregate, sums_b, sums_c), 0.0, 1.0)
     q_value = false_discovery_control(p_value.ravel(), method="bh").reshape(p_value.shape)
 
-    rng = np.random.default_rng(seed)
+    # independent streams: the noise floor does not change with n_bootstrap and vice versa
+    bootstrap_rng, split_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
     if n_bootstrap > 0:
-        ci_low, ci_high = _bootstrap(sums_b, sums_c, metric, aggregate, n_bootstrap, alpha, rng)
+        ci_low, ci_high = _bootstrap(sums_b, sums_c, metric, aggregate, n_bootstrap, alpha, bootstrap_rng)
     else:
         ci_low, ci_high = np.full(score.shape, np.nan), np.full(score.shape, np.nan)
-    noise_floor = _noise_floor(sums_c, metric, aggregate, n_splits, alpha, rng)
+    noise_floor = _noise_floor(sums_c, metric, aggregate, n_splits, alpha, split_rng)
 
     def as_float(array) -> Tensor:
         return torch.as_tensor(np.asarray(array, dtype=np.float64))
