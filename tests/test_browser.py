@@ -82,6 +82,14 @@ def jupyter_lab(tmp_path):
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
         "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
     }
+    # Never autosave the repository's notebook with this run's outputs; no news prompt.
+    for plugin, settings in {
+        "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": '{"autosave": false}',
+        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": '{"fetchNews": "false"}',
+    }.items():
+        path = tmp_path / "settings" / plugin
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(settings)
     log = tmp_path / "jupyter.log"
     command = [
         sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
