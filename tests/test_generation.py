@@ -1,0 +1,151 @@
+"""labkit.generate: KV-cache parity under steering, batch = rows alone, seeds, inputs, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import labkit
+from labkit.hooks import count_hooks
+from labkit.models import hf_model_of
+
+PROMPTS = ["the cat sat on a mat and the dog", "love", "what happened in the city during the war"]
+
+
+@pytest.fixture()
+def vectors(tiny_llama):
+    """One vector of each kind, strong enough to change greedy tokens on the tiny model."""
+    front = labkit.actadd(tiny_llama, " wedding party", " ", layer=1, coefficient=8.0)
+    direction = labkit.mean_difference(tiny_llama, ["love", "peace"], ["hate", "war"], layer=2, coefficient=6.0)
+    return {
+        "front": front,
+        "all": direction,
+        "prompt": direction.with_positions("prompt"),
+        "generated": direction.with_positions("generated"),
+    }
+
+
+def test_unsteered_generate_equals_plain_hf_generate(tiny_llama):
+    tokenizer = labkit.models.tokenizer_of(tiny_llama)
+    out = labkit.generate(tiny_llama, PROMPTS, max_new_tokens=6)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    reference = hf_model_of(tiny_llama).generate(
+        **batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    width = batch.input_ids.shape[1]
+    assert out.token_ids == [row[width:].tolist()[: len(ids)] for row, ids in zip(reference, out.token_ids)]
+    assert all(len(ids) == 6 or ids[-1] == tokenizer.eos_token_id for ids in out.token_ids)
+    assert out.prompt_token_ids[1] == tokenizer("love").input_ids and out.prompts == PROMPTS
+
+
+@pytest.mark.parametrize("kind", ["front", "all", "prompt", "generated"])
+def test_steered_greedy_with_cache_equals_without_and_batch_equals_rows(tiny_llama, vectors, kind):
+    vector = vectors[kind]
+    plain = labkit.generate(tiny_llama, PROMPTS, max_new_tokens=8)
+    cached = labkit.generate(tiny_llama, PROMPTS, steering=vector, max_new_tokens=8)
+    uncached = labkit.generate(tiny_llama, PROMPTS, steering=vector, max_new_tokens=8, use_cache=False)
+    alone = [labkit.generate(tiny_llama, p, steering=vector, max_new_tokens=8).token_ids[0] for p in PROMPTS]
+    assert cached.token_ids == uncached.token_ids
+    assert cached.token_ids == alone
+    assert cached.token_ids != plain.token_ids  # the vector does something
+
+
+def test_zero_coefficient_is_bit_identical_to_unsteered(tiny_llama, vectors):
+    plain = labkit.generate(tiny_llama, PROMPTS, max_new_tokens=8)
+    zeroed = [v.with_coefficient(0.0) for v in vectors.values()]
+    assert labkit.generate(tiny_llama, PROMPTS, steering=zeroed, max_new_tokens=8).token_ids == plain.token_ids
+    sampled = dict(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    assert (
+        labkit.generate(tiny_llama, PROMPTS, steering=zeroed, **sampled).token_ids
+        == labkit.generate(tiny_llama, PROMPTS, **sampled).token_ids
+    )
+
+
+def test_steered_context_equals_steering_argument(tiny_llama, vectors):
+    with labkit.steered(tiny_llama, vectors["front"], vectors["generated"]):
+        inside = labkit.generate(tiny_llama, PROMPTS, max_new_tokens=8)
+    argument = labkit.generate(tiny_llama, PROMPTS, steering=[vectors["front"], vectors["generated"]], max_new_tokens=8)
+    assert inside.token_ids == argument.token_ids
+
+
+def test_seeds_make_sampling_reproducible(tiny_llama, vectors):
+    sampled = dict(max_new_tokens=10, temperature=1.0, seed=123)
+    for steering in (None, vectors["all"]):
+        first = labkit.generate(tiny_llama, PROMPTS, steering=steering, **sampled)
+        second = labkit.generate(tiny_llama, PROMPTS, steering=steering, **sampled)
+        assert first.texts == second.texts and first.token_ids == second.token_ids
+    state = torch.random.get_rng_state()
+    labkit.generate(tiny_llama, PROMPTS, **sampled)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+
+
+def test_generate_runs_inside_other_twin_contexts(tiny_llama):
+    calls = []
+
+    def observe(activation, _site):
+        calls.append(activation.shape[1])
+
+    with labkit.hooks.attach(tiny_llama, {"blocks.0.hook_mlp_out": observe}):
+        out = labkit.generate(tiny_llama, "love", max_new_tokens=4)
+    assert len(calls) == len(out.token_ids[0]) and calls[1:] == [1] * (len(calls) - 1)
+    assert count_hooks(hf_model_of(tiny_llama)) == 0
+
+
+def test_streamer_passthrough(tiny_llama):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    out = labkit.generate(tiny_llama, "the cat", max_new_tokens=5, streamer=streamer)
+    assert streamer.ended and sum(streamer.chunks[1:], []) == out.token_ids[0]
+
+
+def test_bad_input(tiny_llama):
+    with pytest.raises(ValueError, match=r"prompt 1 is empty"):
+        labkit.generate(tiny_llama, ["love", ""])
+    with pytest.raises(ValueError, match=r"non-empty list of prompts, got \[\]"):
+        labkit.generate(tiny_llama, [])
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an int ≥ 1, got 0"):
+        labkit.generate(tiny_llama, "love", max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number, got nan"):
+        labkit.generate(tiny_llama, "love", temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"top_p=1.5 out of range; allowed \(0.0, 1.0\]"):
+        labkit.generate(tiny_llama, "love", temperature=1.0, top_p=1.5)
+    with pytest.raises(ValueError, match=r"chat=True but this model's tokenizer has no chat template"):
+        labkit.generate(tiny_llama, "love", chat=True)
+    with pytest.raises(TypeError, match=r"expected SteeringVector objects, got str"):
+        labkit.generate(tiny_llama, "love", steering="wedding")
+    assert count_hooks(hf_model_of(tiny_llama)) == 0
+
+
+def test_chat_template_wraps_prompts(tiny_llama):
+    tokenizer = labkit.models.tokenizer_of(tiny_llama)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} and{% endfor %}"
+    try:
+        out = labkit.generate(tiny_llama, "love", chat=True, max_new_tokens=2)
+    finally:
+        tokenizer.chat_template = None
+    assert out.prompt_token_ids[0] == tokenizer("love and").input_ids
+
+
+def test_smollm2_wedding_vector_steers_topic(smollm2):
+    """The real model: ActAdd " wedding" - " " raises wedding words in greedy completions."""
+    from labkit.evals import load_steering_data, topic_word_fraction
+
+    data = load_steering_data()
+    prompts = list(data.neutral_prompts[:2])
+    vector = labkit.actadd(smollm2, " wedding", " ", layer=6, coefficient=8.0)
+    plain = labkit.generate(smollm2, prompts, max_new_tokens=24)
+    steered = labkit.generate(smollm2, prompts, steering=vector, max_new_tokens=24)
+    words = data.topic_words["wedding"]
+    assert topic_word_fraction(steered.texts, words) > topic_word_fraction(plain.texts, words)
+    assert labkit.generate(smollm2, prompts, steering=vector.with_coefficient(0), max_new_tokens=24).token_ids == plain.token_ids
