@@ -41,7 +41,7 @@ def topic_word_fraction(texts: str | _Iterable[str], topic_words: _Iterable[str]
         A fraction in [0, 1]; 0.0 when the texts hold no words.
 
     Example:
-        >>> topic_word_fraction(["The bride and groom", "said hello"], ["bride", "groom"])
+        >>> topic_word_fraction(["The bride and groom", "smiled"], ["bride", "groom"])
         0.4
     """
     if isinstance(texts, str):
@@ -162,11 +162,9 @@ def load_steering_data(directory: str | _Path | None = None) -> SteeringData:
 
 def topic_steering_sweep(
     model,
-    plus: str,
-    minus: str,
-    *,
-    layers: _Sequence[int],
+    vectors,
     coefficients: _Sequence[float],
+    *,
     prompts: _Sequence[str],
     topic_words: _Iterable[str],
     heldout_texts: _Sequence[str] = (),
@@ -178,22 +176,34 @@ def topic_steering_sweep(
 ):
     """ActAdd's topic measurement: topic-word fraction (and perplexity) against coefficient.
 
-    For each layer and coefficient, build ``actadd(model, plus, minus, layer, coefficient)``,
-    sample ``samples_per_prompt`` completions of every prompt (one seed for every setting, so
-    settings differ only by the steering), and measure :func:`topic_word_fraction` and, if
-    ``heldout_texts`` are given, :func:`perplexity` of them under the same vector. The
-    unsteered baseline is a row with ``layer = -1`` and ``coefficient = 0``; coefficient 0 at
-    any layer reuses it (a zero vector changes no token).
+    The signature experiment of Turner et al. 2023 (§4): for each steering vector (e.g. one
+    ``actadd(model, " wedding", " ", layer)`` per layer) and each coefficient, sample
+    ``samples_per_prompt`` completions of every neutral prompt with one seed for every setting
+    (so settings differ only by the steering), and measure :func:`topic_word_fraction` and, if
+    ``heldout_texts`` are given, the off-target cost: :func:`perplexity` of held-out text under
+    the same vector. The unsteered baseline is the first row (``method="unsteered"``,
+    ``layer=-1``, ``coefficient=0``); coefficient 0 reuses it (a zero vector changes no token).
+
+    Args:
+        model: a labkit bridge.
+        vectors: a ``SteeringVector`` or a list of them; each is swept over ``coefficients``
+            (its own coefficient is replaced).
+        coefficients: the coefficients to try.
+        prompts: neutral prompts to complete.
+        topic_words: the topic's words.
+        heldout_texts: neutral texts for perplexity (empty: perplexity is NaN).
+        samples_per_prompt, max_new_tokens, temperature, top_p, seed: sampling settings.
 
     Returns:
-        A ``pandas.DataFrame`` with columns ``layer, coefficient, topic_fraction, perplexity,
-        n_words``, the baseline row first.
+        A ``pandas.DataFrame`` with columns ``method, layer, coefficient, topic_fraction,
+        perplexity, n_words`` (``n_words``: words in all completions of the setting).
     """
     import pandas as pd
 
     from labkit.generation import generate
-    from labkit.steering import actadd
+    from labkit.steering import SteeringVector
 
+    vectors = [vectors] if isinstance(vectors, SteeringVector) else list(vectors)
     topic = tuple(topic_words)
     batch = [p for p in prompts for _ in range(samples_per_prompt)]
 
@@ -207,12 +217,13 @@ def topic_steering_sweep(
         return {"topic_fraction": topic_word_fraction(out.texts, topic), "perplexity": ppl, "n_words": n_words}
 
     baseline = measure(None)
-    rows = [{"layer": -1, "coefficient": 0.0, **baseline}]
-    for layer in layers:
-        base = actadd(model, plus, minus, layer, 1.0)
+    rows = [{"method": "unsteered", "layer": -1, "coefficient": 0.0, **baseline}]
+    for vector in vectors:
+        method = vector.source.get("method", "custom")
+        layer = -1 if vector.layer is None else vector.layer
         for coefficient in coefficients:
-            result = baseline if coefficient == 0 else measure(base.with_coefficient(coefficient))
-            rows.append({"layer": int(layer), "coefficient": float(coefficient), **result})
+            result = baseline if coefficient == 0 else measure(vector.with_coefficient(coefficient))
+            rows.append({"method": method, "layer": layer, "coefficient": float(coefficient), **result})
     return pd.DataFrame(rows)
 
 

@@ -1,0 +1,77 @@
+"""labkit.evals: metric functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import labkit
+from labkit import evals
+from labkit.models import hf_model_of, tokenizer_of
+
+# --- steering metrics ----------------------------------------------------------------------
+
+
+def test_topic_word_fraction_counts_whole_words_pooled():
+    words = ["wedding", "bride"]
+    assert evals.topic_word_fraction(["The Wedding, the bride!", "a b"], words) == pytest.approx(2 / 6)
+    assert evals.topic_word_fraction("weddings bridegroom", words) == 0.0  # whole words only
+    assert evals.topic_word_fraction(["", "  "], words) == 0.0
+    assert evals.words_of("It's the bride's day") == ["it's", "the", "bride's", "day"]
+    with pytest.raises(ValueError, match="topic_words is empty"):
+        evals.topic_word_fraction("text", [])
+
+
+def test_perplexity_matches_manual_computation(tiny_llama):
+    texts = ["the cat sat on a mat", "love and hate"]
+    tokenizer, twin = tokenizer_of(tiny_llama), hf_model_of(tiny_llama)
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text).input_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(twin(input_ids=ids).logits[0, :-1], dim=-1)
+        nll -= logprobs.gather(-1, ids[0, 1:, None]).sum().item()
+        count += ids.shape[1] - 1
+    assert evals.perplexity(tiny_llama, texts) == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert evals.perplexity(tiny_llama, texts, batch_size=1) == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_perplexity_under_steering(tiny_llama):
+    texts = ["the cat sat on a mat", "love and hate"]
+    vector = labkit.actadd(tiny_llama, " wedding party", " ", layer=1, coefficient=8.0)
+    plain = evals.perplexity(tiny_llama, texts)
+    assert evals.perplexity(tiny_llama, texts, steering=vector.with_coefficient(0)) == plain
+    steered = evals.perplexity(tiny_llama, texts, steering=vector)
+    assert steered != plain
+    with labkit.steered(tiny_llama, vector):  # a context opened by the caller applies too
+        assert evals.perplexity(tiny_llama, texts) == steered
+    with pytest.raises(ValueError, match="has 1 token"):
+        evals.perplexity(tiny_llama, ["the"])
+
+
+def test_steering_data_loads():
+    data = evals.load_steering_data()
+    assert {"wedding", "love", "hate"} <= set(data.topic_words)
+    assert len(data.neutral_prompts) >= 8 and len(data.heldout_texts) >= 8
+    assert evals.topic_word_fraction(data.heldout_texts, data.topic_words["wedding"]) == 0.0
+
+
+def test_topic_steering_sweep_table(tiny_llama):
+    data = evals.load_steering_data()
+    vector = labkit.actadd(tiny_llama, " wedding", " ", layer=1)
+    table = evals.topic_steering_sweep(
+        tiny_llama, [vector], [0, 4],
+        prompts=data.neutral_prompts[:2], topic_words=["wedding"],
+        heldout_texts=data.heldout_texts[:2], samples_per_prompt=1, max_new_tokens=4,
+    )
+    assert list(table.columns) == ["method", "layer", "coefficient", "topic_fraction", "perplexity", "n_words"]
+    assert table["layer"].tolist() == [-1, 1, 1]
+    assert table["method"].tolist() == ["unsteered", "actadd", "actadd"]
+    baseline, zero = table.iloc[0], table.iloc[1]
+    assert baseline["perplexity"] == zero["perplexity"] and baseline["topic_fraction"] == zero["topic_fraction"]
+    assert table.iloc[2]["perplexity"] != baseline["perplexity"]
+
+
+# --- behaviour detectors and task accuracy -------------------------------------------------
