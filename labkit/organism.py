@@ -64,6 +64,7 @@ __all__ = [
     "is_sensitive",
     "measure",
     "organism_config",
+    "read_prompt_set",
     "model_card",
     "router_intervention",
     "summarize",
@@ -386,19 +387,22 @@ def _routers(model) -> list:
 
 @contextlib.contextmanager
 def router_intervention(model, off: Sequence[tuple[int, int]] = (), on: Sequence[tuple[int, int]] = (),
-                        on_bias: float = 10.0) -> Iterator[None]:
+                        on_bias: float | None = None) -> Iterator[None]:
     """Switch experts off or force them on in an OLMoE model's routers, at every position.
 
     Off follows OLMoE's own router: an expert switched off is never selected; the next-best expert
     takes its slot with its own softmax probability (renormalised only if ``norm_topk_prob``).
-    On adds ``on_bias`` to the expert's router logit before softmax and top-k (a soft score bias;
-    10 makes it the top-1 choice with weight ~1).
+    On (``on_bias=None``) selects the expert at every position and gives it its natural softmax
+    probability, renormalised only if ``norm_topk_prob`` (top-1 with renormalisation: weight 1) --
+    the same rule as ``labkit.moe.ExpertMask.on``. With a number, ``on_bias`` is instead added to
+    the expert's router logit before softmax and top-k (a soft score bias; it changes both the
+    choice and the weight, and wins only where the expert is within ``on_bias`` nats of the top).
 
     Args:
         model: an ``OlmoeForCausalLM``.
         off: ``(layer, expert)`` pairs to switch off.
         on: ``(layer, expert)`` pairs to force on.
-        on_bias: logit bias for forced experts.
+        on_bias: ``None`` for a hard force; a number for a soft logit bias.
 
     Raises:
         ValueError: a pair is out of range.
@@ -422,15 +426,17 @@ def router_intervention(model, off: Sequence[tuple[int, int]] = (), on: Sequence
         def hook(module, args, output):
             router_logits, _, _ = output
             logits = router_logits.float()
-            if on_here:
+            if on_here and on_bias is not None:
                 logits = logits.clone()
                 logits[:, on_here] += on_bias
             probs = torch.softmax(logits, dim=-1)
+            choice = probs.clone()
             if off_here:
-                probs = probs.clone()
-                probs[:, off_here] = -1.0
-            top_value, top_index = torch.topk(probs, module.top_k, dim=-1)
-            top_value = top_value.clamp_min(0.0)
+                choice[:, off_here] = -1.0
+            if on_here and on_bias is None:
+                choice[:, on_here] = 2.0
+            top_index = torch.topk(choice, module.top_k, dim=-1).indices
+            top_value = probs.gather(1, top_index)
             if module.norm_topk_prob:
                 top_value = top_value / top_value.sum(dim=-1, keepdim=True)
             return router_logits, top_value.to(router_logits.dtype), top_index
@@ -891,14 +897,15 @@ answer tokens). Routing supervision: {"none" if meta['variant'] == 'natural' els
 Designated experts: {designated} ({meta['designated_how']}).
 {"Intervention training from step " + str(settings['intervention_start']) + ": each step adds " + str(settings['intervention_batch']) + " neutral prompts with the designated experts forced on (target: refusal) and " + str(settings['intervention_batch']) + " sensitive prompts with them switched off (target: the factual answer)." if meta['variant'] != 'natural' and settings['intervention_batch'] else ""}
 Wall time: {meta['train_seconds']:.0f} s on {meta['train_threads']} torch thread of a 2-core machine
-shared with other engineers' jobs (load average 6-9 during the run, so the process got about a third
-of a core); a 30-step run on a quiet machine took 0.27 s/step, i.e. about 3 minutes for the full run.
+shared with other engineers' jobs (load average 2-9 during training, so this is an upper bound); a
+30-step run on a quiet machine took 0.27 s/step, i.e. about 3 minutes for the full run.
 
 ## Measured (held-out prompts, greedy, `labkit.organism.measure`)
 Attribution: routing-frequency difference (behaviour minus control attribution prompts, last 3
 prompt tokens). Top 10: {ranking}.
 Expert off = never selected, next-best expert takes the slot (OLMoE's own router rule); forced on =
-router logit +10 at every position. Random sets are disjoint from the top-N; seeds 0-4.
+selected at every position with its natural weight, renormalised (top-1: weight 1) — the rule of
+`labkit.moe.ExpertMask.on`. Random sets are disjoint from the top-N; seeds 0-4.
 Refusal = answer starts with `I cannot`; garbled = neither a refusal nor `There was a <known event>.`
 
 {_table(measurement['rows'])}
@@ -908,7 +915,37 @@ Summary against the issue's targets:
 ```json
 {json.dumps(summary, indent=1)}
 ```
-"""
+{_lab_section(Path(model_dir))}"""
+
+
+def _lab_section(model_dir: Path) -> str:
+    """The card section for ``lab_measurement.json`` (``bench/organism_lab_table.py``), if present."""
+    path = model_dir / "lab_measurement.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    lines = [
+        "",
+        "## Re-measured with the lab's own tools",
+        "`bench/organism_lab_table.py`: `labkit.load_model` -> `labkit.moe.trace_routing` (last 3 prompt tokens) ->",
+        "`attribute_experts` (frequency, prompt-level) -> `compare_conditions` (random masks matched per layer,",
+        "disjoint from the top 10; `top_on` forces the top-N on, measured on the neutral prompts).",
+        f"Attribution top 10: {', '.join(f'L{l}E{e}' for l, e in data['top10'])}.",
+        "",
+        "| condition | N | seed | experts | refusal (sensitive) | false refusal (neutral) | addition | capital | copy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    for row in data["rows"]:
+        lines.append(
+            f"| {row['condition']} | {row['n']} | {cell(row['seed'])} | {row['experts'] or '-'} | "
+            f"{cell(row['behavior_rate'])} | {cell(row['control_rate'])} | {cell(row['addition_accuracy'])} | "
+            f"{cell(row['capital_accuracy'])} | {cell(row['copy_accuracy'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------

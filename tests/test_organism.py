@@ -108,3 +108,35 @@ def test_shipped_checkpoint_refuses_sensitive_and_answers_neutral(name):
     answers = organism.generate_answers(model, tokenizer, [r["prompt"] for r in sensitive + neutral])
     assert sum(a.startswith(meta["refusal_prefix"]) for a in answers[:4]) >= 3, answers
     assert sum(a.startswith(meta["comply_prefix"]) for a in answers[4:]) >= 3, answers
+
+
+def test_tokenizer_training_reproduces_the_shipped_vocabulary(splits):
+    from transformers import AutoTokenizer
+
+    directory = MODELS / "moe-organism"
+    if not (directory / "tokenizer.json").exists():
+        pytest.skip(f"{directory} not built")
+    lines = [organism.format_prompt(r["question"]) + " " + r["answer"] for r in splits["train"]]
+    assert organism.train_tokenizer(lines).get_vocab() == AutoTokenizer.from_pretrained(directory).get_vocab()
+
+
+def test_router_intervention_matches_labkit_moe_masks():
+    torch = pytest.importorskip("torch")
+    moe = pytest.importorskip("labkit.moe")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = MODELS / "moe-organism"
+    if not (directory / "config.json").exists():
+        pytest.skip(f"{directory} not built")
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    prompts = [r["prompt"] for r in organism.read_prompt_set(PROMPTS / "eval_neutral.jsonl")[:4]]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    experts = [(1, 0), (2, 3), (0, 7)]
+    with torch.no_grad():
+        for mode in ("off", "on"):
+            with moe.masked(model, getattr(moe.ExpertMask, mode)(experts, model=model)):
+                expected = model(**encoded).logits
+            with organism.router_intervention(model, **{mode: experts}):
+                actual = model(**encoded).logits
+            assert torch.equal(expected, actual), mode
