@@ -125,15 +125,17 @@ class SteeringData:
         topic_words: ``{topic: (word, ...)}``, e.g. ``"wedding"``, ``"love"``, ``"hate"``.
         neutral_prompts: sentence openings to complete under steering.
         heldout_texts: neutral paragraphs for the perplexity (off-target) check.
+        contrast_pairs: ``{topic: (positives, negatives)}`` for :func:`labkit.mean_difference`.
     """
 
     topic_words: dict[str, tuple[str, ...]]
     neutral_prompts: tuple[str, ...]
     heldout_texts: tuple[str, ...]
+    contrast_pairs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
 
 
 def load_steering_data(directory: str | _Path | None = None) -> SteeringData:
-    """Load ``topic_words.json``, ``neutral_prompts.jsonl`` and ``heldout_neutral.jsonl``.
+    """Load ``topic_words.json``, ``neutral_prompts.jsonl``, ``heldout_neutral.jsonl``, ``contrast_pairs.jsonl``.
 
     Args:
         directory: defaults to the repository's ``data/steering``.
@@ -153,10 +155,18 @@ def load_steering_data(directory: str | _Path | None = None) -> SteeringData:
         return tuple(_json.loads(line)[key] for line in read(name).splitlines() if line.strip())
 
     topics = {k: tuple(v) for k, v in _json.loads(read("topic_words.json")).items()}
+    pairs: dict[str, tuple[list[str], list[str]]] = {}
+    for line in read("contrast_pairs.jsonl").splitlines():
+        if line.strip():
+            row = _json.loads(line)
+            positives, negatives = pairs.setdefault(row["topic"], ([], []))
+            positives.append(row["positive"])
+            negatives.append(row["negative"])
     return SteeringData(
         topic_words=topics,
         neutral_prompts=jsonl("neutral_prompts.jsonl", "prompt"),
         heldout_texts=jsonl("heldout_neutral.jsonl", "text"),
+        contrast_pairs={k: (tuple(p), tuple(n)) for k, (p, n) in pairs.items()},
     )
 
 

@@ -55,6 +55,8 @@ def test_steering_data_loads():
     data = evals.load_steering_data()
     assert {"wedding", "love", "hate"} <= set(data.topic_words)
     assert len(data.neutral_prompts) >= 8 and len(data.heldout_texts) >= 8
+    positives, negatives = data.contrast_pairs["wedding"]
+    assert len(positives) == len(negatives) >= 4
     assert evals.topic_word_fraction(data.heldout_texts, data.topic_words["wedding"]) == 0.0
 
 
