@@ -137,15 +137,21 @@ def test_chat_template_wraps_prompts(tiny_llama):
     assert out.prompt_token_ids[0] == tokenizer("love and").input_ids
 
 
-def test_smollm2_wedding_vector_steers_topic(smollm2):
-    """The real model: ActAdd " wedding" - " " raises wedding words in greedy completions."""
+def test_smollm2_steering_behaviour_and_parity(smollm2):
+    """The real model: zero coefficient and KV-cache parity for ActAdd; a mean-difference
+    wedding direction raises wedding words in greedy completions."""
     from labkit.evals import load_steering_data, topic_word_fraction
 
     data = load_steering_data()
     prompts = list(data.neutral_prompts[:2])
-    vector = labkit.actadd(smollm2, " wedding", " ", layer=6, coefficient=8.0)
-    plain = labkit.generate(smollm2, prompts, max_new_tokens=24)
-    steered = labkit.generate(smollm2, prompts, steering=vector, max_new_tokens=24)
     words = data.topic_words["wedding"]
+    plain = labkit.generate(smollm2, prompts, max_new_tokens=16)
+    actadd = labkit.actadd(smollm2, " wedding", " ", layer=6, coefficient=8.0)
+    assert labkit.generate(smollm2, prompts, steering=actadd.with_coefficient(0), max_new_tokens=16).token_ids == plain.token_ids
+    cached = labkit.generate(smollm2, prompts, steering=actadd, max_new_tokens=16)
+    assert cached.token_ids == labkit.generate(smollm2, prompts, steering=actadd, max_new_tokens=16, use_cache=False).token_ids
+    assert cached.token_ids != plain.token_ids
+    positives, negatives = data.contrast_pairs["wedding"]
+    direction = labkit.mean_difference(smollm2, positives, negatives, layer=8, coefficient=2.0, token="mean")
+    steered = labkit.generate(smollm2, prompts, steering=direction, max_new_tokens=16)
     assert topic_word_fraction(steered.texts, words) > topic_word_fraction(plain.texts, words)
-    assert labkit.generate(smollm2, prompts, steering=vector.with_coefficient(0), max_new_tokens=24).token_ids == plain.token_ids
