@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from labkit.hooks import attach, resolve_hook
-from labkit.models import hf_model_of, lab_model, tokenizer_of
+from labkit.models import encode_prompt, hf_model_of, lab_model, tokenizer_of
 
 __all__ = [
     "ActivationCache",
@@ -91,18 +91,7 @@ def tokenize_prompts(model, prompts: Sequence[str], *, chat: bool = False) -> li
             f"prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}: "
             f"{prompts[bad[0]]!r}"
         )
-    if chat:
-        if not tokenizer.chat_template:
-            raise ValueError("chat=True but this tokenizer has no chat template; use chat=False.")
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-    else:
-        texts = prompts
-    ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    ids = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
     n_ctx = _context_length(model)
     for i, row in enumerate(ids):
         if not row:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from labkit.models import hf_model_of, tokenizer_of
+from labkit.models import encode_prompt, hf_model_of, tokenizer_of
 from labkit.steering import SteeringVector, prompt_length, steered
 
 __all__ = ["Generation", "generate"]
@@ -70,21 +70,10 @@ def _check_number(name: str, value: Any, low: float, high: float, *, low_open: b
 
 
 def _encode(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "generate: chat=True but this model's tokenizer has no chat template; pass "
-                "chat=False (plain prompts) or set tokenizer.chat_template."
-            )
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in prompts
-        ]
-        encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    else:
-        encoded = [tokenizer(p).input_ids for p in prompts]
+    try:
+        encoded = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
+    except ValueError as error:
+        raise ValueError(f"generate: {error}") from None
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"generate: prompt {i} ({prompts[i]!r}) tokenizes to no tokens.")

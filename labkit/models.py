@@ -344,3 +344,34 @@ def hf_model_of(model) -> torch.nn.Module:
 def tokenizer_of(model):
     """labkit's tokenizer for a model (left padding, pad token set)."""
     return lab_model(model).tokenizer
+
+
+def encode_prompt(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
+    """Token ids of one prompt, exactly as a single-prompt Hugging Face call makes them.
+
+    The one tokenisation rule every labkit entry point shares (caching, generation, routing
+    traces), so that a prompt means the same tokens everywhere.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        prompt: the text.
+        chat: wrap it as one user turn with the tokenizer's chat template (generation prompt
+            added; the template supplies special tokens, so none are added again).
+
+    Returns:
+        The token ids (possibly empty; callers decide whether that is an error).
+
+    Raises:
+        ValueError: ``chat=True`` and the tokenizer has no chat template.
+    """
+    if not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "chat=True but this tokenizer has no chat template; pass chat=False (plain prompts) "
+            "or set tokenizer.chat_template."
+        )
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -146,3 +146,24 @@ def test_hooks_removed_after_exception_in_hook(tiny_llama):
 def test_bad_input(tiny_llama, prompts, hooks, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cache_activations(tiny_llama, prompts, hooks, progress=False, **kwargs)
+
+
+def test_one_tokenisation_rule_everywhere(tiny_llama):
+    """Caching, generation and routing traces encode a prompt identically (chat or not)."""
+    import labkit
+    from labkit.cache import tokenize_prompts
+
+    tokenizer = tiny_llama.tokenizer
+    labkit_tokenizer = labkit.models.tokenizer_of(tiny_llama)
+    labkit_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} and{% endfor %}"
+    try:
+        for chat in (False, True):
+            cached = tokenize_prompts(tiny_llama, ["love"], chat=chat)[0]
+            generated = labkit.generate(tiny_llama, "love", chat=chat, max_new_tokens=1).prompt_token_ids[0]
+            assert cached == generated
+        assert tokenize_prompts(tiny_llama, ["love"])[0] == tokenizer("love")["input_ids"]
+        assert tokenize_prompts(tiny_llama, ["love"], chat=True)[0] == tokenizer("love and")["input_ids"]
+    finally:
+        labkit_tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="chat=True but this tokenizer has no chat template"):
+        tokenize_prompts(tiny_llama, ["love"], chat=True)

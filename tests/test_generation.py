@@ -120,7 +120,7 @@ def test_bad_input(tiny_llama):
         labkit.generate(tiny_llama, "love", temperature=float("nan"))
     with pytest.raises(ValueError, match=r"top_p=1.5 out of range; allowed \(0.0, 1.0\]"):
         labkit.generate(tiny_llama, "love", temperature=1.0, top_p=1.5)
-    with pytest.raises(ValueError, match=r"chat=True but this model's tokenizer has no chat template"):
+    with pytest.raises(ValueError, match=r"generate: chat=True but this tokenizer has no chat template"):
         labkit.generate(tiny_llama, "love", chat=True)
     with pytest.raises(TypeError, match=r"expected SteeringVector objects, got str"):
         labkit.generate(tiny_llama, "love", steering="wedding")

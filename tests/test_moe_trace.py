@@ -182,7 +182,7 @@ def test_bad_input_errors():
         trace_routing(model, [], tokenizer=tokenizer)
     with pytest.raises(ValueError, match="pass tokenizer"):
         trace_routing(model, PROMPTS)
-    with pytest.raises(ValueError, match="chat=True but the tokenizer has no chat template"):
+    with pytest.raises(ValueError, match="trace_routing: chat=True but this tokenizer has no chat template"):
         trace_routing(model, PROMPTS, tokenizer=tokenizer, chat=True)
     with pytest.raises(ValueError, match="max_new_tokens must be an int ≥ 1, got 0"):
         trace_routing(model, PROMPTS, tokenizer=tokenizer, scope="generated", max_new_tokens=0)

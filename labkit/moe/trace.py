@@ -22,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from labkit.moe.families import MoELayer, find_routers, hf_of
+from labkit.models import encode_prompt
 
 __all__ = ["RoutingTrace", "trace_routing"]
 
@@ -221,15 +222,10 @@ def _encode(tokenizer, prompts: Sequence[Any], chat: bool) -> list[list[int]]:
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ValueError(f"trace_routing: prompt {i} is text but no tokenizer is available.")
-            if chat:
-                if not getattr(tokenizer, "chat_template", None):
-                    raise ValueError("trace_routing: chat=True but the tokenizer has no chat template; use chat=False.")
-                text = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-                )
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            else:
-                ids = tokenizer(prompt)["input_ids"]
+            try:
+                ids = encode_prompt(tokenizer, prompt, chat=chat)
+            except ValueError as error:
+                raise ValueError(f"trace_routing: {error}") from None
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
