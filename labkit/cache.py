@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from labkit.hooks import attach, resolve_hook
-from labkit.models import encode_prompt, hf_model_of, lab_model, tokenizer_of
+from labkit.models import check_context, encode_prompt, hf_model_of, lab_model, tokenizer_of
 
 __all__ = [
     "ActivationCache",
@@ -92,25 +92,11 @@ def tokenize_prompts(model, prompts: Sequence[str], *, chat: bool = False) -> li
             f"{prompts[bad[0]]!r}"
         )
     ids = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
-    n_ctx = _context_length(model)
     for i, row in enumerate(ids):
         if not row:
             raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to zero tokens.")
-        if n_ctx is not None and len(row) > n_ctx:
-            raise ValueError(
-                f"prompt {i} is {len(row)} tokens long; the model's context window is {n_ctx} "
-                "tokens. Shorten or split it."
-            )
+    check_context(model, [len(row) for row in ids], caller="cache_activations")
     return ids
-
-
-def _context_length(model) -> int | None:
-    config = hf_model_of(model).config
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def left_pad(
@@ -316,7 +302,25 @@ def estimate_cache_bytes(
     dtype: torch.dtype | None = None,
     chat: bool = False,
 ) -> int:
-    """Bytes :func:`cache_activations` would hold for these arguments (before running them)."""
+    """Bytes :func:`cache_activations` would hold for these arguments, before running them.
+
+    Tokenises the prompts and runs one forward pass on the shortest to learn each hook point's
+    per-position width; nothing is cached.
+
+    Args:
+        model: a bridge from :func:`labkit.load_model`.
+        prompts: the prompt strings.
+        hook_names: TransformerLens hook names.
+        positions: real-token positions to keep (see :data:`Positions`).
+        dtype: storage dtype (default the model's).
+        chat: wrap prompts in the chat template.
+
+    Returns:
+        The number of bytes the activations would occupy (int).
+
+    Raises:
+        ValueError: as :func:`cache_activations` for bad prompts, names or positions.
+    """
     token_rows = tokenize_prompts(model, prompts, chat=chat)
     widths = _probe_widths(model, list(hook_names), min(token_rows, key=len))
     element = torch.empty((), dtype=dtype or _model_dtype(model)).element_size()
@@ -389,6 +393,13 @@ def cache_activations(
         raise ValueError(f"hook_names has duplicates: {hook_names}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
+        raise ValueError(f"max_bytes must be a positive int (bytes) or None (no budget), got {max_bytes!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"dtype must be a floating torch dtype (e.g. torch.float16) or None, got {dtype!r}; "
+            "activations would be truncated otherwise."
+        )
     for name in hook_names:
         resolve_hook(model, name)  # unknown names fail here, before any work
     token_rows = tokenize_prompts(model, prompts, chat=chat)

@@ -10,6 +10,7 @@ the twin (``labkit.steered``, an expert mask, ...) applies as well, because the 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 import numbers
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from labkit.models import encode_prompt, hf_model_of, tokenizer_of
+from labkit.models import check_context, encode_prompt, hf_model_of, tokenizer_of
 from labkit.steering import SteeringVector, prompt_length, steered
 
 __all__ = ["Generation", "generate"]
@@ -134,8 +135,9 @@ def generate(
 
     Raises:
         ValueError: an empty prompt or prompt list, ``max_new_tokens < 1``, a temperature /
-            top_p out of range, ``chat=True`` without a chat template, or a steering vector
-            that does not fit the model.
+            top_p out of range, ``chat=True`` without a chat template, a prompt that (with
+            ``max_new_tokens``) exceeds the context window, an unknown keyword argument, or a
+            steering vector that does not fit the model.
 
     Example:
         >>> out = generate(model, ["The weather today is"], max_new_tokens=8)  # doctest: +SKIP
@@ -153,10 +155,21 @@ def generate(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"generate: seed must be an int or None, got {seed!r}.")
 
+    known = set(GenerationConfig().to_dict())
+    unknown = sorted(set(generate_kwargs) - known)
+    if unknown:
+        close = {k: difflib.get_close_matches(k, [*known, "max_new_tokens", "temperature", "top_p", "top_k", "seed", "chat", "streamer", "use_cache", "steering"], n=1) for k in unknown}
+        hints = ", ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+        raise ValueError(
+            f"generate: unknown keyword argument(s) {hints}; extra keywords must be "
+            "transformers GenerationConfig fields (e.g. min_new_tokens, repetition_penalty)."
+        )
+
     tokenizer = tokenizer_of(model)
     twin = hf_model_of(model)
     device = next(twin.parameters()).device
     encoded = _encode(tokenizer, prompts, chat)
+    check_context(model, [len(ids) for ids in encoded], new_tokens=max_new_tokens, caller="generate")
     width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)

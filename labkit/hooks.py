@@ -268,7 +268,12 @@ def attach(model, hooks: HookSpec, *, target: Literal["auto", "bridge"] = "auto"
 
 
 def count_hooks(module: torch.nn.Module) -> int:
-    """Number of forward / pre-forward / backward hooks on a module and all its submodules."""
+    """Number of forward / pre-forward / backward hooks on a module and all its submodules.
+
+    Use it as a before/after comparison: a TransformerLens bridge keeps hooks of its own (its
+    capture machinery adds some on the first forward pass), so only the plain twin
+    (:func:`labkit.models.hf_model_of`) is expected to have none at rest.
+    """
     total = 0
     for sub in module.modules():
         total += len(sub._forward_hooks) + len(sub._forward_pre_hooks)

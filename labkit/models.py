@@ -268,7 +268,7 @@ def load_model(
     """
     source = _resolve(name_or_path)
     hf_model, tokenizer = _load_hf(source, dtype, device)
-    return from_hf(hf_model, tokenizer, name=str(name_or_path))
+    return from_hf(hf_model, tokenizer, name=canonical_name(name_or_path))
 
 
 def from_hf(hf_model: torch.nn.Module, tokenizer: Any, *, name: str = "custom"):
@@ -337,12 +337,20 @@ def lab_model(model) -> LabModel:
 
 
 def hf_model_of(model) -> torch.nn.Module:
-    """The plain Hugging Face twin of a labkit bridge (shares the bridge's parameters)."""
+    """The plain Hugging Face twin of a labkit bridge (shares the bridge's parameters).
+
+    Raises:
+        TypeError: the model was not made by labkit.
+    """
     return lab_model(model).hf_model
 
 
 def tokenizer_of(model):
-    """labkit's tokenizer for a model (left padding, pad token set)."""
+    """labkit's tokenizer for a model (left padding, pad token set).
+
+    Raises:
+        TypeError: the model was not made by labkit.
+    """
     return lab_model(model).tokenizer
 
 
@@ -375,3 +383,74 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def context_length(model) -> int | None:
+    """The model's context window in tokens (from its config), or ``None`` if it states none.
+
+    Accepts a labkit bridge or a plain Hugging Face model.
+    """
+    record = _REGISTRY.get(model)
+    config = (record.hf_model if record is not None else model).config
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model, lengths, *, new_tokens: int = 0, caller: str = "labkit") -> None:
+    """Refuse prompts that do not fit the model's context window.
+
+    Args:
+        model: a labkit bridge or a plain Hugging Face model.
+        lengths: token count of each prompt.
+        new_tokens: tokens that will be generated after each prompt.
+        caller: function name for the message.
+
+    Raises:
+        ValueError: a prompt (plus ``new_tokens``) is longer than the context window; the
+            message names the prompt, its length and the window.
+    """
+    n_ctx = context_length(model)
+    if n_ctx is None:
+        return
+    for i, length in enumerate(lengths):
+        if length + new_tokens > n_ctx:
+            extra = f" + {new_tokens} new tokens" if new_tokens else ""
+            raise ValueError(
+                f"{caller}: prompt {i} is {length} tokens{extra}; the model's context window is "
+                f"{n_ctx} tokens. Shorten the prompt" + (" or lower max_new_tokens." if new_tokens else ".")
+            )
+
+
+def canonical_name(name_or_path: str | os.PathLike) -> str:
+    """The label labkit records for a model (steering vectors and masks carry it).
+
+    Embedded names are matched case-insensitively (``"SmolLM2-135M-Instruct"`` →
+    ``"smollm2-135m-instruct"``); a local directory is labelled by its resolved path; a hub id is
+    kept as given.
+    """
+    name = str(name_or_path)
+    if name.lower() == SMOLLM2_NAME:
+        return SMOLLM2_NAME
+    path = Path(name).expanduser()
+    if path.is_dir():
+        organisms = _organism_dirs()
+        resolved = path.resolve()
+        for organism, directory in organisms.items():
+            if directory.resolve() == resolved:
+                return organism
+        return str(resolved)
+    return name
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two recorded model labels name the same model (equal after canonicalisation,
+    or the same final path component, case-insensitively)."""
+    if a is None or b is None:
+        return True
+    if a == b:
+        return True
+    ca, cb = canonical_name(a), canonical_name(b)
+    return ca == cb or Path(ca).name.lower() == Path(cb).name.lower()

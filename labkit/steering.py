@@ -39,7 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from labkit.hooks import attach, observe_inputs, resolve_hook
-from labkit.models import hf_model_of, lab_model, tokenizer_of
+from labkit.models import hf_model_of, lab_model, same_model, tokenizer_of
 
 __all__ = [
     "POSITIONS",
@@ -285,7 +285,7 @@ class SteeringVector:
                 point that does not map onto a module of the twin.
         """
         record = lab_model(model)
-        if self.model_name and self.model_name != record.name:
+        if self.model_name and not same_model(self.model_name, record.name):
             raise ValueError(
                 f"{self!r} was made for model {self.model_name!r} and refuses to apply to "
                 f"{record.name!r}. Recompute it on this model, or, if the two really are the same "

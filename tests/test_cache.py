@@ -167,3 +167,12 @@ def test_one_tokenisation_rule_everywhere(tiny_llama):
         labkit_tokenizer.chat_template = None
     with pytest.raises(ValueError, match="chat=True but this tokenizer has no chat template"):
         tokenize_prompts(tiny_llama, ["love"], chat=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"max_bytes": -1}, "max_bytes must be a positive int"), ({"dtype": torch.int8}, "floating torch dtype")],
+)
+def test_bad_budget_or_dtype(tiny_llama, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cache_activations(tiny_llama, ["love"], HOOKS, progress=False, **kwargs)

@@ -155,3 +155,28 @@ def test_smollm2_steering_behaviour_and_parity(smollm2):
     direction = labkit.mean_difference(smollm2, positives, negatives, layer=8, coefficient=2.0, token="mean")
     steered = labkit.generate(smollm2, prompts, steering=direction, max_new_tokens=16)
     assert topic_word_fraction(steered.texts, words) > topic_word_fraction(plain.texts, words)
+
+
+def test_prompt_beyond_context_window_is_refused(tiny_llama):
+    long_prompt = "one two " * 40  # > 64 tokens for the tiny model's window
+    with pytest.raises(ValueError, match=r"generate: prompt 0 is \d+ tokens.*context window is 64"):
+        labkit.generate(tiny_llama, long_prompt, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"\+ 64 new tokens.*lower max_new_tokens"):
+        labkit.generate(tiny_llama, "love", max_new_tokens=64)
+
+
+def test_unknown_generate_keyword_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match=r"'max_new_token' \(did you mean 'max_new_tokens'\?\)"):
+        labkit.generate(tiny_llama, "love", max_new_token=3)
+
+
+def test_vector_applies_to_the_same_model_under_another_spelling(tiny_llama):
+    import dataclasses
+
+    from labkit.models import same_model
+
+    vector = labkit.actadd(tiny_llama, "love", "hate", layer=1, coefficient=1.0)
+    assert same_model("smollm2-135m-instruct", "SmolLM2-135M-Instruct")
+    assert not same_model("smollm2-135m-instruct", "moe-organism")
+    relabelled = dataclasses.replace(vector, model_name=vector.model_name.upper())
+    relabelled.check_compatible(tiny_llama)
