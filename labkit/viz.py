@@ -54,12 +54,23 @@ def expert_heatmap(attribution, *, mask=None, title: str | None = None, height: 
     Returns:
         A ``plotly.graph_objects.Figure``; rows are labelled with true model layer numbers.
 
+    Raises:
+        TypeError: ``attribution`` is not an ``ExpertAttribution``.
+        ValueError: ``mask`` is neither an ``ExpertMask`` nor ``(layer, expert)`` pairs.
+
     Example:
         >>> fig = expert_heatmap(attribution, mask=ExpertMask.from_attribution(attribution, 5))  # doctest: +SKIP
     """
     import numpy as np
     import plotly.graph_objects as go
 
+    from labkit.moe.attribution import ExpertAttribution
+
+    if not isinstance(attribution, ExpertAttribution):
+        raise TypeError(
+            f"expert_heatmap: attribution is a {type(attribution).__name__}; expected a "
+            "labkit.moe.ExpertAttribution (from labkit.moe.attribute_experts or ExpertAttribution.load)."
+        )
     layers = [int(layer) for layer in attribution.layers]
     n_experts = int(attribution.n_experts)
     y_labels = [f"L{layer}" for layer in layers]
@@ -294,10 +305,36 @@ def residual_norm_heatmap(norms, *, title: str | None = None):
 
     Returns:
         A ``plotly.graph_objects.Figure`` (layers on the y axis, positions on the x axis).
+
+    Raises:
+        TypeError: ``norms`` is not a pandas DataFrame.
+        ValueError: a required column is missing or a hook name has no ``blocks.{L}.`` layer.
+
+    Example:
+        >>> fig = residual_norm_heatmap(labkit.lens.residual_norms(cache, hook_names))  # doctest: +SKIP
     """
+    import pandas as pd
     import plotly.graph_objects as go
 
-    frame = norms.assign(layer=norms["hook"].str.split(".").str[1].astype(int))
+    if not isinstance(norms, pd.DataFrame):
+        raise TypeError(
+            f"residual_norm_heatmap: norms is a {type(norms).__name__}; expected the pandas DataFrame "
+            "returned by labkit.lens.residual_norms(cache, hook_names)."
+        )
+    missing = [column for column in ("hook", "position", "mean_norm") if column not in norms.columns]
+    if missing:
+        raise ValueError(
+            f"residual_norm_heatmap: norms lacks column(s) {missing} (has {list(norms.columns)}); pass the "
+            "DataFrame from labkit.lens.residual_norms."
+        )
+    layer_of = norms["hook"].astype(str).str.extract(r"^blocks\.(\d+)\.", expand=False)
+    if layer_of.isna().any():
+        bad = norms["hook"][layer_of.isna()].iloc[0]
+        raise ValueError(
+            f"residual_norm_heatmap: hook {bad!r} names no layer; expected hook names like 'blocks.3.hook_resid_post'."
+        )
+
+    frame = norms.assign(layer=layer_of.astype(int))
     grid = frame.pivot_table(index="layer", columns="position", values="mean_norm").sort_index()
     figure = go.Figure(
         go.Heatmap(

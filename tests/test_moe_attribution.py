@@ -216,3 +216,31 @@ def test_bad_input_errors_name_what_was_received(planted_pair):
         attribute_experts(behavior, control, metric="weight", test="fisher")
     with pytest.raises(TypeError, match="RoutingTrace"):
         attribute_experts(behavior, {"topk_indices": None})
+
+
+def test_loading_the_wrong_file_says_what_was_found(planted_pair, tmp_path):
+    attribution = attribute_experts(*planted_pair, n_bootstrap=0, n_splits=0)
+    path = attribution.save(tmp_path / "attribution")
+    trace_path = planted_pair[0].save(tmp_path / "trace.safetensors")
+    with pytest.raises(ValueError, match=r"ExpertAttribution.load: '.*trace.safetensors' is of kind 'labkit.RoutingTrace'; expected kind 'labkit.ExpertAttribution'. Load it with RoutingTrace.load"):
+        ExpertAttribution.load(trace_path)
+    with pytest.raises(ValueError, match=r"attribution.safetensors.json' is not a safetensors file .* pass '.*attribution.safetensors' instead"):
+        ExpertAttribution.load(path.with_name(path.name + ".json"))
+    (tmp_path / "notes.json").write_text('{"kind": "labkit.ExpertMask"}')
+    with pytest.raises(ValueError, match=r"notes.json' is not a safetensors file"):
+        ExpertAttribution.load(tmp_path / "notes.json")
+    with pytest.raises(FileNotFoundError, match=r"no file at '.*missing'; expected a labkit.ExpertAttribution file"):
+        ExpertAttribution.load(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="a directory at"):
+        ExpertAttribution.load(tmp_path)
+    # the loader in the error is right: the trace file loads as a trace
+    assert RoutingTrace.load(trace_path).n_tokens == planted_pair[0].n_tokens
+
+
+def test_from_dict_names_missing_fields(planted_pair):
+    data = attribute_experts(*planted_pair, n_bootstrap=0, n_splits=0).to_dict()
+    with pytest.raises(ValueError, match=r"ExpertAttribution.from_dict: the dict has no 'kind' key"):
+        ExpertAttribution.from_dict({})
+    del data["score"], data["noise_floor"]
+    with pytest.raises(ValueError, match=r"lacks 'score', 'noise_floor'"):
+        ExpertAttribution.from_dict(data)

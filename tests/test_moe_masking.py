@@ -337,3 +337,54 @@ def test_deepseek_group_limits():
     assert (forced.topk_indices[row] == 3).any(-1).all()
     assert (forced.topk_indices[row] // 2 == 1).all()  # both choices from expert 3's group
     assert count_hooks(model) == 0
+
+
+def test_integer_like_layer_and_expert_are_accepted():
+    import numpy as np
+
+    expected = ExpertMask.off([(0, 1), (2, 3)])
+    assert ExpertMask.off([(np.int64(0), np.int32(1)), (2, 3)]) == expected
+    assert ExpertMask.off([(torch.tensor(0), torch.tensor(1, dtype=torch.int32)), (2, 3)]) == expected
+    assert ExpertMask.off({np.int64(0): [np.int64(1)], 2: [3]}) == expected
+    assert all(type(e.layer) is int and type(e.expert) is int for e in ExpertMask.off([(np.int64(0), torch.tensor(1))]).edits)
+    for bad in (0.0, np.float64(1.0), True, np.bool_(True), torch.tensor(True), torch.tensor(1.0), "1"):
+        with pytest.raises(ValueError, match=r"ExpertMask: layer must be an integer ≥ 0 .* got .* of type"):
+            ExpertMask.off([(bad, 1)])
+    with pytest.raises(ValueError, match=r"expert must be an integer ≥ 0, got -1"):
+        ExpertMask.off([(0, np.int64(-1))])
+    # range checks still apply to converted values
+    with pytest.raises(ValueError, match=r"layer 0 expert 8 out of range; model has 8 experts per layer \(0..7\)"):
+        ExpertMask(((np.int64(0), torch.tensor(8)),), None, 4, 8)
+
+
+def test_from_dict_and_from_json_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(ValueError, match=r"ExpertMask.from_dict: the dict: edit 0 \(\{'layer': 0\}\) lacks 'expert'"):
+        ExpertMask.from_dict({"kind": "labkit.ExpertMask", "edits": [{"layer": 0}]})
+    with pytest.raises(ValueError, match=r"edit 1 is 7, expected an object"):
+        ExpertMask.from_dict({"kind": "labkit.ExpertMask", "edits": [{"layer": 0, "expert": 1}, 7]})
+    with pytest.raises(ValueError, match=r"'edits' is a dict, expected a list"):
+        ExpertMask.from_dict({"kind": "labkit.ExpertMask", "edits": {}})
+    with pytest.raises(ValueError, match=r"value must be a number, got 'big'"):
+        ExpertMask.from_dict({"kind": "labkit.ExpertMask", "edits": [{"layer": 0, "expert": 1, "mode": "bias", "value": "big"}]})
+    with pytest.raises(ValueError, match=r"no 'kind' key"):
+        ExpertMask.from_dict({"edits": []})
+
+    with pytest.raises(FileNotFoundError, match=r"ExpertMask.from_json: no file at '.*nope.json'; expected a labkit.ExpertMask file written by ExpertMask.to_json"):
+        ExpertMask.from_json(tmp_path / "nope.json")
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "t.safetensors"), metadata={"labkit": '{"kind": "labkit.RoutingTrace"}'})
+    with pytest.raises(ValueError, match=r"ExpertMask.from_json: '.*t.safetensors' is a safetensors file, not JSON"):
+        ExpertMask.from_json(tmp_path / "t.safetensors")
+    (tmp_path / "vector.json").write_text('{"kind": "labkit.SteeringVector", "version": 1}')
+    with pytest.raises(ValueError, match=r"'.*vector.json' is of kind 'labkit.SteeringVector'; expected kind 'labkit.ExpertMask'. Load it with SteeringVector.load"):
+        ExpertMask.from_json(tmp_path / "vector.json")
+    (tmp_path / "broken.json").write_text('{"kind": ')
+    with pytest.raises(ValueError, match=r"broken.json' is not valid JSON"):
+        ExpertMask.from_json(tmp_path / "broken.json")
+    (tmp_path / "bad_edit.json").write_text('{"kind": "labkit.ExpertMask", "version": 1, "edits": [{"expert": 2}]}')
+    with pytest.raises(ValueError, match=r"ExpertMask.from_json: '.*bad_edit.json': edit 0 .* lacks 'layer'"):
+        ExpertMask.from_json(tmp_path / "bad_edit.json")
+    (tmp_path / "blob.bin").write_bytes(bytes([0xFF, 0xFE, 0x00, 0x81]))
+    with pytest.raises(ValueError, match=r"blob.bin' is binary, not JSON"):
+        ExpertMask.from_json(tmp_path / "blob.bin")

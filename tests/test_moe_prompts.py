@@ -105,3 +105,18 @@ def test_literal_braces_and_loader_errors(tmp_path):
         load_templates(tmp_path)
     with pytest.raises(FileNotFoundError, match="fillers.jsonl"):
         load_fillers(tmp_path)
+
+
+def test_fillers_must_be_lists_of_strings():
+    bare = {"behavior": {"time": " in 1989"}, "control": {"time": [" in 1815"]}}
+    with pytest.raises(TypeError, match=r"fillers\['behavior'\]\['time'\] is a str \(' in 1989'\); expected a list or tuple of strings. Wrap a single value in a list: \[' in 1989'\]"):
+        expand_templates(["What happened{time}?"], bare, seed=0)
+    with pytest.raises(TypeError, match=r"fillers\['control'\]\['time'\] holds 1815 of type int"):
+        expand_templates(["What happened{time}?"], {"behavior": {"time": ["a"]}, "control": {"time": [1815]}}, seed=0)
+    with pytest.raises(TypeError, match=r"fillers\['control'\] is a list; expected a dict"):
+        expand_templates(["What happened{time}?"], {"behavior": {"time": ["a"]}, "control": [" b"]}, seed=0)
+    with pytest.raises(TypeError, match=r"fillers is a list; expected a dict"):
+        expand_templates(["What happened{time}?"], [], seed=0)
+    # tuples are fine
+    split = expand_templates(["What happened{time}?"], {"behavior": {"time": (" in 1989",)}, "control": {"time": (" in 1815",)}}, seed=0, holdout=0.0)
+    assert split.behavior_train == ("What happened in 1989?",)

@@ -196,3 +196,78 @@ def test_bad_input_errors():
             torch.zeros(1, 3, 2, dtype=torch.long), torch.zeros(1, 3, 2), None, torch.zeros(3, dtype=torch.long),
             torch.zeros(3, dtype=torch.long), torch.arange(3), (0, 1), 8, 2, 1, "x",
         )
+
+
+def test_caller_tokenizer_is_not_mutated():
+    model, tokenizer = hf("olmoe"), make_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.padding_side = "right"
+    before = (tokenizer.pad_token, tokenizer.pad_token_id, tokenizer.padding_side, dict(tokenizer.special_tokens_map))
+    trace = trace_routing(model, PROMPTS[:3], tokenizer=tokenizer, progress=False)
+    after = (tokenizer.pad_token, tokenizer.pad_token_id, tokenizer.padding_side, dict(tokenizer.special_tokens_map))
+    assert after == before
+    # the left-padding copy still traces what each prompt traces alone
+    alone = trace_routing(model, PROMPTS[2:3], tokenizer=tokenizer, progress=False)
+    assert torch.equal(trace.topk_indices[:, trace.prompt_index == 2], alone.topk_indices)
+
+
+def test_prompts_longer_than_the_context_window_are_refused():
+    model, tokenizer = hf("qwen3_moe"), _tokenizer()
+    n_ctx = model.config.max_position_embeddings
+    trace_routing(model, [[1] * n_ctx], progress=False)  # exactly the window: fine
+    with pytest.raises(ValueError, match=rf"trace_routing: prompt 1 is {n_ctx + 1} tokens; the model's context window is {n_ctx}"):
+        trace_routing(model, [[1, 2], [1] * (n_ctx + 1)], progress=False)
+    with pytest.raises(ValueError, match=rf"prompt 0 is 3 tokens \+ {n_ctx} new tokens; .* lower max_new_tokens"):
+        trace_routing(model, [[1, 2, 3]], tokenizer=tokenizer, scope="generated", max_new_tokens=n_ctx, progress=False)
+    assert count_hooks(model) == 0
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    model = hf("mixtral")
+    vocab = model.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match=rf"prompt 1 has token id {vocab} outside the model's vocabulary \(0..{vocab - 1}"):
+        trace_routing(model, [[1, 2], [3, vocab]], progress=False)
+    with pytest.raises(ValueError, match=r"prompt 0 has token id -1 outside"):
+        trace_routing(model, [[-1, 3]], progress=False)
+    assert trace_routing(model, [[0, vocab - 1]], progress=False).n_tokens == 2
+
+
+def test_loading_the_wrong_file_says_what_was_found(tmp_path):
+    from safetensors.torch import save_file
+
+    from labkit.moe import ExpertMask
+
+    trace = trace_routing(hf("qwen3_moe"), PROMPTS[:1], tokenizer=_tokenizer(), progress=False)
+    path = trace.save(tmp_path / "trace.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"RoutingTrace.load: no file at '.*nope.safetensors'; expected a labkit.RoutingTrace"):
+        RoutingTrace.load(tmp_path / "nope.safetensors")
+    # the JSON sidecar: not safetensors, with a hint at the right path
+    with pytest.raises(ValueError, match=r"trace.safetensors.json' is not a safetensors file .* pass '.*trace.safetensors' instead"):
+        RoutingTrace.load(tmp_path / "trace.safetensors.json")
+    mask_path = ExpertMask.off([(0, 1)]).to_json(tmp_path / "mask.json")
+    with pytest.raises(ValueError, match=r"mask.json' is not a safetensors file"):
+        RoutingTrace.load(mask_path)
+    # safetensors of another labkit kind, and of no labkit kind
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"labkit": '{"kind": "labkit.ExpertAttribution", "version": 1}'})
+    with pytest.raises(ValueError, match=r"is of kind 'labkit.ExpertAttribution'; expected kind 'labkit.RoutingTrace'. Load it with ExpertAttribution.load"):
+        RoutingTrace.load(tmp_path / "other.safetensors")
+    save_file({"activations": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match=r"plain.safetensors' has no 'labkit' metadata \(tensors: \['activations'\]\)"):
+        RoutingTrace.load(tmp_path / "plain.safetensors")
+    assert RoutingTrace.load(path).metadata() == trace.metadata()
+
+
+def test_from_dict_requires_kind_and_fields():
+    trace = trace_routing(hf("qwen3_moe"), PROMPTS[:1], tokenizer=_tokenizer(), progress=False)
+    with pytest.raises(ValueError, match=r"RoutingTrace.from_dict: the dict has no 'kind' key .* expected kind 'labkit.RoutingTrace'"):
+        RoutingTrace.from_dict({})
+    no_kind = {k: v for k, v in trace.to_dict().items() if k != "kind"}
+    with pytest.raises(ValueError, match="no 'kind' key"):
+        RoutingTrace.from_dict(no_kind)
+    partial = {k: v for k, v in trace.to_dict().items() if k not in ("top_k", "position")}
+    with pytest.raises(ValueError, match=r"lacks 'position', 'top_k'"):
+        RoutingTrace.from_dict(partial)
+    with pytest.raises(ValueError, match="version 9, newer than this labkit reads"):
+        RoutingTrace.from_dict({**trace.to_dict(), "version": 9})
+    with pytest.raises(ValueError, match="holds a list, expected a dict"):
+        RoutingTrace.from_dict([1])

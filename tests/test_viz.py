@@ -88,3 +88,23 @@ def test_condition_plot_is_deterministic_with_one_panel_per_measure():
     assert list(control_bars.x)[-1] == "top-2 on"
     with pytest.raises(ValueError, match="lacks columns"):
         condition_plot(pd.DataFrame({"x": [1]}))
+
+
+def test_wrong_input_types_raise_clear_type_errors(attribution):
+    import torch
+
+    from labkit.viz import residual_norm_heatmap
+
+    with pytest.raises(TypeError, match=r"expert_heatmap: attribution is a dict; expected a labkit.moe.ExpertAttribution"):
+        expert_heatmap({})
+    with pytest.raises(TypeError, match=r"residual_norm_heatmap: norms is a Tensor; expected the pandas DataFrame returned by labkit.lens.residual_norms"):
+        residual_norm_heatmap(torch.ones(3))
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['mean_norm'\]"):
+        residual_norm_heatmap(pd.DataFrame({"hook": ["blocks.0.hook_resid_pre"], "position": [0]}))
+    with pytest.raises(ValueError, match=r"hook 'embed' names no layer"):
+        residual_norm_heatmap(pd.DataFrame({"hook": ["embed"], "position": [0], "mean_norm": [1.0]}))
+    norms = pd.DataFrame(
+        {"hook": ["blocks.2.hook_resid_pre", "blocks.0.hook_resid_pre"] * 2, "position": [0, 0, 1, 1], "mean_norm": [1.0, 2.0, 3.0, 4.0]}
+    )
+    figure = residual_norm_heatmap(norms)
+    assert list(figure.data[0].y) == [0, 2] and figure.data[0].z.tolist() == [[2.0, 4.0], [1.0, 3.0]]

@@ -43,6 +43,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from labkit.moe.trace import check_kind, read_labkit_safetensors, require_keys
+
 if TYPE_CHECKING:  # the trace type is only needed for annotations; attribution reads fields
     from labkit.moe.trace import RoutingTrace
 
@@ -284,9 +286,11 @@ class ExpertAttribution:
         """Inverse of :meth:`to_dict`.
 
         Raises:
-            ValueError: ``kind`` is not ``"labkit.ExpertAttribution"`` or the version is unknown.
+            ValueError: ``data`` is not a dict, its ``kind`` is not ``"labkit.ExpertAttribution"``,
+                its version is newer than supported, or a field is missing (named).
         """
-        _check_kind(data)
+        check_kind(data, KIND, VERSION, caller="ExpertAttribution.from_dict", source="the dict")
+        _require_fields(data, caller="ExpertAttribution.from_dict", source="the dict")
         kwargs = {k: v for k, v in data.items() if k not in ("kind", "version")}
         for name in _TENSOR_FIELDS:
             if name.endswith("_counts"):
@@ -332,24 +336,17 @@ class ExpertAttribution:
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: the file is not an ExpertAttribution.
+            ValueError: the file is not a safetensors file, holds no labkit metadata, or holds
+                another kind of labkit object (the message names the kind found).
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file() and path.with_name(path.name + ".safetensors").is_file():
             path = path.with_name(path.name + ".safetensors")
-        if not path.is_file():
-            raise FileNotFoundError(f"ExpertAttribution.load: no file at {str(path)!r}.")
-        with safe_open(str(path), framework="pt") as handle:
-            meta = (handle.metadata() or {}).get("labkit")
-            if meta is None:
-                raise ValueError(
-                    f"{str(path)!r} has no 'labkit' metadata; it was not written by ExpertAttribution.save."
-                )
-            data = json.loads(meta)
-            _check_kind(data)
-            tensors = {name: handle.get_tensor(name) for name in _TENSOR_FIELDS}
+        data, tensors = read_labkit_safetensors(
+            path, KIND, VERSION, caller="ExpertAttribution.load", writer="ExpertAttribution.save"
+        )
+        _require_fields({**data, **tensors}, caller="ExpertAttribution.load", source=repr(str(path)))
+        tensors = {name: tensors[name] for name in _TENSOR_FIELDS}
         kwargs = {k: v for k, v in data.items() if k not in ("kind", "version")}
         kwargs.update(tensors)
         return cls._from_parts(kwargs)
@@ -370,11 +367,12 @@ def _json_safe(value):
     return value
 
 
-def _check_kind(data: dict[str, Any]) -> None:
-    if data.get("kind") != KIND:
-        raise ValueError(f"expected kind {KIND!r}, got {data.get('kind')!r}.")
-    if data.get("version") != VERSION:
-        raise ValueError(f"{KIND} version {data.get('version')!r} not supported (this labkit reads {VERSION}).")
+def _require_fields(data: dict[str, Any], *, caller: str, source: str) -> None:
+    """Every dataclass field without a default must be present."""
+    from dataclasses import MISSING
+
+    needed = [f.name for f in fields(ExpertAttribution) if f.default is MISSING and f.default_factory is MISSING]
+    require_keys(data, needed, caller=caller, source=source)
 
 
 # --- per-prompt sums --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import operator
 import os
 import random
 import warnings
@@ -49,6 +50,7 @@ from typing import Any, Literal
 import torch
 
 from labkit.moe.families import MoELayer, RouterFamily, Selection, family_of, find_routers, hf_of, n_layers_of
+from labkit.moe.trace import check_kind, read_labkit_json
 
 __all__ = ["ExpertEdit", "ExpertMask", "masked"]
 
@@ -75,19 +77,28 @@ class ExpertEdit:
     value: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.expert == "shared":
+        if isinstance(self.expert, str) and self.expert == "shared":
             raise ValueError(
                 f"ExpertMask: layer {self.layer}: shared experts cannot be masked — they are not routed "
                 "(every token always uses them), so routing cannot switch them off or on. Mask routed "
                 "experts (0..n_experts-1) only."
             )
         for name in ("layer", "expert"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"ExpertMask: {name} must be an int ≥ 0, got {value!r}.")
+            object.__setattr__(self, name, _index(getattr(self, name), name))
         if self.mode not in MODES:
             raise ValueError(f"ExpertMask: unknown mode {self.mode!r}; allowed modes: {', '.join(MODES)}.")
-        value = float(self.value)
+        if isinstance(self.value, bool):
+            value = None
+        else:
+            try:
+                value = float(self.value)
+            except (TypeError, ValueError):
+                value = None
+        if value is None:
+            raise ValueError(
+                f"ExpertMask: layer {self.layer} expert {self.expert}: value must be a number, got "
+                f"{self.value!r} of type {type(self.value).__name__}."
+            )
         if self.mode == "bias" and not math.isfinite(value):
             raise ValueError(
                 f"ExpertMask: layer {self.layer} expert {self.expert}: bias must be a finite number, got "
@@ -96,6 +107,24 @@ class ExpertEdit:
         if self.mode != "bias" and value != 0.0:
             raise ValueError(f"ExpertMask: mode {self.mode!r} takes no value (got {self.value!r}); use mode 'bias'.")
         object.__setattr__(self, "value", value)
+
+
+def _index(value: Any, name: str) -> int:
+    """``value`` as a Python int ≥ 0: ints, numpy / torch integer scalars; not bools or floats."""
+    dtype = getattr(value, "dtype", None)
+    is_bool = isinstance(value, bool) or dtype is torch.bool or str(dtype) == "bool"
+    try:
+        index = None if is_bool else operator.index(value)
+    except TypeError:
+        index = None
+    if index is None:
+        raise ValueError(
+            f"ExpertMask: {name} must be an integer ≥ 0 (int, numpy or torch integer scalar), got {value!r} "
+            f"of type {type(value).__name__}; pass a whole number (convert an integral float with int(...))."
+        )
+    if index < 0:
+        raise ValueError(f"ExpertMask: {name} must be an integer ≥ 0, got {index}.")
+    return index
 
 
 def _pairs(experts: Any) -> list[tuple[int, int]]:
@@ -377,20 +406,34 @@ class ExpertMask:
         """Rebuild from :meth:`to_dict` output.
 
         Raises:
-            ValueError: wrong ``kind``, a newer ``version``, or invalid edits.
+            ValueError: not a dict, no or a wrong ``kind``, a newer ``version``, or invalid edits
+                (an edit lacking ``layer`` / ``expert`` is named with the missing key).
         """
-        kind = data.get("kind")
-        if kind != MASK_KIND:
-            raise ValueError(f"ExpertMask.from_dict: kind is {kind!r}, expected {MASK_KIND!r}.")
-        version = int(data.get("version", MASK_VERSION))
-        if version > MASK_VERSION:
+        return cls._from_checked(data, caller="ExpertMask.from_dict", source="the dict")
+
+    @classmethod
+    def _from_checked(cls, data: Any, *, caller: str, source: str) -> "ExpertMask":
+        check_kind(data, MASK_KIND, MASK_VERSION, caller=caller, source=source)
+        raw_edits = data.get("edits", [])
+        if not isinstance(raw_edits, (list, tuple)):
             raise ValueError(
-                f"ExpertMask.from_dict: version {version} is newer than supported ({MASK_VERSION}); upgrade labkit."
+                f"{caller}: {source}: 'edits' is a {type(raw_edits).__name__}, expected a list of "
+                '{"layer": ..., "expert": ..., "mode": ...} objects.'
             )
-        edits = [
-            ExpertEdit(int(e["layer"]), int(e["expert"]), e.get("mode", "off"), float(e.get("value", 0.0)))
-            for e in data.get("edits", [])
-        ]
+        edits = []
+        for number, edit in enumerate(raw_edits):
+            if not isinstance(edit, Mapping):
+                raise ValueError(
+                    f"{caller}: {source}: edit {number} is {edit!r}, expected an object with keys "
+                    "'layer', 'expert' and optionally 'mode', 'value'."
+                )
+            missing = [key for key in ("layer", "expert") if key not in edit]
+            if missing:
+                raise ValueError(
+                    f"{caller}: {source}: edit {number} ({dict(edit)!r}) lacks {', '.join(map(repr, missing))}; "
+                    "every edit needs 'layer' and 'expert' (and optionally 'mode', 'value')."
+                )
+            edits.append(ExpertEdit(edit["layer"], edit["expert"], edit.get("mode", "off"), edit.get("value", 0.0)))
         return cls(tuple(edits), data.get("model_name"), data.get("n_layers"), data.get("n_experts"))
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -401,8 +444,15 @@ class ExpertMask:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ExpertMask":
-        """Read a mask written by :meth:`to_json`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a mask written by :meth:`to_json`.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: the file is not JSON (e.g. a safetensors file), is another kind of
+                labkit object (the message names the kind found), or has invalid edits.
+        """
+        data = read_labkit_json(path, MASK_KIND, MASK_VERSION, caller="ExpertMask.from_json", writer="ExpertMask.to_json")
+        return cls._from_checked(data, caller="ExpertMask.from_json", source=repr(str(path)))
 
 
 # applying ------------------------------------------------------------------------------------

@@ -208,6 +208,36 @@ def _as_templates(templates: Sequence[PromptTemplate | str]) -> list[PromptTempl
     return out
 
 
+def _check_fillers(fillers: Any) -> None:
+    """Refuse fillers not shaped ``{condition: {slot: [str, ...]}}``.
+
+    A bare string is a sequence too: taken as a slot's values it would expand character by
+    character, so it is refused here rather than silently split.
+    """
+    shape = "{condition: {slot: [value, ...]}}"
+    if not isinstance(fillers, Mapping):
+        raise TypeError(f"expand_templates: fillers is a {type(fillers).__name__}; expected a dict {shape}.")
+    for condition, slots in fillers.items():
+        if not isinstance(slots, Mapping):
+            raise TypeError(
+                f"expand_templates: fillers[{condition!r}] is a {type(slots).__name__}; expected a dict "
+                f"{{slot: [value, ...]}} (fillers are {shape})."
+            )
+        for slot, values in slots.items():
+            if not isinstance(values, (list, tuple)):
+                example = f"[{values!r}]" if isinstance(values, str) else "[...]"
+                raise TypeError(
+                    f"expand_templates: fillers[{condition!r}][{slot!r}] is a {type(values).__name__} "
+                    f"({values!r}); expected a list or tuple of strings. Wrap a single value in a list: {example}."
+                )
+            for value in values:
+                if not isinstance(value, str):
+                    raise TypeError(
+                        f"expand_templates: fillers[{condition!r}][{slot!r}] holds {value!r} of type "
+                        f"{type(value).__name__}; every filler value must be a string."
+                    )
+
+
 def _values_for(fillers: Fillers, condition: str, slot: str) -> list[str]:
     values = [*fillers.get(condition, {}).get(slot, ()), *fillers.get("both", {}).get(slot, ())]
     return list(dict.fromkeys(values))  # drop repeats, keep order
@@ -267,6 +297,8 @@ def expand_templates(
         ValueError: a template uses a slot without fillers for a condition it is expanded for
             (the message names the slot and template), ``n`` exceeds the prompts available,
             a prompt appears in both conditions, or a bad ``holdout``/``holdout_by``.
+        TypeError: ``fillers`` is not ``{condition: {slot: [str, ...]}}`` -- e.g. a bare string
+            where a slot's list of values belongs (the message names the condition and slot).
 
     Example:
         >>> split = expand_templates(["What happened{time}?"],
@@ -281,6 +313,7 @@ def expand_templates(
         raise ValueError(f"expand_templates: holdout_by={holdout_by!r}; use 'prompt' or 'template'.")
     if n is not None and n < 1:
         raise ValueError(f"expand_templates: n={n!r} must be >= 1 or None.")
+    _check_fillers(fillers)
     unknown = sorted(set(fillers) - set(CONDITIONS))
     if unknown:
         raise ValueError(

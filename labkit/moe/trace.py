@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from labkit.moe.families import MoELayer, find_routers, hf_of
-from labkit.models import encode_prompt
+from labkit.models import check_context, encode_prompt
 
 __all__ = ["RoutingTrace", "trace_routing"]
 
@@ -117,17 +117,16 @@ class RoutingTrace:
         """Rebuild a trace from :meth:`to_dict` output.
 
         Raises:
-            ValueError: ``kind`` is not a routing trace or ``version`` is newer than supported.
+            ValueError: ``data`` is not a dict, has no or another ``kind``, a ``version`` newer
+                than supported, or lacks a field (the message names the missing keys).
         """
-        kind = data.get("kind", TRACE_KIND)
-        if kind != TRACE_KIND:
-            raise ValueError(f"RoutingTrace.from_dict: kind is {kind!r}, expected {TRACE_KIND!r}.")
-        version = int(data.get("version", TRACE_VERSION))
-        if version > TRACE_VERSION:
-            raise ValueError(
-                f"RoutingTrace.from_dict: version {version} is newer than this labkit supports "
-                f"({TRACE_VERSION}); upgrade labkit."
-            )
+        check_kind(data, TRACE_KIND, TRACE_VERSION, caller="RoutingTrace.from_dict", source="the dict")
+        require_keys(
+            data,
+            ("topk_indices", "topk_weights", "token_ids", "prompt_index", "position", "layers", "n_experts", "top_k", "n_prompts", "model_name"),
+            caller="RoutingTrace.from_dict",
+            source="the dict",
+        )
         return cls(
             topk_indices=torch.as_tensor(data["topk_indices"]),
             topk_weights=torch.as_tensor(data["topk_weights"]),
@@ -170,20 +169,12 @@ class RoutingTrace:
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
+            ValueError: ``path`` is not a safetensors file, holds no labkit metadata, or holds
+                another kind of labkit object (the message names the kind found).
         """
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"RoutingTrace.load: no file at {str(path)!r}.")
-        tensors = load_file(str(path))
-        sidecar = _sidecar(path)
-        if sidecar.is_file():
-            metadata = json.loads(sidecar.read_text())
-        else:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = json.loads(handle.metadata()["labkit"])
+        metadata, tensors = read_labkit_safetensors(
+            path, TRACE_KIND, TRACE_VERSION, caller="RoutingTrace.load", writer="RoutingTrace.save"
+        )
         return cls.from_dict({**metadata, "router_logits": None, **tensors})
 
 
@@ -191,11 +182,149 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+# --- loading labkit files (shared by RoutingTrace, ExpertAttribution and ExpertMask) ---------
+
+#: The loader for each kind labkit writes, named in "wrong kind" errors.
+_LOADERS = {
+    "labkit.RoutingTrace": "RoutingTrace.load",
+    "labkit.ExpertAttribution": "ExpertAttribution.load",
+    "labkit.ExpertMask": "ExpertMask.from_json",
+    "labkit.SteeringVector": "SteeringVector.load",
+    "labkit.PromptSplit": "PromptSplit.from_dict",
+}
+
+
+def check_kind(data: Any, kind: str, version: int, *, caller: str, source: str) -> None:
+    """Refuse ``data`` unless it is a dict with ``kind == kind`` and a ``version`` ≤ ``version``.
+
+    A missing ``version`` is read as the current one; ``source`` names where ``data`` came
+    from (a file path or "the dict") for the message.
+
+    Raises:
+        ValueError: not a dict, no or another ``kind``, or a bad / newer ``version``.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{caller}: {source} holds a {type(data).__name__}, expected a dict with kind {kind!r}.")
+    found = data.get("kind")
+    if found != kind:
+        if found is None:
+            what = f"has no 'kind' key (keys: {sorted(map(str, data))[:12]})"
+        else:
+            what = f"is of kind {found!r}"
+        hint = f" Load it with {_LOADERS[found]}." if found in _LOADERS else ""
+        raise ValueError(f"{caller}: {source} {what}; expected kind {kind!r}.{hint}")
+    found_version = data.get("version", version)
+    if isinstance(found_version, bool) or not isinstance(found_version, int) or found_version < 1:
+        raise ValueError(f"{caller}: {source} has version {found_version!r}; expected an int from 1 to {version}.")
+    if found_version > version:
+        raise ValueError(
+            f"{caller}: {source} is {kind} version {found_version}, newer than this labkit reads "
+            f"({version}); upgrade labkit."
+        )
+
+
+def require_keys(data: dict[str, Any], keys: Sequence[str], *, caller: str, source: str) -> None:
+    """Raise ``ValueError`` naming every key of ``keys`` missing from ``data``."""
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise ValueError(
+            f"{caller}: {source} lacks {', '.join(map(repr, missing))} (has {sorted(map(str, data))}); "
+            "was it written by this labkit's to_dict / save?"
+        )
+
+
+def _existing_file(path: str | os.PathLike, kind: str, *, caller: str, writer: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "no file"
+        raise FileNotFoundError(f"{caller}: {what} at {str(path)!r}; expected a {kind} file written by {writer}.")
+    return path
+
+
+def read_labkit_json(path: str | os.PathLike, kind: str, version: int, *, caller: str, writer: str) -> dict[str, Any]:
+    """Read a labkit JSON file and check its ``kind`` / ``version``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not UTF-8 JSON (e.g. a safetensors file), not a JSON object, or of another kind.
+    """
+    path = _existing_file(path, kind, caller=caller, writer=writer)
+    source = repr(str(path))
+    raw = path.read_bytes()
+    header = int.from_bytes(raw[:8], "little") if len(raw) > 8 else 0
+    if raw[8:9] == b"{" and 0 < header <= len(raw) - 8:  # safetensors: u64 header size, JSON header
+        raise ValueError(
+            f"{caller}: {source} is a safetensors file, not JSON; expected a {kind} JSON file written by {writer}."
+        )
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{caller}: {source} is binary, not JSON; expected a {kind} JSON file written by {writer}."
+        ) from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{caller}: {source} is not valid JSON ({error.msg}, line {error.lineno}); expected a {kind} "
+            f"JSON file written by {writer}."
+        ) from None
+    check_kind(data, kind, version, caller=caller, source=source)
+    return data
+
+
+def read_labkit_safetensors(
+    path: str | os.PathLike, kind: str, version: int, *, caller: str, writer: str
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(metadata, tensors)`` of a safetensors file labkit wrote, its ``kind`` / ``version`` checked.
+
+    The metadata is the JSON stored under the file's ``"labkit"`` metadata key (the ``.json``
+    sidecar written next to it is for people; it is read only when that key is absent).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a safetensors file (e.g. the JSON sidecar), no labkit metadata, or
+            another kind.
+    """
+    from safetensors import safe_open
+
+    path = _existing_file(path, kind, caller=caller, writer=writer)
+    source = repr(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("labkit")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors raises SafetensorError / OSError for non-safetensors bytes
+        hint = ""
+        if path.suffix == ".json" and path.with_suffix("").is_file():
+            hint = f" This looks like the JSON sidecar; pass {str(path.with_suffix(''))!r} instead."
+        raise ValueError(
+            f"{caller}: {source} is not a safetensors file ({type(error).__name__}: {error}); expected a "
+            f"{kind} .safetensors file written by {writer}.{hint}"
+        ) from None
+    if raw is None:
+        sidecar = _sidecar(path)
+        if not sidecar.is_file():
+            raise ValueError(
+                f"{caller}: {source} has no 'labkit' metadata (tensors: {sorted(tensors)[:8]}); it was not "
+                f"written by {writer}. Expected kind {kind!r}."
+            )
+        raw = sidecar.read_text(encoding="utf-8")
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{caller}: {source} has unreadable labkit metadata ({error.msg}).") from None
+    check_kind(metadata, kind, version, caller=caller, source=source)
+    return metadata, tensors
+
+
 Scope = Literal["all", "generated"] | tuple[Literal["last"], int]
 
 
 def _tokenizer_for(model, tokenizer):
-    """labkit's tokenizer for a bridge; a left-padding copy of ``tokenizer`` for a HF model."""
+    """labkit's tokenizer for a bridge; a left-padding deep copy of ``tokenizer`` otherwise.
+
+    A deep copy: a shallow one shares the backend tokenizer and special-token state, so setting
+    the pad token / padding side on it would change the caller's tokenizer.
+    """
     import copy
 
     from labkit.models import _REGISTRY
@@ -208,11 +337,33 @@ def _tokenizer_for(model, tokenizer):
                 "prompts as lists of token ids, or wrap it with labkit.models.from_hf."
             )
         return record.tokenizer
-    tokenizer = copy.copy(tokenizer)
+    tokenizer = copy.deepcopy(tokenizer)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _vocab_size(hf_model) -> int | None:
+    """Rows of the input embedding (what a token id indexes), else ``config.vocab_size``."""
+    embeddings = hf_model.get_input_embeddings() if hasattr(hf_model, "get_input_embeddings") else None
+    if embeddings is not None and hasattr(embeddings, "num_embeddings"):
+        return int(embeddings.num_embeddings)
+    size = getattr(hf_model.config, "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def _check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int | None) -> None:
+    """Refuse token ids outside ``0..vocab_size-1`` (torch would raise a bare IndexError)."""
+    for i, row in enumerate(rows):
+        bad = [t for t in row if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            allowed = f"0..{vocab_size - 1}" if vocab_size is not None else "≥ 0"
+            raise ValueError(
+                f"trace_routing: prompt {i} has token id {bad[0]} outside the model's vocabulary "
+                f"({allowed}; {len(bad)} such id(s) in this prompt). Pass ids from this model's tokenizer, "
+                "or pass text."
+            )
 
 
 def _encode(tokenizer, prompts: Sequence[Any], chat: bool) -> list[list[int]]:
@@ -358,7 +509,9 @@ def trace_routing(
 
     Raises:
         ValueError: dense / unsupported model, bad scope, batch_size or max_new_tokens, empty
-            prompt list, or a prompt that tokenises to nothing.
+            prompt list, a prompt that tokenises to nothing, a token id outside the model's
+            vocabulary, or a prompt (plus ``max_new_tokens`` for ``scope="generated"``) longer
+            than the model's context window.
 
     Example:
         >>> trace = trace_routing(model, ["What happened in 1989?"], scope=("last", 4))  # doctest: +SKIP
@@ -386,6 +539,10 @@ def trace_routing(
     needs_tokenizer = tokenizer is not None or any(isinstance(p, str) for p in prompts) or kind == "generated"
     tok = _tokenizer_for(model, tokenizer) if needs_tokenizer else None
     rows = _encode(tok, prompts, chat)
+    _check_token_ids(rows, _vocab_size(hf_model))
+    check_context(
+        model, [len(row) for row in rows], new_tokens=max_new_tokens if kind == "generated" else 0, caller="trace_routing"
+    )
     pad_id = tok.pad_token_id if tok is not None else (hf_model.config.pad_token_id or 0)
     device = next(hf_model.parameters()).device
 
