@@ -21,8 +21,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: lab test install browser bench clean
 
+# Lab machines run as root; JupyterLab refuses that unless told.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: install
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(ALLOW_ROOT)
 
 test: install
 	$(VENV)/bin/pytest -p no:cacheprovider --nbval --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg tests notebooks

@@ -50,6 +50,7 @@ from typing import Any, Literal
 import torch
 
 from labkit.moe.families import MoELayer, RouterFamily, Selection, family_of, find_routers, hf_of, n_layers_of
+from labkit.models import same_model
 from labkit.moe.trace import check_kind, read_labkit_json
 
 __all__ = ["ExpertEdit", "ExpertMask", "masked"]
@@ -480,10 +481,6 @@ def _merge(selections: list[Selection]) -> Selection:
     return Selection(off=off, on=on, bias=bias)
 
 
-def _same_model(a: str, b: str) -> bool:
-    return a == b or Path(a).name == Path(b).name
-
-
 def _check_model(mask: ExpertMask, model, routers: list[MoELayer]) -> None:
     meta = _model_meta(model)
     if mask.n_layers is not None and mask.n_layers != meta["n_layers"]:
@@ -496,7 +493,7 @@ def _check_model(mask: ExpertMask, model, routers: list[MoELayer]) -> None:
             f"ExpertMask was made for a model with {mask.n_experts} experts per layer ({mask.model_name!r}); "
             f"this model ({meta['model_name']!r}) has {meta['n_experts']}. Make the mask for this model."
         )
-    if mask.model_name is not None and not _same_model(mask.model_name, meta["model_name"]):
+    if mask.model_name is not None and not same_model(mask.model_name, meta["model_name"]):
         raise ValueError(
             f"ExpertMask was made for model {mask.model_name!r}, not {meta['model_name']!r}. If the two are the "
             "same model, rebind it with mask.for_model(model)."
