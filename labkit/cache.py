@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from labkit.hooks import attach, resolve_hook
-from labkit.models import check_context, encode_prompt, hf_model_of, lab_model, tokenizer_of
+from labkit.models import check_context, check_prompts, encode_prompt, hf_model_of, lab_model, tokenizer_of
 
 __all__ = [
     "ActivationCache",
@@ -79,18 +79,8 @@ def tokenize_prompts(model, prompts: Sequence[str], *, chat: bool = False) -> li
         ValueError: empty list, a non-string item, an empty prompt, or a prompt longer than
             the model's context window.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty; pass at least one prompt string.")
+    prompts = check_prompts(list(prompts) if not isinstance(prompts, str) else prompts, caller="cache_activations")
     tokenizer = tokenizer_of(model)
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise ValueError(
-            f"prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}: "
-            f"{prompts[bad[0]]!r}"
-        )
     ids = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
     for i, row in enumerate(ids):
         if not row:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from labkit.models import check_context, encode_prompt, hf_model_of, tokenizer_of
+from labkit.models import check_context, check_prompts, encode_prompt, hf_model_of, tokenizer_of
 from labkit.steering import SteeringVector, prompt_length, steered
 
 __all__ = ["Generation", "generate"]
@@ -44,21 +44,6 @@ class Generation:
 
     def __len__(self) -> int:
         return len(self.texts)
-
-
-def _check_prompts(prompts: Any) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"generate: need a prompt or a non-empty list of prompts, got {prompts!r}.")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"generate: prompt {i} must be a str, got {type(prompt).__name__}.")
-        if prompt == "":
-            raise ValueError(
-                f"generate: prompt {i} is empty (''); give at least one character (e.g. ' ')."
-            )
-    return list(prompts)
 
 
 def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
@@ -145,7 +130,7 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts, caller="generate")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}.")
     temperature = _check_number("temperature", temperature, 0.0, math.inf)

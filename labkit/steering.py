@@ -39,7 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from labkit.hooks import attach, observe_inputs, resolve_hook
-from labkit.models import hf_model_of, lab_model, same_model, tokenizer_of
+from labkit.models import check_prompts, hf_model_of, lab_model, same_model, tokenizer_of
 
 __all__ = [
     "POSITIONS",
@@ -331,19 +331,9 @@ def _check_hook_point(model, hook_name: str, where: str) -> None:
 
 
 def _check_prompts(prompts: Any, where: str) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"{where}: need at least one prompt, got {prompts!r}.")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"{where}: prompt {i} must be a str, got {type(prompt).__name__}.")
-        if prompt == "":
-            raise ValueError(
-                f"{where}: prompt {i} is empty (''); every prompt needs at least one token "
-                "(ActAdd's neutral side is usually a space, ' ')."
-            )
-    return list(prompts)
+    return check_prompts(
+        prompts, caller=where, hint=" ActAdd's neutral side is usually a space, ' '."
+    )
 
 
 def _encode(tokenizer, text: str, where: str) -> list[int]:

@@ -133,13 +133,13 @@ def test_hooks_removed_after_exception_in_hook(tiny_llama):
 @pytest.mark.parametrize(
     ("prompts", "hooks", "kwargs", "match"),
     [
-        ([], HOOKS, {}, "prompts is empty"),
+        ([], HOOKS, {}, "cache_activations: need a prompt or a non-empty list of prompts"),
+        (["x", ""], HOOKS, {}, "prompt 1 is empty"),
         (["x"], ["blocks.1.hook_resid_pr"], {}, "Closest real names: \\['blocks.1.hook_resid_pre'"),
         (["x"], [], {}, "hook_names is empty"),
         (["x"], HOOKS, {"batch_size": 0}, "batch_size must be a positive int"),
         (["x"], HOOKS, {"positions": "first"}, "not allowed"),
         (["one " * 100], HOOKS, {}, "context window is 64 tokens"),
-        (["x", 3], HOOKS, {}, "item 1 is int"),
         (["x"], ["blocks.0.attn.hook_pattern"], {}, "not \\[batch, pos"),
     ],
 )
@@ -176,3 +176,8 @@ def test_one_tokenisation_rule_everywhere(tiny_llama):
 def test_bad_budget_or_dtype(tiny_llama, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cache_activations(tiny_llama, ["love"], HOOKS, progress=False, **kwargs)
+
+
+def test_non_string_prompt_is_a_type_error(tiny_llama):
+    with pytest.raises(TypeError, match="prompt 1 must be a str, got int"):
+        cache_activations(tiny_llama, ["x", 3], HOOKS, progress=False)

@@ -154,7 +154,7 @@ def test_zero_coefficient_changes_nothing(tiny_llama):
 def test_bad_input_errors_name_received_and_allowed(tiny_llama, tiny_tokenizer):
     with pytest.raises(ValueError, match=r"prompt 0 is empty"):
         labkit.actadd(tiny_llama, "", " ", layer=1)
-    with pytest.raises(ValueError, match=r"need at least one prompt"):
+    with pytest.raises(ValueError, match=r"need a prompt or a non-empty list of prompts"):
         labkit.mean_difference(tiny_llama, [], ["hate"], layer=1)
     with pytest.raises(ValueError, match=r"layer 3 out of range; model has 3 layers \(0\.\.2\)"):
         labkit.actadd(tiny_llama, "love", "hate", layer=3)
