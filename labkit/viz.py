@@ -9,7 +9,6 @@ tests compare ``fig.to_dict()``), in the spirit of CircuitsVis.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 __all__ = ["condition_plot", "expert_heatmap", "residual_norm_heatmap"]
 

@@ -10,6 +10,7 @@ Qwen2-MoE's layer 0 is dense (``decoder_sparse_step=2`` makes layers 1 and 3 spa
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -160,3 +161,17 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_tokenizer():
+    """One offline tokenizer for all tiny MoE models of a session."""
+    from tests.conftest import make_tokenizer
+
+    return make_tokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def shared_moe_hf(family: str):
+    """One tiny model per family for the whole session (tests only add hooks they remove)."""
+    return tiny_moe_hf(family, shared_tokenizer())

@@ -10,7 +10,6 @@ from labkit.cache import (
     MemoryBudgetError,
     cache_activations,
     estimate_cache_bytes,
-    left_pad,
     select_positions,
 )
 from labkit.hooks import count_hooks

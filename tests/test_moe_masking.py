@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import pytest
@@ -11,9 +10,8 @@ import torch
 
 from labkit.hooks import count_hooks
 from labkit.moe import ExpertMask, masked, trace_routing
-from labkit.moe.families import find_routers
-from tests.conftest import make_tokenizer, tiny_llama_hf
-from tests.moe_fixtures import FAMILIES, MOE_LAYERS, N_EXPERTS, TOP_K, one_thread, tiny_moe_hf
+from tests.conftest import tiny_llama_hf
+from tests.moe_fixtures import shared_moe_hf, shared_tokenizer, FAMILIES, MOE_LAYERS, N_EXPERTS, TOP_K, one_thread, tiny_moe_hf
 
 PROMPTS = ["the cat sat on a mat", "what happened in the city during war and peace", "one two three four five"]
 
@@ -24,14 +22,8 @@ def _one_thread():
         yield
 
 
-@functools.lru_cache(maxsize=None)
-def _tokenizer():
-    return make_tokenizer()
-
-
-@functools.lru_cache(maxsize=None)
-def hf(family: str):
-    return tiny_moe_hf(family, _tokenizer())
+_tokenizer = shared_tokenizer
+hf = shared_moe_hf
 
 
 def ids_of(text: str) -> torch.Tensor:

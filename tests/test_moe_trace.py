@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from labkit.hooks import count_hooks
 from labkit.moe import RoutingTrace, moe_layers, trace_routing
 from labkit.moe.families import find_routers
 from tests.conftest import make_tokenizer, tiny_llama_hf
-from tests.moe_fixtures import FAMILIES, MOE_LAYERS, N_EXPERTS, TOP_K, one_thread, tiny_moe_hf
+from tests.moe_fixtures import shared_moe_hf, shared_tokenizer, FAMILIES, MOE_LAYERS, N_EXPERTS, TOP_K, one_thread, tiny_moe_hf
 
 PROMPTS = [
     "the cat sat on a mat",
@@ -28,15 +27,8 @@ def _one_thread():
         yield
 
 
-@functools.lru_cache(maxsize=None)
-def _tokenizer():
-    return make_tokenizer()
-
-
-@functools.lru_cache(maxsize=None)
-def hf(family: str):
-    """One tiny model per family for the whole session (tests only add hooks they remove)."""
-    return tiny_moe_hf(family, _tokenizer())
+_tokenizer = shared_tokenizer
+hf = shared_moe_hf
 
 
 def router_outputs(model, input_ids):
