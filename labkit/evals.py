@@ -78,22 +78,19 @@ def perplexity(model, texts: str | _Sequence[str], *, steering=None, batch_size:
         The perplexity (≥ 1).
 
     Raises:
-        ValueError: no texts, or a text shorter than two tokens.
+        ValueError: no texts, an empty text, or a text shorter than two tokens.
+        TypeError: a text that is not a string.
     """
     import torch
 
-    from labkit.models import hf_model_of, tokenizer_of
+    from labkit.models import check_prompts, encode_prompt, hf_model_of, tokenizer_of
     from labkit.steering import steered
 
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if not texts:
-        raise ValueError("perplexity: texts is empty; give at least one text.")
+    texts = check_prompts(texts, caller="perplexity")
     tokenizer = tokenizer_of(model)
     twin = hf_model_of(model)
     device = next(twin.parameters()).device
-    encoded = [tokenizer(text).input_ids for text in texts]
+    encoded = [encode_prompt(tokenizer, text) for text in texts]
     for i, ids in enumerate(encoded):
         if len(ids) < 2:
             raise ValueError(f"perplexity: text {i} ({texts[i]!r}) has {len(ids)} token(s); need ≥ 2.")

@@ -77,3 +77,12 @@ def test_topic_steering_sweep_table(tiny_llama):
 
 
 # --- behaviour detectors and task accuracy -------------------------------------------------
+
+
+def test_perplexity_bad_input(tiny_llama):
+    from labkit.evals import perplexity
+
+    with pytest.raises(ValueError, match="perplexity: need a prompt or a non-empty list"):
+        perplexity(tiny_llama, [])
+    with pytest.raises(ValueError, match="perplexity: text 0 .* need ≥ 2"):
+        perplexity(tiny_llama, ["a"])
