@@ -81,10 +81,13 @@ def jupyter_lab(tmp_path):
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
         "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
     }
-    # Never autosave the repository's notebook with this run's outputs; no news prompt.
+    # Never autosave the repository's notebook with this run's outputs; no news prompt; no windowing.
     for plugin, settings in {
         "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": '{"autosave": false}',
         "@jupyterlab/apputils-extension/notification.jupyterlab-settings": '{"fetchNews": "false"}',
+        # Render every cell: with JupyterLab 4's default windowing, cells scrolled out of view
+        # (the panels, once "run all" has scrolled to the end) are not in the DOM at all.
+        "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": '{"windowingMode": "none"}',
     }.items():
         path = tmp_path / "settings" / plugin
         path.parent.mkdir(parents=True, exist_ok=True)
