@@ -31,7 +31,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from labkit.hooks import attach, resolve_hook
-from labkit.models import check_context, check_prompts, encode_prompt, hf_model_of, lab_model, tokenizer_of
+from labkit.models import (
+    check_context,
+    check_prompts,
+    encode_prompt,
+    hf_model_of,
+    lab_model,
+    left_pad,
+    tokenizer_of,
+)
 
 __all__ = [
     "ActivationCache",
@@ -87,25 +95,6 @@ def tokenize_prompts(model, prompts: Sequence[str], *, chat: bool = False) -> li
             raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to zero tokens.")
     check_context(model, [len(row) for row in ids], caller="cache_activations")
     return ids
-
-
-def left_pad(
-    rows: Sequence[Sequence[int]], pad_id: int
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Left-pad token rows; return ``(input_ids, attention_mask, position_ids)``.
-
-    Position ids count real tokens only (0 at each row's first real token), which is what makes
-    a padded batch compute exactly what each row computes alone.
-    """
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, width - len(row) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
 
 
 def select_positions(length: int, positions: Positions) -> list[int]:

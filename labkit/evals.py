@@ -83,7 +83,7 @@ def perplexity(model, texts: str | _Sequence[str], *, steering=None, batch_size:
     """
     import torch
 
-    from labkit.models import check_prompts, encode_prompt, hf_model_of, tokenizer_of
+    from labkit.models import check_prompts, encode_prompt, hf_model_of, left_pad, tokenizer_of
     from labkit.steering import steered
 
     texts = check_prompts(texts, caller="perplexity")
@@ -99,11 +99,7 @@ def perplexity(model, texts: str | _Sequence[str], *, steering=None, batch_size:
     with steered(model, *vectors), torch.no_grad():
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start:start + batch_size]
-            width = max(len(ids) for ids in chunk)
-            pad = tokenizer.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, positions = left_pad(chunk, tokenizer.pad_token_id, device)
             logits = twin(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
             logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             target = ids[:, 1:]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from labkit.models import check_context, check_prompts, encode_prompt, hf_model_of, tokenizer_of
+from labkit.models import check_context, check_prompts, encode_prompt, hf_model_of, left_pad, tokenizer_of
 from labkit.steering import SteeringVector, prompt_length, steered
 
 __all__ = ["Generation", "generate"]
@@ -155,12 +155,10 @@ def generate(
     device = next(twin.parameters()).device
     encoded = _encode(tokenizer, prompts, chat)
     check_context(model, [len(ids) for ids in encoded], new_tokens=max_new_tokens, caller="generate")
-    width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-    attention_mask = torch.tensor(
-        [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
-    )
+    # generate() derives position ids from the attention mask itself.
+    input_ids, attention_mask, _ = left_pad(encoded, pad, device)
+    width = input_ids.shape[1]
 
     eos = twin.generation_config.eos_token_id
     if eos is None:

@@ -481,3 +481,27 @@ def check_prompts(prompts, *, caller: str, hint: str = "") -> list[str]:
                 f"{caller}: prompt {i} is empty (''); give at least one character (e.g. ' ')." + hint
             )
     return list(prompts)
+
+
+def left_pad(rows, pad_id: int, device: str | torch.device | None = None):
+    """Left-pad token rows into one batch: ``(input_ids, attention_mask, position_ids)``.
+
+    Each is ``Int[Tensor, "batch pos"]``. Position ids count real tokens only (0 at each row's
+    first real token), which is what makes a padded batch compute exactly what each row
+    computes alone; the one batching rule of caching, generation, steering, evaluation and
+    routing traces.
+
+    Args:
+        rows: one sequence of token ids per prompt (at least one row).
+        pad_id: the token id written into padding positions (masked out).
+        device: where the tensors go (default CPU).
+    """
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            input_ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            attention_mask[i, width - len(row) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)

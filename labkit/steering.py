@@ -39,7 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from labkit.hooks import attach, observe_inputs, resolve_hook
-from labkit.models import check_prompts, hf_model_of, lab_model, same_model, tokenizer_of
+from labkit.models import check_prompts, hf_model_of, lab_model, left_pad, same_model, tokenizer_of
 
 __all__ = [
     "POSITIONS",
@@ -343,11 +343,6 @@ def _encode(tokenizer, text: str, where: str) -> list[int]:
     return list(ids)
 
 
-def _position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions counted from each row's first real token (as ``generate`` does)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def residual_activations(
     model, token_ids: Sequence[Sequence[int]], hook_name: str
@@ -365,22 +360,15 @@ def residual_activations(
     tokenizer = tokenizer_of(model)
     twin = hf_model_of(model)
     device = next(twin.parameters()).device
-    width = max(len(ids) for ids in token_ids)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in token_ids])
-    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in token_ids])
+    input_ids, mask, position_ids = left_pad(token_ids, tokenizer.pad_token_id, device)
+    width = input_ids.shape[1]
     captured: list[Tensor] = []
 
     def capture(activation: Tensor, _site) -> None:
         captured.append(activation.detach())
 
     with attach(model, {hook_name: capture}) as runner:
-        runner(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=_position_ids(mask).to(device),
-            use_cache=False,
-        )
+        runner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     acts = captured[0].float().cpu()
     return [acts[row, width - len(ids):] for row, ids in enumerate(token_ids)]
 

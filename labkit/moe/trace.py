@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from labkit.moe.families import MoELayer, find_routers, hf_of
-from labkit.models import check_context, encode_prompt
+from labkit.models import check_context, encode_prompt, left_pad
 
 __all__ = ["RoutingTrace", "trace_routing"]
 
@@ -406,18 +406,6 @@ def _check_scope(scope) -> tuple[str, int]:
     )
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """``(input_ids, attention_mask, position_ids)``; positions count real tokens from 0."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
-
-
 @contextlib.contextmanager
 def recording(routers: Sequence[MoELayer]) -> Iterator[list[list[tuple[Tensor, Tensor, Tensor]]]]:
     """Record every router call's ``(router_logits, topk_weights, topk_indices)`` per layer.
@@ -448,7 +436,7 @@ def _generate_greedy(hf_model, rows, pad_id, eos_ids, max_new_tokens, device) ->
     """Greedy answers (new tokens up to and including the first end-of-sequence token)."""
     from transformers import GenerationConfig
 
-    input_ids, attention_mask, _ = _left_pad(rows, pad_id, device)
+    input_ids, attention_mask, _ = left_pad(rows, pad_id, device)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -567,7 +555,7 @@ def trace_routing(
                 batch_rows = [r + a for r, a in zip(batch_rows, answers)]
             elif kind == "last":
                 keep_from = [max(0, len(r) - last_k) for r in batch_rows]
-            input_ids, attention_mask, position_ids = _left_pad(batch_rows, pad_id, device)
+            input_ids, attention_mask, position_ids = left_pad(batch_rows, pad_id, device)
             width = input_ids.shape[1]
             with recording(routers) as records:
                 hf_model(
