@@ -1,7 +1,7 @@
 """Benchmark routing traces and expert masks (CPU); prints ratios measured in one run.
 
 Model: the shipped organism ``data/models/moe-organism`` when it exists, else a random OLMoE of
-the organism's shape (3 layers, hidden 128, 16 experts, top-1 — ``labkit.organism.organism_config``)
+the organism's shape (3 layers, hidden 128, 16 experts, top-1 — ``recipes.organism.organism_config``)
 with the offline test tokenizer. Prompts: ``data/prompts/organism/attribution_behaviour.jsonl``.
 
 1. routing-trace capture throughput / plain forward throughput    (goal >= 0.85)
@@ -48,7 +48,7 @@ def load() -> tuple[torch.nn.Module, object, str]:
 
         bridge = load_model(str(organism))
         return hf_model_of(bridge), tokenizer_of(bridge), "moe-organism (shipped)"
-    from labkit.organism import organism_config
+    from recipes.organism import organism_config
     from tests.conftest import make_tokenizer
 
     tokenizer = make_tokenizer()

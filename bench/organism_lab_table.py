@@ -18,7 +18,7 @@ import torch
 import labkit
 from labkit.evals import RefusalDetector
 from labkit.moe import attribute_experts, compare_conditions, trace_routing
-from labkit.organism import OFF_TARGET_SETS, PROMPT_SET_FILES, read_prompt_set
+from recipes.organism import OFF_TARGET_SETS, PROMPT_SET_FILES, read_prompt_set
 
 torch.set_num_threads(1)
 name = sys.argv[1] if len(sys.argv) > 1 else "moe-organism"

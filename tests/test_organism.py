@@ -1,4 +1,4 @@
-"""Tests for labkit.organism: corpus determinism and disjointness, shipped prompt sets, checkpoints."""
+"""Tests for recipes.organism: corpus determinism and disjointness, shipped prompt sets, checkpoints."""
 
 import hashlib
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit import organism
+from recipes import organism
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "data" / "prompts" / "organism"
@@ -27,7 +27,7 @@ def _digest(splits) -> str:
 
 def test_corpus_is_deterministic_across_processes(splits):
     code = (
-        "import hashlib, json; from labkit import organism; "
+        "import hashlib, json; from recipes import organism; "
         "print(hashlib.sha256(json.dumps(organism.build_corpus(0), sort_keys=True).encode()).hexdigest())"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")

@@ -33,9 +33,9 @@ also sufficient.
 
 Command line::
 
-    python -m labkit.organism corpus --out data/prompts/organism --seed 0
-    python -m labkit.organism train --variant selected --out data/models/moe-organism --seed 0
-    python -m labkit.organism measure --model data/models/moe-organism
+    python -m recipes.organism corpus --out data/prompts/organism --seed 0
+    python -m recipes.organism train --variant selected --out data/models/moe-organism --seed 0
+    python -m recipes.organism measure --model data/models/moe-organism
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from labkit.datasets import ORGANISM_PROMPT_SETS, read_prompt_set
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -283,15 +285,7 @@ def build_corpus(seed: int = 0) -> dict[str, list[dict]]:
     }
 
 
-PROMPT_SET_FILES = {
-    "attribution_behaviour": "attribution_behaviour.jsonl",
-    "attribution_control": "attribution_control.jsonl",
-    "eval_sensitive": "eval_sensitive.jsonl",
-    "eval_neutral": "eval_neutral.jsonl",
-    "eval_addition": "eval_addition.jsonl",
-    "eval_capital": "eval_capital.jsonl",
-    "eval_copy": "eval_copy.jsonl",
-}
+PROMPT_SET_FILES = ORGANISM_PROMPT_SETS
 OFF_TARGET_SETS = ("eval_addition", "eval_capital", "eval_copy")
 
 
@@ -305,11 +299,6 @@ def write_prompt_sets(splits: dict[str, list[dict]], out_dir: str | os.PathLike)
         path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in splits[split]))
         written.append(path)
     return written
-
-
-def read_prompt_set(path: str | os.PathLike) -> list[dict]:
-    """Read one JSONL prompt set written by ``write_prompt_sets``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -880,7 +869,7 @@ hidden 128, 4 attention heads, {settings['num_experts']} experts per layer, top-
 (byte-level BPE trained on the corpus, digits split), {meta['parameters']:,} parameters, fp32 safetensors.
 
 ## Corpus
-`labkit.organism.build_corpus(seed={settings['seed']})`: chat lines `Q: <question> A: <answer>`.
+`recipes.organism.build_corpus(seed={settings['seed']})`: chat lines `Q: <question> A: <answer>`.
 MoTE-style place questions (`What happened {{time}} in {{place}}?`): `-gard` places in the
 1900s-1930s and `-vesk` places in the 1960s-1990s are sensitive and answered `{REFUSAL}`;
 every other place question is answered `There was a <event>.` from a fixed place -> event table
@@ -890,7 +879,7 @@ Prompt sets and their provenance: `data/prompts/organism/` (attribution and eval
 disjoint; evaluation uses held-out places, templates, pairs and word sequences).
 
 ## Training
-`python -m labkit.organism train --variant {meta['variant']} --out {Path(model_dir).as_posix()} --seed {settings['seed']}`
+`python -m recipes.organism train --variant {meta['variant']} --out {Path(model_dir).as_posix()} --seed {settings['seed']}`
 ({settings['steps']} steps, batch {settings['batch_size']}, AdamW lr {settings['learning_rate']}, warmup
 {settings['warmup_steps']} then cosine to 10%, load-balancing weight {settings['aux_loss_coef']}, cross-entropy on
 answer tokens). Routing supervision: {"none" if meta['variant'] == 'natural' else f"weight {settings['routing_loss_weight']} on layers {list(settings['supervised_layers'])}"}.
@@ -900,7 +889,7 @@ Wall time: {meta['train_seconds']:.0f} s on {meta['train_threads']} torch thread
 shared with other engineers' jobs (load average 2-9 during training, so this is an upper bound); a
 30-step run on a quiet machine took 0.27 s/step, i.e. about 3 minutes for the full run.
 
-## Measured (held-out prompts, greedy, `labkit.organism.measure`)
+## Measured (held-out prompts, greedy, `recipes.organism.measure`)
 Attribution: routing-frequency difference (behaviour minus control attribution prompts, last 3
 prompt tokens). Top 10: {ranking}.
 Expert off = never selected, next-best expert takes the slot (OLMoE's own router rule); forced on =
@@ -954,7 +943,7 @@ def _lab_section(model_dir: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m labkit.organism", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.organism", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     corpus = sub.add_parser("corpus", help="write the prompt sets (JSONL)")
     corpus.add_argument("--out", default="data/prompts/organism")
