@@ -31,15 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from labkit.hooks import attach, resolve_hook
-from labkit.models import (
-    check_context,
-    check_prompts,
-    encode_prompt,
-    hf_model_of,
-    lab_model,
-    left_pad,
-    tokenizer_of,
-)
+from labkit.models import check_context, encode_prompts, lab_model, left_pad
 
 __all__ = [
     "ActivationCache",
@@ -71,14 +63,17 @@ def _human(n_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def tokenize_prompts(model, prompts: Sequence[str], *, chat: bool = False) -> list[list[int]]:
-    """Tokenise prompts exactly as a single-prompt Hugging Face call would.
+def tokenize_prompts(
+    model, prompts: Sequence[str], *, chat: bool = False, prepend_bos: bool | None = None
+) -> list[list[int]]:
+    """Tokenise prompts with the lab's one rule (the bridge's ``to_tokens``, BOS included).
 
     Args:
         model: a bridge from :func:`labkit.load_model`.
         prompts: non-empty list of strings.
         chat: wrap each prompt as one user turn with the tokenizer's chat template
             (generation prompt added).
+        prepend_bos: override the model's BOS rule (``None`` keeps it).
 
     Returns:
         One list of token ids per prompt.
@@ -87,12 +82,8 @@ def tokenize_prompts(model, prompts: Sequence[str], *, chat: bool = False) -> li
         ValueError: empty list, a non-string item, an empty prompt, or a prompt longer than
             the model's context window.
     """
-    prompts = check_prompts(list(prompts) if not isinstance(prompts, str) else prompts, caller="cache_activations")
-    tokenizer = tokenizer_of(model)
-    ids = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
-    for i, row in enumerate(ids):
-        if not row:
-            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to zero tokens.")
+    prompts = list(prompts) if not isinstance(prompts, str) else prompts
+    _prompts, ids = encode_prompts(model, prompts, caller="cache_activations", chat=chat, prepend_bos=prepend_bos)
     check_context(model, [len(row) for row in ids], caller="cache_activations")
     return ids
 
@@ -280,6 +271,7 @@ def estimate_cache_bytes(
     positions: Positions = "all",
     dtype: torch.dtype | None = None,
     chat: bool = False,
+    prepend_bos: bool | None = None,
 ) -> int:
     """Bytes :func:`cache_activations` would hold for these arguments, before running them.
 
@@ -300,7 +292,7 @@ def estimate_cache_bytes(
     Raises:
         ValueError: as :func:`cache_activations` for bad prompts, names or positions.
     """
-    token_rows = tokenize_prompts(model, prompts, chat=chat)
+    token_rows = tokenize_prompts(model, prompts, chat=chat, prepend_bos=prepend_bos)
     widths = _probe_widths(model, list(hook_names), min(token_rows, key=len))
     element = torch.empty((), dtype=dtype or _model_dtype(model)).element_size()
     n_rows = sum(len(select_positions(len(r), positions)) for r in token_rows)
@@ -308,7 +300,7 @@ def estimate_cache_bytes(
 
 
 def _model_dtype(model) -> torch.dtype:
-    return next(hf_model_of(model).parameters()).dtype
+    return next(lab_model(model).twin.parameters()).dtype
 
 
 def cache_activations(
@@ -323,6 +315,7 @@ def cache_activations(
     shard_bytes: int = 256 * 1024**2,
     dtype: torch.dtype | None = None,
     chat: bool = False,
+    prepend_bos: bool | None = None,
     progress: bool = True,
 ) -> ActivationCache:
     """Cache activations at chosen hook points over a prompt dataset.
@@ -332,7 +325,9 @@ def cache_activations(
     position-id fix is what flips GPT-2's predictions under padding). Hook points that are a
     module's input/output (``blocks.{L}.hook_resid_pre``, ``hook_resid_post``, ``hook_attn_out``,
     ``hook_mlp_out`` ...) run on the plain twin with one ``torch`` hook each; other per-position
-    hook points run on the bridge.
+    hook points (``attn.hook_q`` as ``[pos, head, d_head]``, ...) run on the bridge. Either way a
+    cached tensor equals the bridge's ``run_with_cache`` value for that name, and any open
+    intervention (``steered``, ``masked``) applies.
 
     Args:
         model: a bridge from :func:`labkit.load_model`.
@@ -347,6 +342,8 @@ def cache_activations(
         shard_bytes: target shard size in bytes when streaming.
         dtype: storage dtype (e.g. ``torch.float16`` halves memory); default the model's.
         chat: wrap prompts in the tokenizer's chat template.
+        prepend_bos: override the model's BOS rule (``None`` keeps ``model.cfg.default_prepend_bos``,
+            so positions line up with the bridge's ``run_with_cache`` of the same string).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -381,7 +378,7 @@ def cache_activations(
         )
     for name in hook_names:
         resolve_hook(model, name)  # unknown names fail here, before any work
-    token_rows = tokenize_prompts(model, prompts, chat=chat)
+    token_rows = tokenize_prompts(model, prompts, chat=chat, prepend_bos=prepend_bos)
     kept = [select_positions(len(r), positions) for r in token_rows]
     store_dtype = dtype or _model_dtype(model)
     widths = _probe_widths(model, hook_names, min(token_rows, key=len))
@@ -404,7 +401,7 @@ def cache_activations(
             raise ValueError(f"out_dir {str(directory)!r} exists and is not empty; choose a new directory.")
         directory.mkdir(parents=True, exist_ok=True)
 
-    pad_id = tokenizer_of(model).pad_token_id
+    pad_id = lab_model(model).tokenizer.pad_token_id
     parts: dict[str, list[Tensor]] = {name: [] for name in hook_names}
     index_parts: dict[str, list[Tensor]] = {"prompt_index": [], "position": [], "token_ids": []}
     shards: list[str] = []

@@ -58,11 +58,14 @@ def topic_word_fraction(texts: str | _Iterable[str], topic_words: _Iterable[str]
     return hits / total if total else 0.0
 
 
-def perplexity(model, texts: str | _Sequence[str], *, steering=None, batch_size: int = 8) -> float:
+def perplexity(
+    model, texts: str | _Sequence[str], *, steering=None, batch_size: int = 8, prepend_bos: bool | None = None
+) -> float:
     """Token-level perplexity of texts under the model, optionally steered.
 
-    ``exp(mean negative log-likelihood)`` over every predicted token of every text (each text's
-    first token is not predicted). ActAdd's off-target check (Turner et al. 2023, §4): held-out
+    ``exp(mean negative log-likelihood)`` over every predicted token of every text (tokenised
+    with the model's BOS rule: with a BOS, the first real token is predicted from it; without,
+    each text's first token is not predicted). ActAdd's off-target check (Turner et al. 2023, §4): held-out
     neutral text should be about as likely steered as unsteered. Runs the plain twin on
     left-padded batches; with ``steering`` the vectors are applied as in a prompt pass (an
     ActAdd vector lands on each text's first tokens, a direction on every token, except
@@ -74,6 +77,7 @@ def perplexity(model, texts: str | _Sequence[str], *, steering=None, batch_size:
         texts: a text or a list of texts, each at least two tokens long.
         steering: a ``SteeringVector``, a list of them, or ``None``.
         batch_size: texts per forward pass.
+        prepend_bos: override the model's BOS rule (``None`` keeps it).
 
     Returns:
         The perplexity (≥ 1).
@@ -84,14 +88,13 @@ def perplexity(model, texts: str | _Sequence[str], *, steering=None, batch_size:
     """
     import torch
 
-    from labkit.models import check_prompts, encode_prompt, hf_model_of, left_pad, tokenizer_of
+    from labkit.models import encode_prompts, lab_model, left_pad
     from labkit.steering import steered
 
-    texts = check_prompts(texts, caller="perplexity")
-    tokenizer = tokenizer_of(model)
-    twin = hf_model_of(model)
+    texts, encoded = encode_prompts(model, texts, caller="perplexity", prepend_bos=prepend_bos)
+    record = lab_model(model)
+    tokenizer, twin = record.tokenizer, record.twin
     device = next(twin.parameters()).device
-    encoded = [encode_prompt(tokenizer, text) for text in texts]
     for i, ids in enumerate(encoded):
         if len(ids) < 2:
             raise ValueError(f"perplexity: text {i} ({texts[i]!r}) has {len(ids)} token(s); need ≥ 2.")

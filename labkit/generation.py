@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from labkit.models import check_context, check_prompts, encode_prompt, hf_model_of, left_pad, tokenizer_of
-from labkit.steering import SteeringVector, prompt_length, steered
+from labkit.models import check_context, encode_prompts, lab_model, left_pad
+from labkit.steering import SteeringVector, steered
 
 __all__ = ["Generation", "generate"]
 
@@ -55,17 +55,6 @@ def _check_number(name: str, value: Any, low: float, high: float, *, low_open: b
     return float(value)
 
 
-def _encode(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
-    try:
-        encoded = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
-    except ValueError as error:
-        raise ValueError(f"generate: {error}") from None
-    for i, ids in enumerate(encoded):
-        if not ids:
-            raise ValueError(f"generate: prompt {i} ({prompts[i]!r}) tokenizes to no tokens.")
-    return [list(ids) for ids in encoded]
-
-
 def _trim(ids: list[int], eos: set[int], pad: int | None) -> list[int]:
     for i, token in enumerate(ids):
         if token in eos:
@@ -86,6 +75,7 @@ def generate(
     top_k: int = 0,
     seed: int | None = None,
     chat: bool = False,
+    prepend_bos: bool | None = None,
     streamer: Any = None,
     use_cache: bool = True,
     **generate_kwargs: Any,
@@ -110,6 +100,7 @@ def generate(
         top_k: keep the k most likely tokens (0 = no limit; sampling only).
         seed: seeds the sampler; same seed → same text, steered or not.
         chat: wrap each prompt as a user turn with the tokenizer's chat template.
+        prepend_bos: override the model's BOS rule (``None`` keeps ``model.cfg.default_prepend_bos``).
         streamer: a ``transformers`` streamer (e.g. ``TextIteratorStreamer``), batch size 1.
         use_cache: use the KV cache (default); ``False`` recomputes every step (for checks).
         **generate_kwargs: passed on to ``GenerationConfig`` (e.g. ``min_new_tokens=48``,
@@ -130,7 +121,6 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    prompts = check_prompts(prompts, caller="generate")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}.")
     temperature = _check_number("temperature", temperature, 0.0, math.inf)
@@ -143,17 +133,17 @@ def generate(
     known = set(GenerationConfig().to_dict())
     unknown = sorted(set(generate_kwargs) - known)
     if unknown:
-        close = {k: difflib.get_close_matches(k, [*known, "max_new_tokens", "temperature", "top_p", "top_k", "seed", "chat", "streamer", "use_cache", "steering"], n=1) for k in unknown}
+        close = {k: difflib.get_close_matches(k, [*known, "max_new_tokens", "temperature", "top_p", "top_k", "seed", "chat", "prepend_bos", "streamer", "use_cache", "steering"], n=1) for k in unknown}
         hints = ", ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
         raise ValueError(
             f"generate: unknown keyword argument(s) {hints}; extra keywords must be "
             "transformers GenerationConfig fields (e.g. min_new_tokens, repetition_penalty)."
         )
 
-    tokenizer = tokenizer_of(model)
-    twin = hf_model_of(model)
+    record = lab_model(model)
+    prompts, encoded = encode_prompts(model, prompts, caller="generate", chat=chat, prepend_bos=prepend_bos)
+    tokenizer, twin = record.tokenizer, record.twin
     device = next(twin.parameters()).device
-    encoded = _encode(tokenizer, prompts, chat)
     check_context(model, [len(ids) for ids in encoded], new_tokens=max_new_tokens, caller="generate")
     pad = tokenizer.pad_token_id
     # generate() derives position ids from the attention mask itself.
@@ -185,7 +175,7 @@ def generate(
             stack.enter_context(torch.random.fork_rng(devices=devices))
             torch.manual_seed(seed)
         stack.enter_context(steered(model, *vectors))
-        stack.enter_context(prompt_length(twin, width))
+        stack.enter_context(record.generating(width))
         with torch.no_grad():
             sequences = twin.generate(
                 input_ids=input_ids,

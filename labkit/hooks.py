@@ -1,16 +1,27 @@
-"""The one place labkit attaches hooks: TransformerLens hook names, paid for only when used.
+"""The one place labkit attaches hooks: TransformerLens hook names, on every path the model runs.
 
 A TransformerLens 4.x bridge runs every one of its hook points (about 1,400 on a 30-layer model)
 on every forward pass, used or not; on SmolLM2 that makes cached generation ~0.54x as fast as
-plain Hugging Face. labkit keeps the TransformerLens *names* but resolves each one to where it
-lands on the plain twin model (:func:`labkit.models.hf_model_of`):
+plain Hugging Face. labkit keeps the TransformerLens *names* and their meaning, and resolves
+each one to where it lands:
 
 * a component's ``hook_in`` / ``hook_out`` (and aliases such as ``blocks.{L}.hook_resid_pre`` =
-  ``blocks.{L}.hook_in``, ``hook_resid_post``, ``hook_attn_out``, ``hook_mlp_out``) is the
-  input / output of one Hugging Face module, so it becomes a plain ``torch`` pre-hook / forward
-  hook on that module of the twin. Nothing else runs any hook code.
-* any other hook point (``attn.hook_pattern``, ``ln1.hook_scale`` ...) exists only inside the
-  bridge; :func:`attach` then hooks the bridge's own ``HookPoint`` modules and runs the bridge.
+  ``blocks.{L}.hook_in``, ``hook_resid_post``, ``hook_attn_out``, ``hook_mlp_out``) whose hook
+  point applies no conversion is the input / output of one Hugging Face module: on the plain
+  twin (:attr:`labkit.models.LabModel.twin`) it becomes one ``torch`` hook on that module.
+* every other hook point (per-head ``attn.hook_q`` / ``hook_k`` / ``hook_z``, which the bridge
+  reshapes to ``[batch, pos, head, d_head]``; ``attn.hook_pattern``; ``ln1.hook_scale`` ...) is
+  hooked on the bridge itself through TransformerLens's own ``HookPoint.add_hook``, so it has
+  exactly the bridge's shape and values. Speed never changes a value
+  (``tests/test_hook_conformance.py`` compares both paths name by name).
+
+Two kinds of attachment:
+
+* :func:`attach` — hooks for one labkit run (caching, capturing): they go on the twin when every
+  name lands there, else on the bridge, and the module to run is yielded.
+* :func:`intervene` — an open intervention (steering vector, expert mask): its hooks go on the
+  twin *and* on the bridge, so that whatever the user runs inside the block — the bridge's
+  forward, ``run_with_cache``, ``generate``, or any labkit function — sees it.
 
 Every attachment is a context manager that registers inside ``try`` and removes its own handles
 in ``finally``: no hook survives an exception or a ``KeyboardInterrupt`` (an interrupted cell).
@@ -20,9 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -30,7 +40,7 @@ from torch import Tensor
 
 from labkit.models import lab_model
 
-__all__ = ["HookSite", "HookFn", "attach", "count_hooks", "hook_names", "observe_inputs", "resolve_hook"]
+__all__ = ["HookPointNeverFiresError", "HookSite", "HookFn", "attach", "count_hooks", "hook_names", "intervene", "observe_inputs", "resolve_hook"]
 
 #: A hook function: receives the activation at the hook point (``Float[Tensor, "batch pos ..."]``)
 #: and its :class:`HookSite`; returns a replacement tensor or ``None`` to leave it unchanged.
@@ -46,7 +56,8 @@ class HookSite:
         canonical: the bridge's own hook point name after alias resolution, e.g.
             ``"blocks.6.hook_in"``.
         module_path: path of the plain Hugging Face module whose input/output this is, e.g.
-            ``"model.layers.6"``; ``None`` when the hook point exists only inside the bridge.
+            ``"model.layers.6"``; ``None`` when the hook point is served by the bridge only
+            (it exists only inside the bridge, or the bridge converts its value).
         side: ``"input"`` or ``"output"`` of that module; ``None`` for bridge-only points.
         layer: the block index for ``blocks.{L}.…`` names, else ``None``.
     """
@@ -58,9 +69,25 @@ class HookSite:
     layer: int | None
 
     @property
-    def fast(self) -> bool:
-        """True when the hook runs on the plain twin (no bridge overhead)."""
+    def on_twin(self) -> bool:
+        """True when the hook point is a twin module's input/output with the bridge's meaning."""
         return self.module_path is not None
+
+
+class HookPointNeverFiresError(ValueError):
+    """A hook point exists in the bridge but does not fire under the model's configuration."""
+
+
+#: Hook points that TransformerLens computes only when a config flag is on: suffix -> flag.
+_GATED = {
+    "hook_result": "use_attn_result",
+    "hook_attn_in": "use_attn_in",
+    "hook_q_input": "use_split_qkv_input",
+    "hook_k_input": "use_split_qkv_input",
+    "hook_v_input": "use_split_qkv_input",
+    "hook_mlp_in": "use_hook_mlp_in",
+    "hook_tokens": "use_hook_tokens",
+}
 
 
 def _alias_table(bridge) -> dict[str, str]:
@@ -95,17 +122,55 @@ class _HookIndex:
     aliases: dict[str, str]
     io_points: dict[int, tuple[torch.nn.Module, str]]
     sites: dict[str, "HookSite"]
-
-
-_INDEX: "weakref.WeakKeyDictionary[torch.nn.Module, _HookIndex]" = weakref.WeakKeyDictionary()
+    fired: set[int] = field(default_factory=set)
+    probed: list[bool] = field(default_factory=lambda: [False])
 
 
 def _index(model) -> _HookIndex:
-    index = _INDEX.get(model)
+    record = lab_model(model)
+    index = record.__dict__.get("_hook_index")
     if index is None:
         index = _HookIndex(dict(model.hook_dict), _alias_table(model), _module_io_points(model), {})
-        _INDEX[model] = index
+        record.__dict__["_hook_index"] = index
     return index
+
+
+def _probe_firing(model, index: _HookIndex) -> set[int]:
+    """``id`` of every hook point that fires on one short forward pass of the bridge.
+
+    Run once per model (the configuration flags that gate hook points are read then); a
+    ``model.cfg`` flag changed later is picked up by calling ``labkit.hooks.reprobe(model)``.
+    """
+    if index.probed[0]:
+        return index.fired
+    fired: set[int] = set()
+    handles = []
+    try:
+        for point in index.hook_dict.values():
+            handles.append(point.register_forward_hook(lambda module, _i, _o: fired.add(id(module))))
+        tokens = torch.tensor([[0, 0]], device=next(lab_model(model).twin.parameters()).device)
+        with torch.inference_mode():
+            model(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    index.fired.clear()
+    index.fired.update(fired)
+    index.probed[0] = True
+    return index.fired
+
+
+def probe(model) -> None:
+    """Run the firing probe now (``labkit.load_model`` does, once per model)."""
+    _probe_firing(model, _index(model))
+
+
+def reprobe(model) -> None:
+    """Forget which hook points fire (call after changing a ``model.cfg`` flag such as
+    ``use_attn_result``), so the next resolution probes the bridge again."""
+    index = _index(model)
+    index.probed[0] = False
+    index.sites.clear()
 
 
 def hook_names(model) -> list[str]:
@@ -149,11 +214,14 @@ def resolve_hook(model, name: str) -> HookSite:
         name: e.g. ``"blocks.6.hook_resid_pre"`` or ``"blocks.0.attn.hook_pattern"``.
 
     Returns:
-        The site; ``site.fast`` tells whether it runs on the plain twin.
+        The site; ``site.on_twin`` tells whether it runs on the plain twin.
 
     Raises:
         ValueError: the name is not a hook point of this model; the message lists the closest
             real names.
+        HookPointNeverFiresError: the hook point exists but does not fire under the model's
+            configuration (e.g. ``attn.hook_result`` needs ``cfg.use_attn_result``); the message
+            names the flag.
     """
     if not isinstance(name, str):
         raise TypeError(f"hook name must be a str, got {type(name).__name__}: {name!r}")
@@ -171,9 +239,22 @@ def resolve_hook(model, name: str) -> HookSite:
             f"names). Closest real names: {close or names[:5]}. List them all with "
             "labkit.hooks.hook_names(model)."
         )
+    if id(point) not in _probe_firing(model, index):
+        suffix = canonical.rsplit(".", 1)[-1]
+        flag = _GATED.get(suffix) or _GATED.get(name.rsplit(".", 1)[-1])
+        how = (
+            f"It is computed only when model.cfg.{flag} is True: set model.cfg.{flag} = True "
+            "(TransformerLens's switch), then call labkit.hooks.reprobe(model)."
+            if flag
+            else "No configuration flag labkit knows turns it on; check the TransformerLens adapter of this architecture."
+        )
+        raise HookPointNeverFiresError(
+            f"Hook point {name!r} exists in the bridge but never fires under this model's configuration, "
+            f"so nothing would be cached or changed there. {how}"
+        )
     module_path, side = None, None
     owner = index.io_points.get(id(point))
-    if owner is not None:
+    if owner is not None and getattr(point, "hook_conversion", None) is None:
         component, side = owner
         module_path = lab_model(model).module_paths.get(id(component.original_component))
         if module_path is None:
@@ -224,14 +305,47 @@ def _register(module: torch.nn.Module, site: HookSite, fn: HookFn):
 HookSpec = Mapping[str, HookFn] | Sequence[tuple[str, HookFn]]
 
 
+class _BridgeHandle:
+    """Removes one hook added with TransformerLens's ``HookPoint.add_hook``."""
+
+    def __init__(self, point, lens_handle) -> None:
+        self.point, self.lens_handle = point, lens_handle
+
+    def remove(self) -> None:
+        self.lens_handle.hook.remove()
+        if self.lens_handle in self.point.fwd_hooks:
+            self.point.fwd_hooks.remove(self.lens_handle)
+
+
+def _register_on_bridge(model, site: HookSite, fn: HookFn) -> _BridgeHandle:
+    """Hook the bridge's own hook point through TransformerLens (its conversions applied).
+
+    Permanent in TransformerLens's sense, so ``run_with_cache`` / ``reset_hooks`` inside an
+    intervention keep it; labkit removes it itself.
+    """
+    point = _index(model).hook_dict[site.canonical]
+    bridge_site = HookSite(site.name, site.canonical, None, None, site.layer)
+
+    def lens_hook(activation, hook=None):
+        return fn(activation, bridge_site)
+
+    return _BridgeHandle(point, point.add_hook(lens_hook, dir="fwd", is_permanent=True))
+
+
+def _sites(model, hooks: HookSpec) -> list[tuple[HookSite, HookFn]]:
+    items = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
+    return [(resolve_hook(model, name), fn) for name, fn in items]
+
+
 @contextlib.contextmanager
 def attach(model, hooks: HookSpec, *, target: Literal["auto", "bridge"] = "auto") -> Iterator[torch.nn.Module]:
-    """Attach hook functions by TransformerLens name; yield the module to run.
+    """Attach hook functions for one labkit run, by TransformerLens name; yield the module to run.
 
-    With ``target="auto"``, if every name resolves to a module input/output the hooks go on the
-    plain twin and the twin is yielded (fast: nothing else runs); otherwise every hook goes on
-    the bridge's ``HookPoint`` modules and the bridge is yielded. Several functions may share a
-    name; they run in the given order.
+    With ``target="auto"``, if every name lands on the twin (:attr:`HookSite.on_twin`) the hooks
+    go on the plain twin and the twin is yielded (nothing else runs); otherwise every hook goes
+    on the bridge's hook points (through TransformerLens, so per-head reshapes apply) and the
+    bridge is yielded. Several functions may share a name; they run in the given order, after
+    the hooks of any open intervention (:func:`intervene`), so they see its effect.
 
     Args:
         model: a bridge from :func:`labkit.load_model`.
@@ -245,39 +359,107 @@ def attach(model, hooks: HookSpec, *, target: Literal["auto", "bridge"] = "auto"
 
     Raises:
         ValueError: an unknown hook name (with the closest real names) or an unknown target.
+        HookPointNeverFiresError: a hook point that never fires under the model's config.
     """
     if target not in ("auto", "bridge"):
         raise ValueError(f"target must be 'auto' or 'bridge', got {target!r}")
-    items = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
-    sites = [(resolve_hook(model, name), fn) for name, fn in items]
-    use_twin = target == "auto" and all(site.fast for site, _ in sites)
-    runner = lab_model(model).hf_model if use_twin else model
+    sites = _sites(model, hooks)
+    use_twin = target == "auto" and all(site.on_twin for site, _ in sites)
+    record = lab_model(model)
+    runner = record.twin if use_twin else model
     handles = []
     try:
         for site, fn in sites:
             if use_twin:
                 handles.append(_register(runner.get_submodule(site.module_path), site, fn))
             else:
-                point = _index(model).hook_dict[site.canonical]
-                bridge_site = HookSite(site.name, site.canonical, None, "output", site.layer)
-                handles.append(_register(point, bridge_site, fn))
+                handles.append(_register_on_bridge(model, site, fn))
         yield runner
     finally:
         for handle in handles:
             handle.remove()
 
 
-def count_hooks(module: torch.nn.Module) -> int:
-    """Number of forward / pre-forward / backward hooks on a module and all its submodules.
+@contextlib.contextmanager
+def intervene(
+    model,
+    hooks: HookSpec = (),
+    *,
+    modules: Sequence[tuple[str, Callable]] = (),
+    observe: Callable[[tuple, dict], None] | None = None,
+    caller: str = "intervene",
+) -> Iterator[None]:
+    """Open an intervention that every way of running the model sees, until the block ends.
 
-    Use it as a before/after comparison: a TransformerLens bridge keeps hooks of its own (its
-    capture machinery adds some on the first forward pass), so only the plain twin
-    (:func:`labkit.models.hf_model_of`) is expected to have none at rest.
+    Each hook function is attached twice: on the plain twin (which ``labkit.generate``,
+    ``cache_activations``, ``trace_routing`` … run) and on the bridge (its ``forward``,
+    ``run_with_cache``, ``generate``). The bridge's hook point is hooked through TransformerLens
+    itself, so a ``run_with_cache`` inside the block caches the intervened value, as
+    TransformerLens's own ``model.hooks(...)`` would.
+
+    Args:
+        model: a labkit bridge.
+        hooks: ``{name: fn}`` / ``[(name, fn)]`` by TransformerLens hook name; each name must
+            land on the twin (a module input/output), since labkit's own runs use the twin.
+        modules: ``[(path, forward_hook)]``: plain ``torch`` forward hooks on the Hugging Face
+            module at ``path`` (e.g. an MoE router, ``"model.layers.3.mlp.gate"``), registered
+            in front of other hooks on the twin's module and on the original module the bridge
+            calls.
+        observe: ``fn(args, kwargs)`` called with the inputs of every top-level forward call
+            (twin and bridge side alike), before any hook of that call runs.
+        caller: the public function's name, for messages.
+
+    Raises:
+        ValueError: a hook name that does not land on the twin (the message says which do).
     """
+    sites = _sites(model, hooks)
+    for site, _fn in sites:
+        if not site.on_twin:
+            raise ValueError(
+                f"{caller}: hook point {site.name!r} is served by the bridge only (it is not a module's "
+                "input/output with the same meaning); interventions must also run on labkit's fast path. "
+                "Use blocks.{L}.hook_resid_pre / hook_resid_mid / hook_resid_post / hook_attn_out / "
+                "hook_mlp_out or hook_embed."
+            )
+    record = lab_model(model)
+    twin = record.twin
+    handles = []
+    try:
+        if observe is not None:
+            for top in (twin, model.original_model):
+                handles.append(
+                    top.register_forward_pre_hook(lambda _m, args, kwargs: observe(args, kwargs), with_kwargs=True)
+                )
+        for path, forward_hook in modules:
+            for module in (twin.get_submodule(path), record.original_modules[path]):
+                handles.append(module.register_forward_hook(forward_hook, prepend=True))
+        for site, fn in sites:
+            handles.append(_register(twin.get_submodule(site.module_path), site, fn))
+            handles.append(_register_on_bridge(model, site, fn))
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+
+
+def count_hooks(*modules: torch.nn.Module) -> int:
+    """Number of forward / pre-forward / backward hooks on the modules and all their submodules.
+
+    Each distinct submodule is counted once, so ``count_hooks(bridge, bridge.original_model,
+    bridge.labkit.twin)`` counts every hook anywhere a labkit model can run. Use it as a
+    before/after comparison: a TransformerLens bridge keeps hooks of its own (added on its first
+    forward pass, which ``load_model`` runs), so only the plain twin is expected to have none at
+    rest.
+    """
+    seen: set[int] = set()
     total = 0
-    for sub in module.modules():
-        total += len(sub._forward_hooks) + len(sub._forward_pre_hooks)
-        total += len(sub._backward_hooks) + len(getattr(sub, "_backward_pre_hooks", {}))
+    for module in modules:
+        for sub in module.modules():
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            total += len(sub._forward_hooks) + len(sub._forward_pre_hooks)
+            total += len(sub._backward_hooks) + len(getattr(sub, "_backward_pre_hooks", {}))
     return total
 
 

@@ -27,8 +27,6 @@ import json
 import os
 import shutil
 import tempfile
-import weakref
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from collections.abc import Sequence
@@ -42,9 +40,12 @@ __all__ = [
     "ModelNotAvailableError",
     "LabModel",
     "available_offline_models",
+    "encode_prompt",
+    "encode_prompts",
     "from_hf",
     "hf_model_of",
     "lab_model",
+    "lab_model_or_none",
     "load_model",
     "tokenizer_of",
 ]
@@ -59,27 +60,111 @@ class ModelNotAvailableError(ValueError):
     """A model name could not be resolved offline (and no hub was reachable)."""
 
 
-@dataclass(frozen=True)
 class LabModel:
-    """What labkit keeps beside a bridge.
+    """labkit's side of one model handle: the bridge, its plain twin, tokenizer and rules.
+
+    ``load_model`` returns the TransformerBridge (the object a user holds); its ``labkit``
+    attribute is this record. Everything labkit runs on the model goes through it: the twin
+    (shared parameters, kept in sync after ``model.to(...)``), the tokenisation rule
+    (:meth:`encode`, the bridge's BOS rule), the original Hugging Face modules the bridge wraps
+    (where interventions hook so that the bridge's own forward, ``run_with_cache`` and
+    ``generate`` see them), and the prompt length of a running ``labkit.generate`` call.
 
     Attributes:
-        name: the name or path the model was loaded from.
-        hf_model: the plain Hugging Face twin; shares every parameter tensor with the bridge.
-        tokenizer: the tokenizer labkit uses (left padding, pad token set); never the caller's
-            object, so labkit never mutates a tokenizer it was given.
+        name: the canonical name of the model (steering vectors and masks record it).
+        bridge: the TransformerBridge.
+        tokenizer: labkit's tokenizer (left padding, pad token set); never the caller's object.
+        prepend_bos: the model's BOS rule (``bridge.cfg.default_prepend_bos``): whether a BOS
+            token starts every plain prompt.
         module_paths: ``id(module) -> dotted path`` of every module of the original Hugging
-            Face model, recorded before booting; the bridge's components keep those modules as
-            ``original_component``, which is how a hook name finds its module on the twin.
+            Face model, recorded before booting.
+        original_modules: ``dotted path -> module`` of those same original modules (the
+            objects the bridge's components call).
+        prompt_length: the padded prompt width of the ``labkit.generate`` call running now,
+            else ``None`` (set by :meth:`generating`).
     """
 
-    name: str
-    hf_model: torch.nn.Module
-    tokenizer: Any
-    module_paths: dict[int, str]
+    def __init__(self, name, bridge, twin, tokenizer, original_modules: dict[str, torch.nn.Module]):
+        self.name = name
+        self.bridge = bridge
+        self._twin = twin
+        self.tokenizer = tokenizer
+        self.original_modules = original_modules
+        self.module_paths = {id(module): path for path, module in original_modules.items()}
+        self.prompt_length: int | None = None
+        self._twin_modules = dict(twin.named_modules())
 
+    # -- the plain twin ---------------------------------------------------------------------
 
-_REGISTRY: "weakref.WeakKeyDictionary[torch.nn.Module, LabModel]" = weakref.WeakKeyDictionary()
+    @property
+    def twin(self) -> torch.nn.Module:
+        """The plain Hugging Face twin, re-linked to the bridge's current tensors first.
+
+        ``model.to(dtype)`` converts parameters in place (the twin shares them) but replaces
+        buffers (rotary tables) and, under some settings, parameters; this puts the bridge's
+        current tensors back into the twin so both always compute with the same weights.
+        """
+        self.sync()
+        return self._twin
+
+    def sync(self) -> None:
+        """Make every twin module hold the very tensors of its original (bridge-side) module."""
+        for path, original in self.original_modules.items():
+            mirror = self._twin_modules.get(path)
+            if mirror is None:
+                continue
+            for store in ("_parameters", "_buffers"):
+                theirs, ours = getattr(original, store), getattr(mirror, store)
+                for key, tensor in theirs.items():
+                    if ours.get(key) is not tensor:
+                        ours[key] = tensor
+
+    def mirrors(self, twin_module: torch.nn.Module) -> list[torch.nn.Module]:
+        """``[twin_module, original_module]``: a twin module and the module the bridge calls in its place.
+
+        Interventions that hook Hugging Face modules directly (expert masks on routers) hook
+        both, so the bridge's own forward sees them as well as labkit's twin runs.
+        """
+        if not hasattr(self, "_twin_paths"):
+            self._twin_paths = {id(module): path for path, module in self._twin_modules.items()}
+        path = self._twin_paths.get(id(twin_module))
+        original = self.original_modules.get(path) if path is not None else None
+        return [twin_module] if original is None or original is twin_module else [twin_module, original]
+
+    # -- the BOS rule and tokenisation ------------------------------------------------------
+
+    @property
+    def prepend_bos(self) -> bool:
+        return bool(getattr(self.bridge.cfg, "default_prepend_bos", True))
+
+    def encode(self, prompt: str, *, chat: bool = False, prepend_bos: bool | None = None) -> list[int]:
+        """Token ids of one prompt, exactly as the bridge's ``to_tokens`` makes them.
+
+        See :func:`encode_prompt`; ``prepend_bos=None`` uses the model's rule.
+        """
+        cfg = self.bridge.cfg
+        return encode_prompt(
+            self.tokenizer,
+            prompt,
+            chat=chat,
+            prepend_bos=self.prepend_bos if prepend_bos is None else bool(prepend_bos),
+            tokenizer_prepends_bos=bool(getattr(cfg, "tokenizer_prepends_bos", False)),
+            tokenizer_appends_eos=bool(getattr(cfg, "tokenizer_appends_eos", False)),
+        )
+
+    # -- generation context -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def generating(self, prompt_length: int):
+        """Tell interventions that the calls inside generate after a ``prompt_length`` prompt."""
+        previous, self.prompt_length = self.prompt_length, int(prompt_length)
+        try:
+            yield
+        finally:
+            self.prompt_length = previous
+
+    def __repr__(self) -> str:
+        return f"LabModel({self.name!r}, prepend_bos={self.prepend_bos})"
 
 
 def cache_dir() -> Path:
@@ -242,6 +327,7 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    prepend_bos: bool | None = None,
 ):
     """Load a causal language model as a TransformerLens 4.x ``TransformerBridge``.
 
@@ -254,9 +340,14 @@ def load_model(
         name_or_path: model name (see :func:`available_offline_models`), hub id, or directory.
         device: torch device for the weights, e.g. ``"cpu"`` or ``"cuda"``.
         dtype: parameter dtype (default float32).
+        prepend_bos: the BOS rule for every prompt (``bridge.cfg.default_prepend_bos``).
+            ``None`` takes it from the checkpoint's ``labkit.json`` (the shipped organisms were
+            trained without BOS and say ``"prepend_bos": false``), else TransformerLens's
+            default (``True``).
 
     Returns:
-        A ``transformer_lens.model_bridge.TransformerBridge`` in eval mode.
+        A ``transformer_lens.model_bridge.TransformerBridge`` in eval mode; ``model.labkit``
+        is its :class:`LabModel`.
 
     Raises:
         ModelNotAvailableError: the name is unknown offline (the message lists the offline
@@ -269,10 +360,14 @@ def load_model(
     """
     source = _resolve(name_or_path)
     hf_model, tokenizer = _load_hf(source, dtype, device)
-    return from_hf(hf_model, tokenizer, name=canonical_name(name_or_path))
+    if prepend_bos is None:
+        settings = Path(source) / "labkit.json"
+        if settings.is_file():
+            prepend_bos = json.loads(settings.read_text()).get("prepend_bos")
+    return from_hf(hf_model, tokenizer, name=canonical_name(name_or_path), prepend_bos=prepend_bos)
 
 
-def from_hf(hf_model: torch.nn.Module, tokenizer: Any, *, name: str = "custom"):
+def from_hf(hf_model: torch.nn.Module, tokenizer: Any, *, name: str = "custom", prepend_bos: bool | None = None):
     """Boot a TransformerBridge around a Hugging Face model and register its plain twin.
 
     The twin is built *before* booting (booting replaces the model's layers in place) with
@@ -284,9 +379,12 @@ def from_hf(hf_model: torch.nn.Module, tokenizer: Any, *, name: str = "custom"):
             bridge's inner model.
         tokenizer: its tokenizer.
         name: label kept in metadata (steering vectors and masks record it).
+        prepend_bos: the model's BOS rule, written to ``bridge.cfg.default_prepend_bos``
+            (``None`` keeps TransformerLens's default, ``True`` for most models). Every labkit
+            function and the bridge then tokenise a plain prompt the same way.
 
     Returns:
-        The ``TransformerBridge``.
+        The ``TransformerBridge``; ``bridge.labkit`` is its :class:`LabModel`.
 
     Raises:
         ValueError: ``config.architectures`` is missing.
@@ -301,7 +399,7 @@ def from_hf(hf_model: torch.nn.Module, tokenizer: Any, *, name: str = "custom"):
     hf_model.eval()
     shared = {id(t): t for t in [*hf_model.parameters(), *hf_model.buffers()]}
     twin = copy.deepcopy(hf_model, memo=dict(shared)).eval()
-    module_paths = {id(module): path for path, module in hf_model.named_modules()}
+    original_modules = dict(hf_model.named_modules())
 
     lab_tokenizer = copy.deepcopy(tokenizer)
     lab_tokenizer.padding_side = "left"
@@ -316,19 +414,25 @@ def from_hf(hf_model: torch.nn.Module, tokenizer: Any, *, name: str = "custom"):
         name, hf_model=hf_model, tokenizer=bridge_tokenizer
     )
     bridge.eval()
-    _REGISTRY[bridge] = LabModel(
-        name=name, hf_model=twin, tokenizer=lab_tokenizer, module_paths=module_paths
-    )
+    if prepend_bos is not None:
+        bridge.cfg.default_prepend_bos = bool(prepend_bos)
+    bridge.__dict__["labkit"] = LabModel(name, bridge, twin, lab_tokenizer, original_modules)
+    # One short probe pass now: it records which hook points fire under this config (a name
+    # that never fires is refused by name) and lets the bridge add its own lazy hooks, so the
+    # hook count at rest is fixed from the start.
+    from labkit.hooks import probe
+
+    probe(bridge)
     return bridge
 
 
 def lab_model(model) -> LabModel:
-    """The :class:`LabModel` record of a bridge made by :func:`load_model` / :func:`from_hf`.
+    """The :class:`LabModel` of a bridge made by :func:`load_model` / :func:`from_hf`.
 
     Raises:
         TypeError: the model was not made by labkit (boot it with :func:`from_hf`).
     """
-    record = _REGISTRY.get(model)
+    record = lab_model_or_none(model)
     if record is None:
         raise TypeError(
             f"{type(model).__name__} was not loaded by labkit. Load it with labkit.load_model(name) "
@@ -337,13 +441,19 @@ def lab_model(model) -> LabModel:
     return record
 
 
+def lab_model_or_none(model) -> LabModel | None:
+    """The :class:`LabModel` of a labkit bridge, or ``None`` for anything else."""
+    record = getattr(model, "__dict__", {}).get("labkit")
+    return record if isinstance(record, LabModel) else None
+
+
 def hf_model_of(model) -> torch.nn.Module:
     """The plain Hugging Face twin of a labkit bridge (shares the bridge's parameters).
 
     Raises:
         TypeError: the model was not made by labkit.
     """
-    return lab_model(model).hf_model
+    return lab_model(model).twin
 
 
 def tokenizer_of(model):
@@ -355,17 +465,34 @@ def tokenizer_of(model):
     return lab_model(model).tokenizer
 
 
-def encode_prompt(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
-    """Token ids of one prompt, exactly as a single-prompt Hugging Face call makes them.
+def encode_prompt(
+    tokenizer,
+    prompt: str,
+    *,
+    chat: bool = False,
+    prepend_bos: bool = False,
+    tokenizer_prepends_bos: bool = False,
+    tokenizer_appends_eos: bool = False,
+) -> list[int]:
+    """Token ids of one prompt: the one tokenisation rule of the whole lab.
 
-    The one tokenisation rule every labkit entry point shares (caching, generation, routing
-    traces), so that a prompt means the same tokens everywhere.
+    It is the TransformerLens bridge's ``to_tokens`` rule (``cfg.default_prepend_bos``):
+    with ``prepend_bos`` a BOS token starts the prompt (prepended as text when the tokenizer
+    does not add one itself, so the ids equal ``bridge.to_tokens(prompt)``); without it a BOS
+    the tokenizer adds is removed; an EOS the tokenizer appends is stripped. Caching,
+    generation, steering vectors, perplexity and routing traces all call it (through
+    :meth:`LabModel.encode`), so a prompt means the same tokens everywhere. The ActAdd paper's
+    setup (TransformerLens, BOS prepended) follows from it: the BOS row of a contrast pair's
+    difference is zero.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
         prompt: the text.
         chat: wrap it as one user turn with the tokenizer's chat template (generation prompt
-            added; the template supplies special tokens, so none are added again).
+            added; the template supplies the special tokens, so no BOS is added or removed).
+        prepend_bos: start the prompt with the BOS token.
+        tokenizer_prepends_bos / tokenizer_appends_eos: what the tokenizer does by itself
+            (``bridge.cfg`` records both).
 
     Returns:
         The token ids (possibly empty; callers decide whether that is an error).
@@ -373,17 +500,64 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
     Raises:
         ValueError: ``chat=True`` and the tokenizer has no chat template.
     """
-    if not chat:
-        return list(tokenizer(prompt)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "chat=True but this tokenizer has no chat template; pass chat=False (plain prompts) "
-            "or set tokenizer.chat_template."
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "chat=True but this tokenizer has no chat template; pass chat=False (plain prompts) "
+                "or set tokenizer.chat_template."
+            )
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    text = prompt
+    if prepend_bos and not tokenizer_prepends_bos and bos is not None:
+        if len(tokenizer(bos, add_special_tokens=False)["input_ids"]) == 1:
+            text = bos + prompt
+    ids = list(tokenizer(text)["input_ids"])
+    eos_id = tokenizer.eos_token_id
+    if tokenizer_appends_eos and eos_id is not None:
+        while len(ids) > 1 and ids[-1] == eos_id:
+            ids.pop()
+    if not prepend_bos and tokenizer_prepends_bos and ids and bos_id is not None and ids[0] == bos_id:
+        ids = ids[1:]
+    return ids
+
+
+def encode_prompts(
+    model, prompts, *, caller: str, chat: bool = False, prepend_bos: bool | None = None, hint: str = ""
+) -> tuple[list[str], list[list[int]]]:
+    """Validate prompts and tokenise them with the model's rule: ``(prompts, token rows)``.
+
+    The one prompt preparation of caching, generation, steering, perplexity and routing
+    traces: :func:`check_prompts`, then :meth:`LabModel.encode` on each prompt.
+
+    Args:
+        model: a labkit bridge.
+        prompts: a string or a non-empty sequence of non-empty strings.
+        caller: the function name for messages.
+        chat: wrap each prompt in the chat template.
+        prepend_bos: override the model's BOS rule (``None`` keeps it).
+        hint: appended to the empty-prompt message.
+
+    Raises:
+        ValueError: no prompts, an empty prompt, one that tokenises to no tokens, or
+            ``chat=True`` without a chat template.
+        TypeError: a prompt that is not a string; a model not made by labkit.
+    """
+    prompts = check_prompts(prompts, caller=caller, hint=hint)
+    record = lab_model(model)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids = record.encode(prompt, chat=chat, prepend_bos=prepend_bos)
+        except ValueError as error:
+            raise ValueError(f"{caller}: {error}") from None
+        if not ids:
+            raise ValueError(f"{caller}: prompt {i} ({prompt!r}) tokenises to no tokens.")
+        rows.append(ids)
+    return prompts, rows
 
 
 def context_length(model) -> int | None:
@@ -391,8 +565,8 @@ def context_length(model) -> int | None:
 
     Accepts a labkit bridge or a plain Hugging Face model.
     """
-    record = _REGISTRY.get(model)
-    config = (record.hf_model if record is not None else model).config
+    record = lab_model_or_none(model)
+    config = (record.twin if record is not None else model).config
     for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

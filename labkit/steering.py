@@ -4,13 +4,14 @@ Data flow: ``actadd(model, " wedding", " ", layer=6)`` or ``mean_difference(mode
 layer=6)`` → a :class:`SteeringVector` (plain frozen data, saved as safetensors + JSON) →
 ``with steered(model, vector): ...`` (or ``labkit.generate(model, prompts, steering=vector)``).
 
-How a vector is applied. Everything runs on the plain Hugging Face twin
-(:func:`labkit.models.hf_model_of`) with one ``torch`` hook per vector on the module its
-TransformerLens hook name resolves to (``blocks.6.hook_resid_pre`` = input of
-``model.layers.6``), plus one observer on the twin that reads each call's attention mask and
-cache length. From those the hook knows the absolute position of every token it sees, where
-each left-padded row's real tokens start, and where the prompt ends (``labkit.generate`` tells
-it; a plain forward pass counts as all prompt). So:
+How a vector is applied. :func:`steered` opens one intervention (:func:`labkit.hooks.intervene`):
+one hook per vector at its TransformerLens hook point (``blocks.6.hook_resid_pre`` = input of
+``model.layers.6``) on the plain twin *and* on the bridge, plus one observer that reads each
+call's attention mask and cache length. So the bridge's ``forward``, ``run_with_cache`` and
+``generate`` are steered inside the block as much as ``labkit.generate`` is. From the observer
+the hook knows the absolute position of every token it sees, where each left-padded row's real
+tokens start, and where the prompt ends (``labkit.generate`` declares it; otherwise a call
+without a KV cache is all prompt and a call extending a cache is a decode step). So:
 
 * ``positions="front"`` (ActAdd): the ``pos × d_model`` vector is added to the first ``pos``
   real tokens of each row's prompt. With the KV cache that happens on the prompt pass only (the
@@ -28,7 +29,6 @@ import contextlib
 import json
 import math
 import numbers
-import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,8 +38,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from labkit.hooks import attach, observe_inputs, resolve_hook
-from labkit.models import check_prompts, hf_model_of, lab_model, left_pad, same_model, tokenizer_of
+from labkit.hooks import attach, intervene, resolve_hook
+from labkit.models import check_prompts, encode_prompts, lab_model, left_pad, same_model, tokenizer_of
 
 __all__ = [
     "POSITIONS",
@@ -316,7 +316,7 @@ def _check_hook_point(model, hook_name: str, where: str) -> None:
     if layer is not None:
         _check_layer(model, layer, f"{where} {hook_name!r}")
     site = resolve_hook(model, hook_name)
-    if not site.fast:
+    if not site.on_twin:
         raise ValueError(
             f"{where}: hook point {hook_name!r} exists only inside the TransformerLens bridge; "
             "steering runs on the plain twin and supports hook points that are a module's "
@@ -336,11 +336,9 @@ def _check_prompts(prompts: Any, where: str) -> list[str]:
     )
 
 
-def _encode(tokenizer, text: str, where: str) -> list[int]:
-    ids = tokenizer(text).input_ids
-    if len(ids) == 0:
-        raise ValueError(f"{where}: {text!r} tokenizes to no tokens.")
-    return list(ids)
+def _encode(model, text: str, where: str, prepend_bos: bool | None) -> list[int]:
+    (_text,), (ids,) = encode_prompts(model, [text], caller=where, prepend_bos=prepend_bos)
+    return ids
 
 
 @torch.no_grad()
@@ -358,8 +356,7 @@ def residual_activations(
         One ``(len(seq), d_model)`` float tensor per sequence (on the CPU).
     """
     tokenizer = tokenizer_of(model)
-    twin = hf_model_of(model)
-    device = next(twin.parameters()).device
+    device = next(lab_model(model).twin.parameters()).device
     input_ids, mask, position_ids = left_pad(token_ids, tokenizer.pad_token_id, device)
     width = input_ids.shape[1]
     captured: list[Tensor] = []
@@ -381,6 +378,7 @@ def actadd(
     coefficient: float = 1.0,
     *,
     hook_point: str = "hook_resid_pre",
+    prepend_bos: bool | None = None,
 ) -> SteeringVector:
     """ActAdd steering vector, exactly as published (Turner et al. 2023, §2, Algorithm 1).
 
@@ -401,6 +399,9 @@ def actadd(
         coefficient: finite multiplier, the paper's ``c``.
         hook_point: residual hook inside the block (default ``"hook_resid_pre"``, the paper's
             choice: the stream entering block ``layer``).
+        prepend_bos: override the model's BOS rule (``None`` keeps it). With BOS (the paper's
+            TransformerLens setup) both prompts start with the same token, so row 0 of the
+            difference is exactly zero and the signal lands on the first real tokens.
 
     Returns:
         A :class:`SteeringVector` with ``activations`` of shape ``(pos, d_model)``,
@@ -421,7 +422,8 @@ def actadd(
     hook_name = f"blocks.{layer}.{hook_point}"
     _check_hook_point(model, hook_name, where)
     tokenizer = tokenizer_of(model)
-    plus_ids, minus_ids = _encode(tokenizer, plus, where), _encode(tokenizer, minus, where)
+    plus_ids = _encode(model, plus, where, prepend_bos)
+    minus_ids = _encode(model, minus, where, prepend_bos)
     space = tokenizer(" ", add_special_tokens=False).input_ids
     if not space:
         raise ValueError(f"{where}: this tokenizer encodes ' ' to no token; cannot pad with spaces.")
@@ -458,6 +460,7 @@ def mean_difference(
     token: Literal["last", "mean"] = "last",
     hook_point: str = "hook_resid_pre",
     batch_size: int = 16,
+    prepend_bos: bool | None = None,
 ) -> SteeringVector:
     """Mean-difference steering direction over many contrast pairs (the "CAA" variant).
 
@@ -478,6 +481,7 @@ def mean_difference(
             its tokens).
         hook_point: residual hook inside the block (default ``"hook_resid_pre"``).
         batch_size: prompts per forward pass.
+        prepend_bos: override the model's BOS rule (``None`` keeps it).
 
     Returns:
         A :class:`SteeringVector` with ``activations`` of shape ``(d_model,)``.
@@ -505,12 +509,11 @@ def mean_difference(
         raise ValueError(f"{where}: batch_size must be a positive int, got {batch_size!r}.")
     hook_name = f"blocks.{layer}.{hook_point}"
     _check_hook_point(model, hook_name, where)
-    tokenizer = tokenizer_of(model)
 
     def side_mean(prompts: list[str]) -> Tensor:
         rows = []
         for start in range(0, len(prompts), batch_size):
-            chunk = [_encode(tokenizer, p, where) for p in prompts[start:start + batch_size]]
+            chunk = [_encode(model, p, where, prepend_bos) for p in prompts[start:start + batch_size]]
             for acts in residual_activations(model, chunk, hook_name):
                 rows.append(acts[-1] if token == "last" else acts.mean(0))
         return torch.stack(rows).mean(0)
@@ -534,36 +537,21 @@ def mean_difference(
 # Applying vectors
 # --------------------------------------------------------------------------------------------
 
-# The prompt length of the ``generate`` call running on a twin right now (set by
-# ``labkit.generate``); outside generation every token of a forward pass counts as prompt.
-_PROMPT_LENGTHS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def prompt_length(twin: torch.nn.Module, length: int) -> Iterator[None]:
-    """Tell active steering hooks that the next calls generate after a ``length``-token prompt.
-
-    Used by :func:`labkit.generate`; restores the previous value on exit.
-    """
-    previous = _PROMPT_LENGTHS.get(twin)
-    _PROMPT_LENGTHS[twin] = int(length)
-    try:
-        yield
-    finally:
-        if previous is None:
-            _PROMPT_LENGTHS.pop(twin, None)
-        else:
-            _PROMPT_LENGTHS[twin] = previous
-
-
 class _CallState:
-    """Per forward call of the twin: real-token mask, cache length, prompt length."""
+    """Per forward call (twin or bridge): real-token mask, cache length, prompt length.
 
-    def __init__(self, twin: torch.nn.Module) -> None:
-        self.twin = twin
+    The prompt length is the one ``labkit.generate`` declares (:meth:`LabModel.generating`);
+    otherwise a call without a KV cache is all prompt, and a call that extends a KV cache
+    (a decode step of ``bridge.generate`` or Hugging Face ``generate``) is generated tokens
+    after the prompt of the last cache-less call.
+    """
+
+    def __init__(self, record) -> None:
+        self.record = record
         self.mask: Tensor | None = None  # (batch, past + new), 1 = real token
         self.past = 0
         self.prompt = 0
+        self.last_prompt = 0
         self.front_start: Tensor | None = None  # (batch,) first real token of each row
 
     def observe(self, args: tuple, kwargs: dict) -> None:
@@ -579,7 +567,13 @@ class _CallState:
             past = int(cache.get_seq_length()) if cache is not None else 0
             mask = torch.ones(batch, past + new, dtype=torch.long, device=inputs.device)
         total = past + new
-        prompt = _PROMPT_LENGTHS.get(self.twin, total)
+        declared = self.record.prompt_length
+        if declared is not None:
+            prompt = declared
+        elif past == 0:
+            prompt = self.last_prompt = total
+        else:
+            prompt = self.last_prompt
         self.mask, self.past, self.prompt = mask.bool(), past, min(prompt, total)
         self.front_start = self.mask[:, : self.prompt].int().argmax(dim=1)
 
@@ -645,10 +639,13 @@ def _flatten(vectors: Iterable[Any]) -> list[SteeringVector]:
 
 @contextlib.contextmanager
 def steered(model, *vectors: SteeringVector) -> Iterator[torch.nn.Module]:
-    """Apply steering vectors to every forward pass of the model's twin inside the block.
+    """Apply steering vectors to every forward pass of the model inside the block.
 
-    Hooks go only on the modules the vectors' hook points resolve to (plus one observer that
-    reads attention masks and cache lengths), so a steered pass costs what the additions cost.
+    Every way of running the model sees the vectors: the bridge's ``model(tokens)``,
+    ``run_with_cache`` and ``generate``, and every labkit function (``labkit.generate``,
+    ``cache_activations``, ``perplexity``, ``trace_routing``, the widgets). Hooks go only on the
+    hook points the vectors name (plus one observer that reads attention masks and cache
+    lengths), so a steered pass costs what the additions cost.
     Vectors are checked against the model first (name, width, layer range). Contexts nest and
     compose with other labkit contexts (``ExitStack``); every hook is removed on exit, on an
     exception and on ``KeyboardInterrupt``.
@@ -658,8 +655,8 @@ def steered(model, *vectors: SteeringVector) -> Iterator[torch.nn.Module]:
         *vectors: :class:`SteeringVector` objects (lists of them are flattened; ``None`` ignored).
 
     Yields:
-        The twin (``torch.nn.Module``) to run, e.g. ``twin(input_ids=...)``; ``labkit.generate``
-        called inside the block is steered too.
+        The plain twin (``torch.nn.Module``), for callers that want the fast path directly;
+        the model itself is steered as well.
 
     Raises:
         ValueError: a vector made for another model or width, or at a layer out of range.
@@ -671,11 +668,11 @@ def steered(model, *vectors: SteeringVector) -> Iterator[torch.nn.Module]:
     flat = _flatten(vectors)
     for vector in flat:
         vector.check_compatible(model)
-    twin = hf_model_of(model)
+    record = lab_model(model)
     if not flat:
-        yield twin
+        yield record.twin
         return
-    state = _CallState(twin)
+    state = _CallState(record)
     hooks = [(vector.hook_name, _Adder(vector, state)) for vector in flat]
-    with observe_inputs(twin, state.observe), attach(model, hooks) as runner:
-        yield runner
+    with intervene(model, hooks, observe=state.observe, caller="steered"):
+        yield record.twin

@@ -642,6 +642,7 @@ def train(settings: TrainSettings, out_dir: str | os.PathLike, progress: bool = 
     metadata = {
         "kind": "labkit_moe_organism",
         "version": 1,
+        "prepend_bos": False,  # trained on prompts without BOS: labkit.load_model reads this
         "variant": settings.variant,
         "prompt_format": PROMPT_FORMAT,
         "answer_prefix": " ",

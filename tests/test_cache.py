@@ -29,7 +29,7 @@ def test_batched_equals_each_prompt_alone(tiny_llama):
 
 def test_fast_path_matches_bridge_run_with_cache(tiny_llama):
     cache = cache_activations(tiny_llama, PROMPTS[:1], HOOKS, progress=False)
-    ids = torch.tensor([tiny_llama.tokenizer(PROMPTS[0])["input_ids"]])
+    ids = tiny_llama.to_tokens(PROMPTS[0])
     _, reference = tiny_llama.run_with_cache(ids, names_filter=lambda n: n in HOOKS)
     for name in HOOKS:
         torch.testing.assert_close(cache[name], reference[name][0], atol=1e-5, rtol=1e-5)
@@ -38,7 +38,7 @@ def test_fast_path_matches_bridge_run_with_cache(tiny_llama):
 def test_bridge_only_hook_point_is_cached_through_the_bridge(tiny_llama):
     name = "blocks.1.ln1.hook_normalized"
     cache = cache_activations(tiny_llama, PROMPTS[:2], [name], progress=False)
-    ids = torch.tensor([tiny_llama.tokenizer(PROMPTS[1])["input_ids"]])
+    ids = tiny_llama.to_tokens(PROMPTS[1])
     _, reference = tiny_llama.run_with_cache(ids, names_filter=lambda n: n == name)
     torch.testing.assert_close(cache.per_prompt(name)[1], reference[name][0], atol=1e-5, rtol=1e-5)
 
@@ -160,7 +160,9 @@ def test_one_tokenisation_rule_everywhere(tiny_llama):
             cached = tokenize_prompts(tiny_llama, ["love"], chat=chat)[0]
             generated = labkit.generate(tiny_llama, "love", chat=chat, max_new_tokens=1).prompt_token_ids[0]
             assert cached == generated
-        assert tokenize_prompts(tiny_llama, ["love"])[0] == tokenizer("love")["input_ids"]
+        # the bridge's rule (cfg.default_prepend_bos): BOS first, as TransformerLens tokenises
+        assert tokenize_prompts(tiny_llama, ["love"])[0] == tiny_llama.to_tokens("love")[0].tolist()
+        assert tokenize_prompts(tiny_llama, ["love"], prepend_bos=False)[0] == tokenizer("love")["input_ids"]
         assert tokenize_prompts(tiny_llama, ["love"], chat=True)[0] == tokenizer("love and")["input_ids"]
     finally:
         labkit_tokenizer.chat_template = None

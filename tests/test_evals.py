@@ -29,7 +29,7 @@ def test_perplexity_matches_manual_computation(tiny_llama):
     tokenizer, twin = tokenizer_of(tiny_llama), hf_model_of(tiny_llama)
     nll, count = 0.0, 0
     for text in texts:
-        ids = torch.tensor([tokenizer(text).input_ids])
+        ids = tiny_llama.to_tokens(text)  # the lab's BOS rule: the first real token is predicted too
         with torch.no_grad():
             logprobs = torch.log_softmax(twin(input_ids=ids).logits[0, :-1], dim=-1)
         nll -= logprobs.gather(-1, ids[0, 1:, None]).sum().item()
@@ -48,7 +48,7 @@ def test_perplexity_under_steering(tiny_llama):
     with labkit.steered(tiny_llama, vector):  # a context opened by the caller applies too
         assert evals.perplexity(tiny_llama, texts) == steered
     with pytest.raises(ValueError, match="has 1 token"):
-        evals.perplexity(tiny_llama, ["the"])
+        evals.perplexity(tiny_llama, ["the"], prepend_bos=False)
 
 
 def test_steering_data_loads():
@@ -85,4 +85,4 @@ def test_perplexity_bad_input(tiny_llama):
     with pytest.raises(ValueError, match="perplexity: need a prompt or a non-empty list"):
         perplexity(tiny_llama, [])
     with pytest.raises(ValueError, match="perplexity: text 0 .* need ≥ 2"):
-        perplexity(tiny_llama, ["a"])
+        perplexity(tiny_llama, ["a"], prepend_bos=False)

@@ -16,7 +16,7 @@ HOOKS = ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
 def test_last_layer_lens_equals_model_logits(tiny_llama):
     cache = cache_activations(tiny_llama, PROMPTS[:1], ["blocks.2.hook_resid_post"], positions="last", progress=False)
     probs, tokens = logit_lens(tiny_llama, cache.stack("blocks.2.hook_resid_post"), k=3)
-    ids = torch.tensor([tiny_llama.tokenizer(PROMPTS[0])["input_ids"]])
+    ids = tiny_llama.to_tokens(PROMPTS[0])
     with torch.no_grad():
         logits = hf_model_of(tiny_llama)(input_ids=ids).logits[0, -1]
     expected_p, expected_ids = logits.softmax(-1).topk(3)
@@ -30,7 +30,7 @@ def test_tables_have_one_row_per_hook(tiny_llama):
     assert list(table["layer"]) == [0, 2]
     norms = residual_norms(cache, HOOKS)
     assert set(norms["hook"]) == set(HOOKS)
-    n_positions = len(tiny_llama.tokenizer(PROMPTS[0])["input_ids"])
+    n_positions = tiny_llama.to_tokens(PROMPTS[0]).shape[1]
     assert norms[norms.hook == HOOKS[0]]["position"].max() == n_positions - 1
     ranks = answer_rank_by_layer(tiny_llama, cache, HOOKS, answers=[" mat", " hate"])
     assert list(ranks.index) == [0, 2] and (ranks["top-1 rate"].between(0, 1)).all()

@@ -177,6 +177,7 @@ def test_masked_generation_with_kv_cache_through_labkit_generate():
     tokenizer = _tokenizer()
     bridge = from_hf(tiny_moe_hf("olmoe", tokenizer), tokenizer, name="tiny-olmoe")
     mask = ExpertMask.off([(0, 0), (1, 0), (1, 5), (2, 7)], model=bridge)
+    at_rest = count_hooks(bridge, bridge.original_model, hf_twin(bridge))
     plain = generate(bridge, PROMPTS, max_new_tokens=8).token_ids
     with masked(bridge, mask):
         cached = generate(bridge, PROMPTS, max_new_tokens=8).token_ids
@@ -185,7 +186,8 @@ def test_masked_generation_with_kv_cache_through_labkit_generate():
     assert cached == uncached
     assert cached != plain
     assert not torch.isin(answers.topk_indices[0], torch.tensor([0])).any()
-    assert count_hooks(bridge) + count_hooks(hf_twin(bridge)) == 0
+    assert count_hooks(bridge, bridge.original_model, hf_twin(bridge)) == at_rest
+    assert count_hooks(hf_twin(bridge)) == 0
 
 
 def hf_twin(bridge):

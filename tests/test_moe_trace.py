@@ -125,7 +125,7 @@ def test_bridge_and_hf_model_give_the_same_trace(family):
     tokenizer = _tokenizer()
     bridge = from_hf(tiny_moe_hf(family, tokenizer), tokenizer, name=f"tiny-{family}")
     on_bridge = trace_routing(bridge, PROMPTS, progress=False)
-    on_hf = trace_routing(hf(family), PROMPTS, tokenizer=tokenizer, progress=False)
+    on_hf = trace_routing(hf(family), PROMPTS, tokenizer=tokenizer, prepend_bos=bridge.labkit.prepend_bos, progress=False)
     assert on_bridge.layers == tuple(MOE_LAYERS[family]) == tuple(moe_layers(bridge))
     assert torch.equal(on_bridge.topk_indices, on_hf.topk_indices)
     assert on_bridge.model_name == f"tiny-{family}"

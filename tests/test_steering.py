@@ -23,9 +23,9 @@ def hidden_states(model, token_ids: list[int]) -> tuple[torch.Tensor, ...]:
 
 
 def logits(model, text: str) -> torch.Tensor:
-    ids = tokenizer_of(model)(text, return_tensors="pt")
+    ids = model.to_tokens(text)
     with torch.no_grad():
-        return hf_model_of(model)(**ids).logits
+        return hf_model_of(model)(input_ids=ids).logits
 
 
 # --- the published recipe ------------------------------------------------------------------
@@ -35,7 +35,9 @@ def test_actadd_is_coefficient_times_padded_difference(tiny_llama):
     tokenizer = tokenizer_of(tiny_llama)
     plus, minus = " wedding party", " "
     vector = labkit.actadd(tiny_llama, plus, minus, layer=1, coefficient=3.0)
-    plus_ids, minus_ids = tokenizer(plus).input_ids, tokenizer(minus).input_ids
+    # the lab's BOS rule is the bridge's: both prompts start with BOS (TransformerLens's to_tokens)
+    plus_ids, minus_ids = tiny_llama.to_tokens(plus)[0].tolist(), tiny_llama.to_tokens(minus)[0].tolist()
+    assert plus_ids[0] == minus_ids[0] == tokenizer.bos_token_id
     space = tokenizer(" ", add_special_tokens=False).input_ids[-1]
     assert len(plus_ids) > len(minus_ids)  # the shorter side is right-padded with spaces
     minus_padded = minus_ids + [space] * (len(plus_ids) - len(minus_ids))
@@ -43,6 +45,9 @@ def test_actadd_is_coefficient_times_padded_difference(tiny_llama):
     assert vector.activations.shape == (len(plus_ids), tiny_llama.cfg.d_model)
     torch.testing.assert_close(vector.activations, expected)
     torch.testing.assert_close(vector.steering_vector, 3.0 * expected)
+    # Turner et al.'s setup: the BOS row of the difference is exactly zero
+    assert torch.equal(vector.activations[0], torch.zeros_like(vector.activations[0]))
+    assert vector.activations[1:].abs().sum() > 0
     assert vector.positions == "front" and vector.hook_name == "blocks.1.hook_resid_pre"
     assert vector.source["plus"] == plus and vector.source["minus_token_ids"] == minus_padded
     assert vector.model_name == "tiny-llama" and vector.layer == 1
@@ -83,7 +88,7 @@ def test_mean_difference_is_difference_of_means(tiny_llama):
     vector = labkit.mean_difference(tiny_llama, positive, negative, layer=2, coefficient=1.5)
 
     def mean_last(prompts):
-        return torch.stack([hidden_states(tiny_llama, tokenizer(p).input_ids)[2][-1] for p in prompts]).mean(0)
+        return torch.stack([hidden_states(tiny_llama, tiny_llama.to_tokens(p)[0].tolist())[2][-1] for p in prompts]).mean(0)
 
     torch.testing.assert_close(vector.activations, mean_last(positive) - mean_last(negative), rtol=1e-4, atol=1e-5)
     assert vector.activations.shape == (tiny_llama.cfg.d_model,) and vector.positions == "all"
@@ -203,9 +208,12 @@ def test_no_hook_survives_exit_exception_or_interrupt(tiny_llama):
         labkit.actadd(tiny_llama, " wedding", " ", layer=1, coefficient=4.0),
         labkit.mean_difference(tiny_llama, ["love"], ["hate"], layer=2),
     ]
+    bridge_at_rest = count_hooks(tiny_llama, tiny_llama.original_model)
     assert count_hooks(twin) == 0
     with steered(tiny_llama, *vectors):
         assert count_hooks(twin) == 3  # one per vector + the input observer
+        # the same on the bridge side: one per vector + the observer on the original model
+        assert count_hooks(tiny_llama, tiny_llama.original_model) == bridge_at_rest + 3
     assert count_hooks(twin) == 0
 
     with pytest.raises(RuntimeError):
@@ -224,4 +232,5 @@ def test_no_hook_survives_exit_exception_or_interrupt(tiny_llama):
     with pytest.raises(KeyboardInterrupt):
         with labkit.hooks.attach(tiny_llama, {"blocks.2.hook_resid_post": interrupt}):
             labkit.generate(tiny_llama, "love", steering=vectors, max_new_tokens=4)
-    assert count_hooks(twin) == 0 and count_hooks(tiny_llama) == 0
+    assert count_hooks(twin) == 0
+    assert count_hooks(tiny_llama, tiny_llama.original_model) == bridge_at_rest

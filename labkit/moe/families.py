@@ -245,11 +245,11 @@ class MoELayer:
 
 def hf_of(model) -> torch.nn.Module:
     """The plain Hugging Face model to run: the twin of a labkit bridge, or ``model`` itself."""
-    from labkit.models import _REGISTRY
+    from labkit.models import lab_model_or_none
 
-    record = _REGISTRY.get(model) if isinstance(model, torch.nn.Module) else None
+    record = lab_model_or_none(model)
     if record is not None:
-        return record.hf_model
+        return record.twin
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(
             f"Expected a labkit bridge (labkit.load_model) or a Hugging Face PreTrainedModel, got "

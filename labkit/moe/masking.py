@@ -607,8 +607,10 @@ def masked(model, mask: ExpertMask) -> Iterator[torch.nn.Module]:
     the block records the masked choice) and removed in ``finally`` — none survives an exception
     or a ``KeyboardInterrupt``. Masks nest; the masks active on a router are merged.
 
-    Only the plain twin is masked (``labkit.generate``, ``trace_routing``, ``labkit.hooks.attach``
-    on twin hook points); calling the TransformerLens bridge itself runs unmasked.
+    Every way of running the model is masked: labkit's functions on the plain twin
+    (``labkit.generate``, ``trace_routing``, ``cache_activations``) and the TransformerLens
+    bridge itself (``model(tokens)``, ``run_with_cache``, ``generate``), whose MoE blocks call
+    the original router modules — hooked too.
 
     Args:
         model: a labkit bridge or a Hugging Face MoE model.
@@ -644,18 +646,22 @@ def masked(model, mask: ExpertMask) -> Iterator[torch.nn.Module]:
         _check_selection(merged, moe_layer, family)
         plan.append((moe_layer, selection))
 
+    from labkit.models import lab_model_or_none
+
+    record = lab_model_or_none(model)
     entered: list[tuple[torch.nn.Module, Selection]] = []
     try:
         for moe_layer, selection in plan:
-            router = moe_layer.router
-            state = _ACTIVE.get(router)
-            if state is None:
-                state = _ACTIVE[router] = _RouterState(family, moe_layer)
-            state.selections.append(selection)
-            entered.append((router, selection))
-            state.merged = _merge(state.selections)
-            if state.handle is None:
-                state.handle = router.register_forward_hook(_make_hook(state), prepend=True)
+            # The twin's router and, for a labkit bridge, the original router the bridge calls.
+            for router in record.mirrors(moe_layer.router) if record is not None else [moe_layer.router]:
+                state = _ACTIVE.get(router)
+                if state is None:
+                    state = _ACTIVE[router] = _RouterState(family, moe_layer)
+                state.selections.append(selection)
+                entered.append((router, selection))
+                state.merged = _merge(state.selections)
+                if state.handle is None:
+                    state.handle = router.register_forward_hook(_make_hook(state), prepend=True)
         yield hf_model
     finally:
         for router, selection in reversed(entered):

@@ -327,9 +327,9 @@ def _tokenizer_for(model, tokenizer):
     """
     import copy
 
-    from labkit.models import _REGISTRY
+    from labkit.models import lab_model_or_none
 
-    record = _REGISTRY.get(model) if isinstance(model, torch.nn.Module) else None
+    record = lab_model_or_none(model)
     if tokenizer is None:
         if record is None:
             raise ValueError(
@@ -366,15 +366,20 @@ def _check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int | None) -> N
             )
 
 
-def _encode(tokenizer, prompts: Sequence[Any], chat: bool) -> list[list[int]]:
-    """Token ids per prompt, as a single-prompt call would make them (same rule as labkit.cache)."""
+def _encode(tokenizer, prompts: Sequence[Any], chat: bool, record=None, prepend_bos: bool | None = None) -> list[list[int]]:
+    """Token ids per prompt: the lab's rule (:meth:`LabModel.encode`, BOS included) for a labkit
+    bridge; a plain Hugging Face call (or ``prepend_bos`` added by hand) for a plain model."""
+
     rows = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ValueError(f"trace_routing: prompt {i} is text but no tokenizer is available.")
             try:
-                ids = encode_prompt(tokenizer, prompt, chat=chat)
+                if record is not None and tokenizer is record.tokenizer:
+                    ids = record.encode(prompt, chat=chat, prepend_bos=prepend_bos)
+                else:
+                    ids = encode_prompt(tokenizer, prompt, chat=chat, prepend_bos=bool(prepend_bos))
             except ValueError as error:
                 raise ValueError(f"trace_routing: {error}") from None
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -464,6 +469,7 @@ def trace_routing(
     max_new_tokens: int = 32,
     include_router_logits: bool = False,
     chat: bool = False,
+    prepend_bos: bool | None = None,
     tokenizer: Any = None,
     progress: bool = True,
 ) -> RoutingTrace:
@@ -489,6 +495,8 @@ def trace_routing(
         max_new_tokens: answer length for ``scope="generated"``.
         include_router_logits: also keep the raw router logits (``layer token expert``).
         chat: wrap each text prompt as one user turn with the tokenizer's chat template.
+        prepend_bos: override the BOS rule for text prompts (``None``: the model's rule for a
+            labkit bridge, no BOS for a plain Hugging Face model).
         tokenizer: needed only for a plain Hugging Face model given text prompts.
         progress: show a ``tqdm`` progress bar over batches.
 
@@ -526,7 +534,9 @@ def trace_routing(
     n_experts, top_k = routers[0].n_experts, routers[0].top_k
     needs_tokenizer = tokenizer is not None or any(isinstance(p, str) for p in prompts) or kind == "generated"
     tok = _tokenizer_for(model, tokenizer) if needs_tokenizer else None
-    rows = _encode(tok, prompts, chat)
+    from labkit.models import lab_model_or_none
+
+    rows = _encode(tok, prompts, chat, lab_model_or_none(model), prepend_bos)
     _check_token_ids(rows, _vocab_size(hf_model))
     check_context(
         model, [len(row) for row in rows], new_tokens=max_new_tokens if kind == "generated" else 0, caller="trace_routing"
@@ -612,9 +622,9 @@ def trace_routing(
 
 def _model_name(model) -> str:
     """labkit's name for a bridge; ``config.name_or_path`` (or the class name) for a HF model."""
-    from labkit.models import _REGISTRY
+    from labkit.models import lab_model_or_none
 
-    record = _REGISTRY.get(model) if isinstance(model, torch.nn.Module) else None
+    record = lab_model_or_none(model)
     if record is not None:
         return record.name
     return getattr(model.config, "name_or_path", None) or type(model).__name__
