@@ -123,6 +123,7 @@ class _HookIndex:
     io_points: dict[int, tuple[torch.nn.Module, str]]
     sites: dict[str, "HookSite"]
     fired: set[int] = field(default_factory=set)
+    twin_ok: set[int] = field(default_factory=set)
     probed: list[bool] = field(default_factory=lambda: [False])
 
 
@@ -135,27 +136,85 @@ def _index(model) -> _HookIndex:
     return index
 
 
-def _probe_firing(model, index: _HookIndex) -> set[int]:
-    """``id`` of every hook point that fires on one short forward pass of the bridge.
+def _same_value(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    # Same meaning, up to float rounding: the bridge reimplements attention with another op
+    # order, which moves float32 values by ~1e-7 of the tensor's scale; a different meaning
+    # (pre- vs post-norm, a reshape, another module) moves them by order one.
+    tolerance = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2
+    scale = float(b.float().abs().max()) if b.numel() else 0.0
+    return bool((a.float() - b.float()).abs().max() <= tolerance * scale + 1e-6) if b.numel() else True
 
-    Run once per model (the configuration flags that gate hook points are read then); a
-    ``model.cfg`` flag changed later is picked up by calling ``labkit.hooks.reprobe(model)``.
+
+def _probe_firing(model, index: _HookIndex) -> set[int]:
+    """Probe the bridge once: which hook points fire, and which the twin reproduces exactly.
+
+    One short forward pass of the bridge records every hook point's value; one pass of the
+    plain twin records the input/output of every module a hook point stands for. A hook point
+    runs on the twin (:attr:`HookSite.on_twin`) only if the twin gave the same shape and values
+    there — so the fast path never changes a value, whatever an architecture's adapter does
+    (some reshape a module's input, e.g. DeepSeek's ``kv_b_proj``). Run once per model by
+    ``load_model`` (configuration flags that gate hook points are read then); after changing a
+    ``model.cfg`` flag call ``labkit.hooks.reprobe(model)``.
+
+    Returns:
+        ``id`` of every hook point that fired.
     """
     if index.probed[0]:
         return index.fired
+    record = lab_model(model)
     fired: set[int] = set()
+    seen: dict[int, Tensor] = {}
+    twin_seen: dict[int, Tensor] = {}
     handles = []
+
+    identity: set[int] = set()
+
+    def on_point(module, _inputs, output):
+        fired.add(id(module))
+        if isinstance(output, Tensor):
+            raw = output.detach().clone()
+            conversion = getattr(module, "hook_conversion", None)
+            # the value a TransformerLens hook sees there (its conversion applied)
+            value = conversion.convert(raw) if conversion is not None else raw
+            seen[id(module)] = value
+            if conversion is None or (isinstance(value, Tensor) and _same_value(value, raw)):
+                identity.add(id(module))
+
     try:
         for point in index.hook_dict.values():
-            handles.append(point.register_forward_hook(lambda module, _i, _o: fired.add(id(module))))
-        tokens = torch.tensor([[0, 0]], device=next(lab_model(model).twin.parameters()).device)
+            handles.append(point.register_forward_hook(on_point))
+        twin = record.twin
+        tokens = torch.tensor([[0, 1, 2]], device=next(twin.parameters()).device)
         with torch.inference_mode():
             model(tokens)
+        for key, (component, side) in index.io_points.items():
+            path = record.module_paths.get(id(component.original_component))
+            if path is None or key not in seen:
+                continue
+            site = HookSite("probe", "probe", path, side, None)
+
+            def grab(activation, _site, key=key):
+                twin_seen.setdefault(key, activation.detach().clone())
+
+            handles.append(_register(twin.get_submodule(path), site, grab))
+        with torch.inference_mode():
+            twin(input_ids=tokens, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     index.fired.clear()
     index.fired.update(fired)
+    index.twin_ok.clear()
+    # on the twin only where the twin's tensor is what a TransformerLens hook sees there, and
+    # the bridge's conversion is the identity (so a write needs no reversion either)
+    index.twin_ok.update(
+        k for k, v in twin_seen.items() if k in identity and isinstance(seen[k], Tensor) and _same_value(v, seen[k])
+    )
+    index.sites.clear()
     index.probed[0] = True
     return index.fired
 
@@ -254,7 +313,7 @@ def resolve_hook(model, name: str) -> HookSite:
         )
     module_path, side = None, None
     owner = index.io_points.get(id(point))
-    if owner is not None and getattr(point, "hook_conversion", None) is None:
+    if owner is not None and id(point) in index.twin_ok:
         component, side = owner
         module_path = lab_model(model).module_paths.get(id(component.original_component))
         if module_path is None:
