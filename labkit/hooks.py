@@ -40,7 +40,7 @@ from torch import Tensor
 
 from labkit.models import lab_model
 
-__all__ = ["HookPointNeverFiresError", "HookSite", "HookFn", "attach", "count_hooks", "hook_names", "intervene", "observe_inputs", "resolve_hook"]
+__all__ = ["HookPointNeverFiresError", "HookSite", "HookFn", "attach", "count_hooks", "hook_names", "intervene", "probe", "reprobe", "resolve_hook"]
 
 #: A hook function: receives the activation at the hook point (``Float[Tensor, "batch pos ..."]``)
 #: and its :class:`HookSite`; returns a replacement tensor or ``None`` to leave it unchanged.
@@ -520,32 +520,3 @@ def count_hooks(*modules: torch.nn.Module) -> int:
             total += len(sub._forward_hooks) + len(sub._forward_pre_hooks)
             total += len(sub._backward_hooks) + len(getattr(sub, "_backward_pre_hooks", {}))
     return total
-
-
-@contextlib.contextmanager
-def observe_inputs(
-    module: torch.nn.Module, fn: Callable[[tuple, dict], None]
-) -> Iterator[torch.nn.Module]:
-    """Call ``fn(args, kwargs)`` with the inputs of every forward call of ``module``.
-
-    For interventions that need to know *what* is being run, not just the activation at one
-    hook point: steering reads the attention mask and the cache length of each call of the twin
-    (prompt pass vs decode step, where each row's real tokens start) from here. ``fn`` observes
-    only; its return value is ignored. Registered inside ``try``, removed in ``finally``.
-
-    Args:
-        module: usually the twin, :func:`labkit.models.hf_model_of`.
-        fn: ``fn(args, kwargs)``, the positional and keyword arguments of the call.
-
-    Yields:
-        ``module``.
-    """
-    handle = None
-    try:
-        handle = module.register_forward_pre_hook(
-            lambda _module, args, kwargs: fn(args, kwargs), with_kwargs=True
-        )
-        yield module
-    finally:
-        if handle is not None:
-            handle.remove()

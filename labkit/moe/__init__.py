@@ -1,8 +1,10 @@
 """Mixture-of-experts tools: routing traces, expert attribution, expert masks (one module each).
 
-All MoE work runs on the plain Hugging Face twin (:func:`labkit.models.hf_model_of`) with plain
-``torch`` forward hooks on each layer's router module, for every supported family (OLMoE,
-Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3); see :mod:`labkit.moe.families`.
+Routing traces run on the plain Hugging Face twin with plain ``torch`` forward hooks on each
+layer's router module; expert masks hook the twin's routers and the original routers the
+TransformerLens bridge calls, so ``model(tokens)``, ``run_with_cache`` and ``model.generate`` are
+masked too. Supported families (OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3): see
+:mod:`labkit.moe.families`.
 """
 
 from labkit.moe.attribution import ExpertAttribution, attribute_experts

@@ -339,8 +339,3 @@ def moe_layers(model) -> list[int]:
         [0, 1, 2, ..., 15]
     """
     return [moe_layer.layer for moe_layer in find_routers(model)]
-
-
-def route(moe_layer: MoELayer, family: RouterFamily, router_logits: Tensor, selection: Selection | None = None):
-    """``(topk_indices, topk_weights)`` of one layer from its router logits, family math."""
-    return family.route(moe_layer.router, router_logits, selection)
