@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -22,6 +23,7 @@ def make_trace(
     seed: int,
     boost: dict[tuple[int, int], float] | None = None,
     boosted_prompts=None,
+    boosted_tokens=None,
     layers=LAYERS,
     n_experts=N_EXPERTS,
     top_k=TOP_K,
@@ -30,7 +32,8 @@ def make_trace(
     """Top-k draws (without replacement) from a uniform router, some (row, expert) boosted.
 
     ``boost[(row, expert)] = factor`` multiplies that expert's routing probability on the tokens
-    of ``boosted_prompts`` (default: every prompt).
+    of ``boosted_prompts`` (default: every prompt); ``boosted_tokens(position, length)`` narrows
+    that to the tokens where it returns True (``length``: each token's prompt length).
     """
     generator = torch.Generator().manual_seed(seed)
     n_tokens = sum(prompt_lengths)
@@ -40,6 +43,9 @@ def make_trace(
     boosted = torch.ones(n_tokens, dtype=torch.bool)
     if boosted_prompts is not None:
         boosted = torch.isin(prompt_index, torch.tensor(list(boosted_prompts)))
+    if boosted_tokens is not None:
+        length = torch.tensor(prompt_lengths)[prompt_index]
+        boosted = boosted & boosted_tokens(position, length)
     for (row, expert), factor in (boost or {}).items():
         probs[row, boosted, expert] *= factor
     flat = probs.reshape(-1, n_experts)
@@ -142,6 +148,46 @@ def test_last_tokens_counts_only_the_end_of_each_prompt(planted_pair):
     attribution = attribute_experts(behavior, control, last_tokens=3, n_bootstrap=0, n_splits=0)
     assert attribution.behavior_tokens == 3 * behavior.n_prompts
     assert attribution.last_tokens == 3
+
+
+def _subset(trace: RoutingTrace, keep: torch.Tensor) -> RoutingTrace:
+    """The trace restricted to the tokens where ``keep`` is True (positions renumbered)."""
+    prompt_index = trace.prompt_index[keep]
+    position = torch.cat([torch.arange(int((prompt_index == p).sum())) for p in range(trace.n_prompts)])
+    return dataclasses.replace(
+        trace, topk_indices=trace.topk_indices[:, keep], topk_weights=trace.topk_weights[:, keep],
+        token_ids=trace.token_ids[keep], prompt_index=prompt_index, position=position,
+    )
+
+
+def test_last_tokens_finds_behaviour_planted_at_the_end_not_at_the_start():
+    lengths = [8 + (i % 7) for i in range(40)]  # prompts of different lengths
+    at_end = {(0, 5): 6.0}  # row 0 = layer 1: boosted on each prompt's last 3 tokens
+    at_start = {(1, 2): 6.0}  # row 1 = layer 3: boosted on each prompt's first 3 tokens
+    end = make_trace(lengths, seed=1, boost=at_end, boosted_tokens=lambda pos, n: pos >= n - 3)
+    start = make_trace(lengths, seed=1, boost=at_start, boosted_tokens=lambda pos, n: pos < 3)
+    # one behaviour trace: layer 1 from the end-planted draw, layer 3 from the start-planted one
+    behavior = dataclasses.replace(
+        end,
+        topk_indices=torch.stack([end.topk_indices[0], start.topk_indices[1]]),
+        topk_weights=torch.stack([end.topk_weights[0], start.topk_weights[1]]),
+    )
+    control = make_trace(lengths, seed=2)
+    whole = attribute_experts(behavior, control, n_bootstrap=0, n_splits=20)
+    assert set(whole.top(2)) == {(1, 5), (3, 2)}  # over all tokens both plants show
+    last = attribute_experts(behavior, control, last_tokens=3, n_bootstrap=0, n_splits=20)
+    assert last.top(1) == [(1, 5)] and (1, 5) in last.significant(above_noise_floor=True)
+    assert (3, 2) not in last.significant(direction="both")
+    assert abs(float(last.score[1, 2])) < last.noise_floor
+    # the same numbers as attributing only each prompt's last 3 tokens
+    def tail(trace):
+        n = torch.tensor([int((trace.prompt_index == p).sum()) for p in range(trace.n_prompts)])
+        return _subset(trace, trace.position >= n[trace.prompt_index] - 3)
+
+    reference = attribute_experts(tail(behavior), tail(control), n_bootstrap=0, n_splits=20)
+    for name in ("score", "behavior_counts", "control_counts", "p_value", "q_value"):
+        assert torch.equal(getattr(last, name), getattr(reference, name)), name
+    assert last.noise_floor == reference.noise_floor and last.behavior_tokens == 3 * len(lengths)
 
 
 def test_top_with_per_layer_cap(planted_pair):
