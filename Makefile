@@ -55,6 +55,8 @@ bench: install
 	$(PY) bench/bench_steering.py
 	$(PY) bench/bench_moe.py
 	$(PY) bench/bench_widgets.py
+	$(PY) bench/organism_lab_table.py moe-organism
+	$(PY) bench/organism_lab_table.py moe-organism-planted
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts
