@@ -47,14 +47,16 @@ browser:
 	@if command -v chromium >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-		|| echo "warning: could not install chromium; the browser test will skip"; \
-	else echo "note: chromium not found and apt-get needs root; the browser test will skip"; fi
+		|| echo "warning: could not install chromium; the browser test will skip (and fail where CI is set)"; \
+	else echo "note: chromium not found and apt-get needs root; the browser test will skip (and fail where CI is set)"; fi
 
 bench: install
 	$(PY) bench/bench_cache.py
 	$(PY) bench/bench_steering.py
 	$(PY) bench/bench_moe.py
 	$(PY) bench/bench_widgets.py
+	$(PY) bench/organism_lab_table.py moe-organism
+	$(PY) bench/organism_lab_table.py moe-organism-planted
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

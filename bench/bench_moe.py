@@ -10,34 +10,28 @@ with the offline test tokenizer. Prompts: ``data/prompts/organism/attribution_be
 3. masked generation tokens/s / unmasked generation tokens/s       (goal >= 0.90)
    (greedy, KV cache, fixed length; the mask switches off 2 experts in every MoE layer)
 
-Each figure is the median of ``--repeats`` interleaved runs, timed in process CPU seconds when
-``--threads 1`` (robust to other jobs on a shared machine), else wall-clock seconds.
+Each figure is the median of ``--repeats`` interleaved runs after one warm-up each, timed in
+process CPU seconds when ``--threads 1`` (robust to other jobs on a shared machine), else
+wall-clock seconds. ``--smoke``: 8 prompts, 4 new tokens, one repetition (checks it runs).
 
-Run: .venv/bin/python bench/bench_moe.py [--repeats 5] [--threads 1] [--prompts 64]
+Run: .venv/bin/python bench/bench_moe.py [--repeats 5] [--threads 1] [--prompts 64] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness  # sets the repo root on sys.path and the offline switches
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from labkit.models import left_pad
+from labkit.moe import ExpertMask, masked, moe_layers, trace_routing
+from labkit.moe.families import find_routers
 
-from labkit.moe import ExpertMask, masked, moe_layers, trace_routing  # noqa: E402
-from labkit.moe.families import find_routers  # noqa: E402
-from labkit.moe.trace import _left_pad  # noqa: E402
+ROOT = harness.ROOT
 
 
 def load() -> tuple[torch.nn.Module, object, str]:
@@ -65,22 +59,6 @@ def load() -> tuple[torch.nn.Module, object, str]:
     return model, tokenizer, "random OLMoE of the organism's shape (no data/models/moe-organism)"
 
 
-def median_time(fn, repeats: int) -> float:
-    """Median CPU seconds of this process over ``repeats`` calls.
-
-    CPU time, not wall time: on a shared machine (other jobs on the same cores) wall time of a
-    single-threaded run swings by 2x with the neighbours' load, while the CPU time it used does
-    not; with ``--threads 1`` CPU time is the work done.
-    """
-    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -88,7 +66,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--smoke", action="store_true", help="few prompts, one repetition (checks it runs)")
     args = parser.parse_args()
+    if args.smoke or harness.smoke_requested([]):
+        args.prompts, args.new_tokens, args.repeats, args.batch_size = 8, 4, 1, 4
     torch.set_num_threads(args.threads)
 
     model, tokenizer, label = load()
@@ -102,7 +83,7 @@ def main() -> None:
 
     order = sorted(range(len(token_rows)), key=lambda i: len(token_rows[i]))
     batches = [
-        _left_pad([token_rows[i] for i in order[s : s + args.batch_size]], tokenizer.pad_token_id, "cpu")
+        left_pad([token_rows[i] for i in order[s : s + args.batch_size]], tokenizer.pad_token_id, "cpu")
         for s in range(0, len(order), args.batch_size)
     ]
 
@@ -113,30 +94,38 @@ def main() -> None:
                       use_cache=False, logits_to_keep=1)
 
     def capture(batch_size: int):
-        return lambda: trace_routing(model, token_rows, batch_size=batch_size, progress=False)
+        def run():
+            trace = trace_routing(model, token_rows, batch_size=batch_size, progress=False)
+            if trace.n_prompts != len(token_rows) or trace.n_tokens != n_tokens:
+                raise RuntimeError(f"trace of {trace.n_prompts} prompts / {trace.n_tokens} tokens, "
+                                   f"expected {len(token_rows)} / {n_tokens}")
+        return run
 
     def generation(mask: ExpertMask | None):
-        input_ids, attention_mask, _ = _left_pad(token_rows[:8], tokenizer.pad_token_id, "cpu")
+        input_ids, attention_mask, _ = left_pad(token_rows[:8], tokenizer.pad_token_id, "cpu")
 
         def run():
             with torch.inference_mode(), (masked(model, mask) if mask is not None else _null()):
-                model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                               pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id)
+            if out.shape[1] != input_ids.shape[1] + args.new_tokens:
+                raise RuntimeError(f"generated {out.shape[1] - input_ids.shape[1]} tokens, expected {args.new_tokens}")
         return run
 
     mask = ExpertMask.off({layer: [0, 1] for layer in moe_layers(model)})
-    for fn in (plain_forward, capture(args.batch_size), generation(None), generation(mask)):
-        fn()  # warm-up
-
-    plain_s, capture_s, gen_s, masked_s = [], [], [], []
-    for _ in range(args.repeats):  # interleaved so machine load hits all alike
-        plain_s.append(median_time(plain_forward, 1))
-        capture_s.append(median_time(capture(args.batch_size), 1))
-        gen_s.append(median_time(generation(None), 1))
-        masked_s.append(median_time(generation(mask), 1))
-    single_s = median_time(capture(1), max(1, args.repeats // 2))
-    plain_s, capture_s, gen_s, masked_s = map(statistics.median, (plain_s, capture_s, gen_s, masked_s))
+    # CPU time, not wall time, with one thread: on a shared machine the wall time of a
+    # single-threaded run swings by 2x with the neighbours' load, the CPU time it used does not
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    seconds = harness.interleaved_medians(
+        {
+            "plain": plain_forward, "capture": capture(args.batch_size), "single": capture(1),
+            "generation": generation(None), "masked": generation(mask),
+        },
+        args.repeats, clock=clock,
+    )
+    plain_s, capture_s, single_s = seconds["plain"], seconds["capture"], seconds["single"]
+    gen_s, masked_s = seconds["generation"], seconds["masked"]
 
     gen_tokens = 8 * args.new_tokens
     print(f"plain forward            {n_tokens / plain_s:10.0f} tokens/s")

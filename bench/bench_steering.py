@@ -4,19 +4,16 @@ Prints steered tokens/s, plain tokens/s and their ratio, measured in one run: 48
 greedy, batch 1, one warm-up each, then the median of ``--repeats`` interleaved timings.
 Steered = ``labkit.generate`` with an ActAdd vector (front positions, prompt pass) plus a
 mean-difference direction (every decode step), i.e. both kinds of hook in use. Goal: ≥ 0.95.
+``--smoke``: a tiny random model, 8 tokens, one repetition (checks the bench runs).
 
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python bench/bench_steering.py
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python bench/bench_steering.py [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import harness  # sets the repo root on sys.path and the offline switches
 
 import torch
 
@@ -32,15 +29,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, one repetition (checks it runs)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    smoke = args.smoke or harness.smoke_requested([])
+    if smoke:
+        args.model, args.new_tokens, args.repeats = "tiny-llama (smoke run: numbers mean nothing)", 8, 1
 
-    model = labkit.load_model(args.model)
+    model = harness.tiny_llama() if smoke else labkit.load_model(args.model)
     twin, tokenizer = hf_model_of(model), tokenizer_of(model)
+    n_layers = model.cfg.n_layers
     vectors = [
-        labkit.actadd(model, " wedding", " ", layer=6, coefficient=4.0),
-        labkit.mean_difference(model, ["I love this"], ["I hate this"], layer=8, coefficient=0.5),
+        labkit.actadd(model, " wedding", " ", layer=min(6, n_layers - 1), coefficient=4.0),
+        labkit.mean_difference(model, ["I love this"], ["I hate this"], layer=min(8, n_layers - 1), coefficient=0.5),
     ]
     n = args.new_tokens
     inputs = tokenizer([PROMPT], return_tensors="pt").to(twin.device)
@@ -57,20 +59,16 @@ def main() -> None:
         out = labkit.generate(model, PROMPT, steering=vectors, max_new_tokens=n, min_new_tokens=n)
         return len(out.token_ids[0])
 
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        produced = fn()
-        elapsed = time.perf_counter() - start
-        if produced != n:
-            raise RuntimeError(f"expected {n} new tokens, got {produced}")
-        return n / elapsed
+    def checked(fn):
+        def run() -> None:
+            produced = fn()
+            if produced != n:
+                raise RuntimeError(f"{fn.__name__}: expected {n} new tokens, got {produced}")
+        return run
 
-    timed(plain), timed(steered)  # warm-up
-    plain_rates, steered_rates = [], []
-    for _ in range(args.repeats):  # interleaved, so load changes hit both alike
-        plain_rates.append(timed(plain))
-        steered_rates.append(timed(steered))
-    plain_rate, steered_rate = statistics.median(plain_rates), statistics.median(steered_rates)
+    # one warm-up each, then interleaved (plain, steered, plain, ...) so load changes hit both alike
+    seconds = harness.interleaved_medians({"plain": checked(plain), "steered": checked(steered)}, args.repeats)
+    plain_rate, steered_rate = n / seconds["plain"], n / seconds["steered"]
     print(f"model {args.model}, {n} new tokens, greedy, batch 1, median of {args.repeats}, "
           f"{torch.get_num_threads()} threads")
     print(f"plain HF generate : {plain_rate:7.1f} tokens/s")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ def make_trace(
     seed: int,
     boost: dict[tuple[int, int], float] | None = None,
     boosted_prompts=None,
+    boosted_tokens=None,
     layers=LAYERS,
     n_experts=N_EXPERTS,
     top_k=TOP_K,
@@ -30,7 +33,8 @@ def make_trace(
     """Top-k draws (without replacement) from a uniform router, some (row, expert) boosted.
 
     ``boost[(row, expert)] = factor`` multiplies that expert's routing probability on the tokens
-    of ``boosted_prompts`` (default: every prompt).
+    of ``boosted_prompts`` (default: every prompt); ``boosted_tokens(position, length)`` narrows
+    that to the tokens where it returns True (``length``: each token's prompt length).
     """
     generator = torch.Generator().manual_seed(seed)
     n_tokens = sum(prompt_lengths)
@@ -40,6 +44,9 @@ def make_trace(
     boosted = torch.ones(n_tokens, dtype=torch.bool)
     if boosted_prompts is not None:
         boosted = torch.isin(prompt_index, torch.tensor(list(boosted_prompts)))
+    if boosted_tokens is not None:
+        length = torch.tensor(prompt_lengths)[prompt_index]
+        boosted = boosted & boosted_tokens(position, length)
     for (row, expert), factor in (boost or {}).items():
         probs[row, boosted, expert] *= factor
     flat = probs.reshape(-1, n_experts)
@@ -144,6 +151,46 @@ def test_last_tokens_counts_only_the_end_of_each_prompt(planted_pair):
     assert attribution.last_tokens == 3
 
 
+def _subset(trace: RoutingTrace, keep: torch.Tensor) -> RoutingTrace:
+    """The trace restricted to the tokens where ``keep`` is True (positions renumbered)."""
+    prompt_index = trace.prompt_index[keep]
+    position = torch.cat([torch.arange(int((prompt_index == p).sum())) for p in range(trace.n_prompts)])
+    return dataclasses.replace(
+        trace, topk_indices=trace.topk_indices[:, keep], topk_weights=trace.topk_weights[:, keep],
+        token_ids=trace.token_ids[keep], prompt_index=prompt_index, position=position,
+    )
+
+
+def test_last_tokens_finds_behaviour_planted_at_the_end_not_at_the_start():
+    lengths = [8 + (i % 7) for i in range(40)]  # prompts of different lengths
+    at_end = {(0, 5): 6.0}  # row 0 = layer 1: boosted on each prompt's last 3 tokens
+    at_start = {(1, 2): 6.0}  # row 1 = layer 3: boosted on each prompt's first 3 tokens
+    end = make_trace(lengths, seed=1, boost=at_end, boosted_tokens=lambda pos, n: pos >= n - 3)
+    start = make_trace(lengths, seed=1, boost=at_start, boosted_tokens=lambda pos, n: pos < 3)
+    # one behaviour trace: layer 1 from the end-planted draw, layer 3 from the start-planted one
+    behavior = dataclasses.replace(
+        end,
+        topk_indices=torch.stack([end.topk_indices[0], start.topk_indices[1]]),
+        topk_weights=torch.stack([end.topk_weights[0], start.topk_weights[1]]),
+    )
+    control = make_trace(lengths, seed=2)
+    whole = attribute_experts(behavior, control, n_bootstrap=0, n_splits=20)
+    assert set(whole.top(2)) == {(1, 5), (3, 2)}  # over all tokens both plants show
+    last = attribute_experts(behavior, control, last_tokens=3, n_bootstrap=0, n_splits=20)
+    assert last.top(1) == [(1, 5)] and (1, 5) in last.significant(above_noise_floor=True)
+    assert (3, 2) not in last.significant(direction="both")
+    assert abs(float(last.score[1, 2])) < last.noise_floor
+    # the same numbers as attributing only each prompt's last 3 tokens
+    def tail(trace):
+        n = torch.tensor([int((trace.prompt_index == p).sum()) for p in range(trace.n_prompts)])
+        return _subset(trace, trace.position >= n[trace.prompt_index] - 3)
+
+    reference = attribute_experts(tail(behavior), tail(control), n_bootstrap=0, n_splits=20)
+    for name in ("score", "behavior_counts", "control_counts", "p_value", "q_value"):
+        assert torch.equal(getattr(last, name), getattr(reference, name)), name
+    assert last.noise_floor == reference.noise_floor and last.behavior_tokens == 3 * len(lengths)
+
+
 def test_top_with_per_layer_cap(planted_pair):
     attribution = attribute_experts(*planted_pair, n_bootstrap=0, n_splits=0)
     capped = attribution.top(4, per_layer_cap=1)
@@ -244,3 +291,129 @@ def test_from_dict_names_missing_fields(planted_pair):
     del data["score"], data["noise_floor"]
     with pytest.raises(ValueError, match=r"lacks 'score', 'noise_floor'"):
         ExpertAttribution.from_dict(data)
+
+
+# --- the statistics against an independent computation (plain loops + scipy) -----------------
+
+
+def _per_token_values(trace: RoutingTrace):
+    """(layer, token, expert) selection indicator and routing weight, by plain loops."""
+    n_layers, n_tokens, _ = trace.topk_indices.shape
+    selected = np.zeros((n_layers, n_tokens, trace.n_experts))
+    weight = np.zeros_like(selected)
+    for layer in range(n_layers):
+        for token in range(n_tokens):
+            for slot in range(trace.top_k):
+                expert = int(trace.topk_indices[layer, token, slot])
+                selected[layer, token, expert] = 1.0
+                weight[layer, token, expert] += float(trace.topk_weights[layer, token, slot])
+    return selected, weight
+
+
+def _per_prompt_rates(trace: RoutingTrace, values: np.ndarray) -> np.ndarray:
+    """(prompt, layer, expert): each prompt's mean over its tokens."""
+    prompt_index = trace.prompt_index.numpy()
+    return np.stack([values[:, prompt_index == p].mean(axis=1) for p in range(trace.n_prompts)])
+
+
+def _reference_score(metric, aggregate, b_values, b_prompts, c_values, c_prompts):
+    """The documented score of one behaviour set against one control set.
+
+    ``*_values`` are (layer, token, expert) per-token values, ``*_prompts`` the (prompt, layer,
+    expert) per-prompt rates of the same sets."""
+    if aggregate == "prompt":
+        rate_b, rate_c = b_prompts.mean(0), c_prompts.mean(0)
+        n_b, n_c = b_prompts.shape[0], c_prompts.shape[0]
+    else:
+        rate_b, rate_c = b_values.mean(1), c_values.mean(1)
+        n_b, n_c = b_values.shape[1], c_values.shape[1]
+    if metric != "log_odds":
+        return rate_b - rate_c
+    # Haldane-Anscombe: +0.5 in every cell of (selected, not selected) x (behaviour, control)
+    a, b = rate_b * n_b, n_b - rate_b * n_b
+    c, d = rate_c * n_c, n_c - rate_c * n_c
+    return np.log((a + 0.5) / (b + 0.5)) - np.log((c + 0.5) / (d + 0.5))
+
+
+def _bh(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values by the textbook step-up rule."""
+    flat = p.ravel()
+    m = flat.size
+    order = np.argsort(flat)
+    adjusted = np.empty(m)
+    running = 1.0
+    for rank in range(m, 0, -1):  # from the largest p down
+        i = order[rank - 1]
+        running = min(running, flat[i] * m / rank)
+        adjusted[i] = running
+    return adjusted.reshape(p.shape)
+
+
+@pytest.fixture(scope="module")
+def uneven_pair():
+    """Planted experts, prompts of different lengths, 23 behaviour vs 31 (odd) control prompts."""
+    behavior = make_trace([6 + (i % 9) for i in range(23)], seed=5, boost={(0, 5): 2.5, (1, 2): 1.6})
+    control = make_trace([5 + (i % 11) for i in range(31)], seed=6)
+    return behavior, control
+
+
+@pytest.mark.parametrize("aggregate", ["prompt", "token"])
+@pytest.mark.parametrize("metric", ["frequency", "weight", "log_odds"])
+def test_statistics_equal_an_independent_scipy_computation(uneven_pair, metric, aggregate):
+    from scipy.stats import false_discovery_control, fisher_exact, ttest_ind
+
+    behavior, control = uneven_pair
+    seed, alpha, n_splits = 3, 0.1, 40
+    result = attribute_experts(
+        behavior, control, metric=metric, aggregate=aggregate, n_bootstrap=0, n_splits=n_splits, seed=seed, alpha=alpha
+    )
+    sel_b, weight_b = _per_token_values(behavior)
+    sel_c, weight_c = _per_token_values(control)
+    values_b, values_c = (weight_b, weight_c) if metric == "weight" else (sel_b, sel_c)
+    prompts_b, prompts_c = _per_prompt_rates(behavior, values_b), _per_prompt_rates(control, values_c)
+
+    # scores and rates
+    score = _reference_score(metric, aggregate, values_b, prompts_b, values_c, prompts_c)
+    np.testing.assert_allclose(result.score.numpy(), score, rtol=1e-12, atol=1e-12)
+    rate_b = prompts_b.mean(0) if aggregate == "prompt" else values_b.mean(1)
+    np.testing.assert_allclose(result.behavior_rate.numpy(), rate_b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(result.behavior_counts, torch.as_tensor(sel_b.sum(1).astype(np.int64)))
+
+    # p-values: Welch on per-prompt (or per-token) values, Fisher's exact on token counts
+    expected_test = "fisher" if aggregate == "token" and metric != "weight" else "welch"
+    assert result.test == expected_test
+    p = np.empty(score.shape)
+    for layer in range(score.shape[0]):
+        for expert in range(score.shape[1]):
+            if expected_test == "welch":
+                units_b = prompts_b[:, layer, expert] if aggregate == "prompt" else values_b[layer, :, expert]
+                units_c = prompts_c[:, layer, expert] if aggregate == "prompt" else values_c[layer, :, expert]
+                p[layer, expert] = ttest_ind(units_b, units_c, equal_var=False).pvalue
+            else:
+                a, c = sel_b[layer, :, expert].sum(), sel_c[layer, :, expert].sum()
+                n_b, n_c = sel_b.shape[1], sel_c.shape[1]
+                p[layer, expert] = fisher_exact([[a, n_b - a], [c, n_c - c]]).pvalue
+    assert np.isfinite(p).all()
+    np.testing.assert_allclose(result.p_value.numpy(), p, rtol=1e-9, atol=1e-12)
+    # BH q-values over all layer x expert cells: scipy's and the textbook step-up rule agree
+    q = false_discovery_control(p.ravel(), method="bh").reshape(p.shape)
+    np.testing.assert_allclose(_bh(p), q, rtol=1e-12)
+    np.testing.assert_allclose(result.q_value.numpy(), q, rtol=1e-9, atol=1e-12)
+    assert result.p_value.min() < 0.01 and (result.q_value > result.p_value).any()  # a real test
+
+    # split-half noise floor: the documented draws (control prompts permuted, two equal halves,
+    # an odd prompt out), the 1 - alpha quantile over splits of the largest |half - half| score
+    rng = np.random.default_rng([seed, 1])
+    n_prompts, half = control.n_prompts, control.n_prompts // 2
+    prompt_index = control.prompt_index.numpy()
+    maxima = []
+    for _ in range(n_splits):
+        order = rng.permutation(n_prompts)
+        first, second = order[:half], order[half : 2 * half]
+        tokens_a, tokens_b = np.isin(prompt_index, first), np.isin(prompt_index, second)
+        split = _reference_score(
+            metric, aggregate, values_c[:, tokens_a], prompts_c[first], values_c[:, tokens_b], prompts_c[second]
+        )
+        maxima.append(np.abs(split).max())
+    assert result.noise_floor == pytest.approx(float(np.quantile(maxima, 1 - alpha)), rel=1e-12)
+    assert 0 < result.noise_floor < np.abs(score).max()

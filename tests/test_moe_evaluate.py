@@ -84,3 +84,59 @@ def test_bad_input(olmoe, attribution):
         )
     with pytest.raises(TypeError, match="without .top"):
         compare_conditions(olmoe, attribution=None, behavior_prompts=BEHAVIOR, control_prompts=CONTROL)
+
+
+def _pairs(label: str) -> list[tuple[int, int]]:
+    return [(int(p[1:].split("E")[0]), int(p.split("E")[1])) for p in label.split()]
+
+
+def test_every_row_equals_a_direct_generation_under_that_rows_mask(olmoe, attribution):
+    from labkit.evals import behavior_rate, exact_match_accuracy
+    from labkit.generation import generate
+
+    seen: list[str] = []
+
+    def detector(text: str) -> bool:  # records every text it judges, in order
+        seen.append(text)
+        return "the" in text.split()
+
+    tasks = {"copy": (["one two", "three four"], ["three", "five"])}
+    table = compare_conditions(
+        olmoe, attribution=attribution, behavior_prompts=BEHAVIOR, control_prompts=CONTROL,
+        task_sets=tasks, detector=detector, n_values=(1, 2), random_seeds=(0, 1),
+        bias_values=(-4.0,), max_new_tokens=4, progress=False,
+    )
+    judged = list(seen)
+    expected_judged: list[str] = []
+    differs_from_baseline = 0
+    baseline = generate(olmoe, BEHAVIOR + CONTROL, max_new_tokens=4, seed=0).texts
+    for row in table[table.condition != "random_off_mean"].itertuples():
+        experts = _pairs(row.experts)
+        if row.condition == "top_off":
+            assert experts == attribution.top(row.n)
+        mask = {
+            "baseline": lambda: ExpertMask(),
+            "top_off": lambda: ExpertMask.off(experts),
+            "random_off": lambda: ExpertMask.off(experts),
+            "top_on": lambda: ExpertMask.on(experts),
+            "top_bias": lambda: ExpertMask.bias(experts, row.bias),
+        }[row.condition]()
+        assert (len(mask) == 0) == (row.condition == "baseline")
+        with masked(olmoe, mask):
+            behavior = generate(olmoe, BEHAVIOR, max_new_tokens=4, seed=0).texts
+            control = generate(olmoe, CONTROL, max_new_tokens=4, seed=0).texts
+            copy = generate(olmoe, tasks["copy"][0], max_new_tokens=4, seed=0).texts
+        differs_from_baseline += (behavior + control) != baseline
+        if row.condition != "top_on":
+            expected_judged += behavior
+            rate = behavior_rate(behavior, lambda t: "the" in t.split())
+            assert (row.behavior_count, row.behavior_rate) == (rate.count, rate.rate)
+            key = f"{row.condition} n={row.n} seed={row.seed if row.condition == 'random_off' else math.nan} bias={row.bias}"
+            assert table.attrs["examples"][key] == behavior[:3]
+            accuracy = exact_match_accuracy(copy, tasks["copy"][1])
+            assert row.copy_accuracy == accuracy.rate
+        expected_judged += control
+        rate = behavior_rate(control, lambda t: "the" in t.split())
+        assert (row.control_count, row.control_rate) == (rate.count, rate.rate)
+    assert judged == expected_judged  # every completion the table counted, row by row
+    assert differs_from_baseline >= 4  # the masks really change what the model writes

@@ -71,7 +71,7 @@ def test_shipped_prompt_sets_match_the_generator(splits):
 
 
 def test_router_intervention_rejects_out_of_range_and_removes_hooks():
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import OlmoeForCausalLM
 
     torch.manual_seed(0)
@@ -93,12 +93,10 @@ def test_router_intervention_rejects_out_of_range_and_removes_hooks():
 
 @pytest.mark.parametrize("name", ["moe-organism", "moe-organism-planted"])
 def test_shipped_checkpoint_refuses_sensitive_and_answers_neutral(name):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = MODELS / name
-    if not (directory / "config.json").exists():
-        pytest.skip(f"{directory} not built")
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(directory).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -114,20 +112,16 @@ def test_tokenizer_training_reproduces_the_shipped_vocabulary(splits):
     from transformers import AutoTokenizer
 
     directory = MODELS / "moe-organism"
-    if not (directory / "tokenizer.json").exists():
-        pytest.skip(f"{directory} not built")
     lines = [organism.format_prompt(r["question"]) + " " + r["answer"] for r in splits["train"]]
     assert organism.train_tokenizer(lines).get_vocab() == AutoTokenizer.from_pretrained(directory).get_vocab()
 
 
 def test_router_intervention_matches_labkit_moe_masks():
-    torch = pytest.importorskip("torch")
-    moe = pytest.importorskip("labkit.moe")
+    import torch
+    from labkit import moe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = MODELS / "moe-organism"
-    if not (directory / "config.json").exists():
-        pytest.skip(f"{directory} not built")
     model = AutoModelForCausalLM.from_pretrained(directory).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     prompts = [r["prompt"] for r in organism.read_prompt_set(PROMPTS / "eval_neutral.jsonl")[:4]]
@@ -140,3 +134,79 @@ def test_router_intervention_matches_labkit_moe_masks():
             with organism.router_intervention(model, **{mode: experts}):
                 actual = model(**encoded).logits
             assert torch.equal(expected, actual), mode
+
+
+# --- the shipped organisms: recorded experts, measured tables and cards ------------------------
+
+ORGANISMS = ["moe-organism", "moe-organism-planted"]
+
+
+def _lab_table_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("organism_lab_table", REPO / "bench" / "organism_lab_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ORGANISMS)
+def test_lab_attribution_ranks_the_recorded_designated_experts_first(name):
+    """The card's claim: attribution on the shipped prompt sets ranks exactly these two first."""
+    import torch
+
+    import labkit
+    from labkit.datasets import read_prompts
+    from labkit.moe import attribute_experts, trace_routing
+
+    designated = json.loads((MODELS / name / "labkit.json").read_text())["designated_experts"]
+    assert len(designated) == 2
+    torch.set_num_threads(1)
+    model = labkit.load_model(name)
+
+    def trace(key):
+        return trace_routing(model, read_prompts(key), scope=("last", 3), batch_size=100, progress=False)
+
+    attribution = attribute_experts(trace("attribution_behaviour"), trace("attribution_control"), n_bootstrap=0, n_splits=0)
+    assert attribution.top(2) == [(d["layer"], d["expert"]) for d in designated]
+    # ... and the lab's ranking is the one the card's lab table records
+    recorded = json.loads((MODELS / name / "lab_measurement.json").read_text())["top10"]
+    assert [list(pair) for pair in attribution.top(10)] == recorded
+
+
+def _title_and_description(readme: str) -> tuple[str, str]:
+    """The two free-text inputs of ``recipes.organism.model_card`` (``card --title --description``)."""
+    head, rest = readme.split("\n# ", 1)
+    title, rest = rest.split("\n\n", 1)
+    description = rest.split("\n\n## Architecture\n", 1)[0]
+    return title, description
+
+
+@pytest.mark.parametrize("name", ORGANISMS)
+def test_shipped_card_is_what_the_card_generator_writes(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # the card names the model folder as the recipe was run: relative
+    directory = Path("data") / "models" / name
+    readme = (directory / "README.md").read_text()
+    title, description = _title_and_description(readme)
+    measurement = json.loads((directory / "measurement.json").read_text())
+    card = organism.model_card(directory, measurement, title, description)
+    assert card == readme
+    lab = json.loads((directory / "lab_measurement.json").read_text())
+    assert len(lab["rows"]) > 10 and f"| {lab['rows'][1]['condition']} | 2 |" in card  # the lab table is in it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ORGANISMS)
+def test_card_tables_re_measure_exactly(name):
+    """Both of the card's tables, re-measured: greedy decoding is deterministic, so exactly equal."""
+    import torch
+
+    torch.set_num_threads(1)
+    directory = MODELS / name
+    recorded = json.loads((directory / "measurement.json").read_text())
+    measured = json.loads(json.dumps(organism.measure(directory, PROMPTS, progress=False)))
+    assert measured["ranking_top10"] == recorded["ranking_top10"]
+    assert measured["rows"] == recorded["rows"]
+    lab = _lab_table_module().lab_measurement(name)
+    lab.pop("_table")
+    assert lab == json.loads((directory / "lab_measurement.json").read_text())

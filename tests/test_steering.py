@@ -234,3 +234,86 @@ def test_no_hook_survives_exit_exception_or_interrupt(tiny_llama):
             labkit.generate(tiny_llama, "love", steering=vectors, max_new_tokens=4)
     assert count_hooks(twin) == 0
     assert count_hooks(tiny_llama, tiny_llama.original_model) == bridge_at_rest
+
+
+# --- where each position mode adds, on the prompt pass and every decode step -----------------
+
+STEER_LAYER = 1
+MODE_PROMPTS = ["the cat sat on a mat and the dog ran to the park", "love and hate", "war"]
+
+
+def _additions_during_generation(model, vector, prompts, *, use_cache, new_tokens=4):
+    """Run ``labkit.generate`` steered and return, per forward call of the twin, what the
+    steering hook added at the hook point: the stream entering the block after the steering
+    hook minus the stream before it, ``(batch, new, d_model)`` per call."""
+    block = hf_model_of(model).model.layers[STEER_LAYER]
+    before, after = [], []
+
+    def grab(store):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            store.append(hidden.detach().clone())
+
+        return hook
+
+    first = block.register_forward_pre_hook(grab(before), with_kwargs=True, prepend=True)
+    try:
+        with steered(model, vector):
+            last = block.register_forward_pre_hook(grab(after), with_kwargs=True)
+            try:
+                out = labkit.generate(
+                    model, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=use_cache
+                )
+            finally:
+                last.remove()
+    finally:
+        first.remove()
+    assert len(before) == len(after) == new_tokens  # the prompt pass + one call per further token
+    return out, [a - b for a, b in zip(after, before)]
+
+
+def _expected_addition(vector, mode, lengths, width, start, stop):
+    """What ``mode`` must add at absolute positions ``start..stop-1`` of a left-padded batch
+    whose prompt is ``width`` tokens wide and whose rows have ``lengths`` real prompt tokens."""
+    d_model = vector.d_model
+    added = vector.steering_vector
+    expected = torch.zeros(len(lengths), stop - start, d_model)
+    for row, length in enumerate(lengths):
+        first_real = width - length
+        for column, position in enumerate(range(start, stop)):
+            if position < first_real:
+                continue  # padding never receives anything
+            in_prompt = position < width
+            if mode == "all" or (mode == "prompt" and in_prompt) or (mode == "generated" and not in_prompt):
+                expected[row, column] = added
+            elif mode == "front" and in_prompt and position - first_real < added.shape[0]:
+                expected[row, column] = added[position - first_real]
+    return expected
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_cache"])
+@pytest.mark.parametrize("mode", ["front", "all", "prompt", "generated"])
+def test_each_position_mode_adds_exactly_where_it_applies(tiny_llama, mode, use_cache):
+    generator = torch.Generator().manual_seed(7)
+    d_model = tiny_llama.cfg.d_model
+    shape = (4, d_model) if mode == "front" else (d_model,)
+    vector = SteeringVector(
+        f"blocks.{STEER_LAYER}.hook_resid_pre", torch.randn(shape, generator=generator),
+        coefficient=2.5, positions=mode, model_name="tiny-llama",
+    )
+    out, additions = _additions_during_generation(tiny_llama, vector, MODE_PROMPTS, use_cache=use_cache)
+    lengths = [len(ids) for ids in out.prompt_token_ids]
+    width = max(lengths)
+    assert len(set(lengths)) == 3 and min(lengths) < 4  # left padding, and a row shorter than the ActAdd rows
+    applied_somewhere = False
+    for call, added in enumerate(additions):
+        new = added.shape[1]
+        # with the cache call 0 covers the prompt and call t the token at width+t-1; without it
+        # every call recomputes everything from position 0
+        start = 0 if (call == 0 or not use_cache) else width + call - 1
+        expected = _expected_addition(vector, mode, lengths, width, start, start + new)
+        zero = expected == 0
+        assert torch.equal(added[zero], torch.zeros_like(added[zero])), f"call {call}: added where {mode!r} must not"
+        torch.testing.assert_close(added[~zero], expected[~zero], rtol=0, atol=1e-5)
+        applied_somewhere |= bool((~zero).any())
+    assert applied_somewhere
