@@ -170,6 +170,36 @@ def test_bias_changes_choice_not_weights(family):
     )
 
 
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
+def test_nested_bias_masks_sum(family):
+    model = hf(family)
+    layer = MOE_LAYERS[family][-1]
+    ids = ids_of(PROMPTS[1])
+
+    def run():
+        with torch.no_grad():
+            return trace(model), model(ids).logits
+
+    outer = {(layer, 2): 1.5, (layer, 5): -1.0}
+    inner = {(layer, 2): 2.0, (layer, 6): 0.75}
+    with masked(model, ExpertMask.bias(outer)):
+        only_outer = run()
+        with masked(model, ExpertMask.bias(inner)):
+            nested = run()
+    summed = {key: outer.get(key, 0.0) + inner.get(key, 0.0) for key in {*outer, *inner}}
+    with masked(model, ExpertMask.bias(summed)):
+        single = run()
+    assert torch.equal(nested[0].topk_indices, single[0].topk_indices)
+    assert torch.equal(nested[0].topk_weights, single[0].topk_weights)
+    assert torch.equal(nested[1], single[1])
+    # the inner mask really adds to the outer one (not replaced by it, not ignored)
+    assert not torch.equal(nested[0].topk_indices, only_outer[0].topk_indices)
+    with masked(model, ExpertMask.bias(inner)):
+        only_inner = run()
+    assert not torch.equal(nested[0].topk_indices, only_inner[0].topk_indices)
+    assert count_hooks(model) == 0
+
+
 def test_masked_generation_with_kv_cache_through_labkit_generate():
     from labkit.generation import generate
     from labkit.models import from_hf

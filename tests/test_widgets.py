@@ -417,11 +417,14 @@ def test_expert_panel_shows_click_errors(fake_tokenizer):
 
 def test_expert_panel_on_a_tiny_olmoe_with_labkit_defaults(tiny_tokenizer):
     """The default labkit calls (ExpertMask, masked, random, behaviour rate) on a real MoE."""
+    import contextlib
+
     import plotly.graph_objects as go
 
+    import labkit
     from labkit.evals import RefusalDetector
     from labkit.models import from_hf
-    from labkit.moe import trace_routing
+    from labkit.moe import ExpertMask, masked, trace_routing
     from labkit.moe.attribution import attribute_experts
     from labkit.widgets import ExpertPanel
     from tests.moe_fixtures import tiny_moe_hf
@@ -434,15 +437,42 @@ def test_expert_panel_on_a_tiny_olmoe_with_labkit_defaults(tiny_tokenizer):
     def heatmap(attribution, mask):  # labkit.viz.expert_heatmap in the notebook
         return go.Figure(go.Heatmap(z=attribution.score.tolist()))
 
-    panel = ExpertPanel(model, attribution, eval_prompts=["the dog ran", "what happened"],
-                        detector=RefusalDetector(phrases=("the",)), heatmap=heatmap, max_new_tokens=4)
+    eval_prompts = ["the dog ran", "what happened", "love and the war", "one two"]
+    detector = RefusalDetector(phrases=("the",), anywhere=True)
+    panel = ExpertPanel(model, attribution, eval_prompts=eval_prompts, detector=detector, heatmap=heatmap,
+                        max_new_tokens=4)
+
+    def direct(mask):
+        """(text on the panel's prompt, behaviour rate on eval_prompts) straight from labkit."""
+        with contextlib.ExitStack() as stack:
+            if mask is not None:
+                stack.enter_context(masked(model, mask))
+            text = labkit.generate(model, panel.prompt.value, max_new_tokens=4, seed=0).texts[0]
+            texts = labkit.generate(model, eval_prompts, max_new_tokens=4, seed=0).texts
+        return text, sum(map(detector, texts)) / len(texts)
+
+    def rate(value):
+        return getattr(value, "rate", value)
+
     assert panel.wait(60), panel.error.value
-    assert panel.error.value == "" and panel.baseline_rate is not None
+    assert panel.error.value == ""
+    baseline_text, baseline_rate = direct(None)
+    assert (panel.baseline_text, rate(panel.baseline_rate)) == (baseline_text, baseline_rate)
     _click(panel.figure, 0, 3, 1)
     assert panel.wait(60) and panel.error.value == ""
     assert panel.mask.experts("off") == [(attribution.layers[1], 3)]
     assert json.loads(panel.mask_json.value)["edits"] == [{"layer": attribution.layers[1], "expert": 3, "mode": "off"}]
+    assert (panel.masked_text, rate(panel.masked_rate)) == direct(ExpertMask.off([(attribution.layers[1], 3)]))
+    panel.top_n.value = 3
+    panel.top_button.click()
+    assert panel.wait(60) and panel.error.value == ""
+    top = ExpertMask.off(attribution.top(3))
+    assert sorted(panel.mask.experts("off")) == sorted(top.experts("off"))
+    assert (panel.masked_text, rate(panel.masked_rate)) == direct(top)
+    assert (panel.masked_text, rate(panel.masked_rate)) != (baseline_text, baseline_rate)  # the mask bites
+    assert (panel.baseline_text, rate(panel.baseline_rate)) == (baseline_text, baseline_rate)
     panel.random_button.click()
     assert panel.wait(60) and panel.error.value == ""
     assert len(panel.mask.experts("off")) == panel.top_n.value
+    assert (panel.masked_text, rate(panel.masked_rate)) == direct(ExpertMask.off(panel.mask.experts("off")))
     panel.close()

@@ -1,0 +1,33 @@
+"""The nbval sanitizer (tests/nbval_sanitize.cfg), read and applied the way nbval does."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from nbval.plugin import get_sanitize_patterns
+
+CONFIG = Path(__file__).with_name("nbval_sanitize.cfg")
+
+
+def sanitize(text: str) -> str:
+    for regex, replace in get_sanitize_patterns(CONFIG.read_text()):
+        text = re.sub(regex, replace, text)
+    return text
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("took 0.27 s per step", "took TIME per step"),
+        ("first token 0.009 s, 8 tokens 12ms", "first token TIME, 8 tokens TIME"),
+        ("Wall time: 469 s (3 seconds idle, 2.5sec)", "Wall time: TIME (TIME idle, TIME)"),
+        ("What happened in Ravengard in the 1900s?", "What happened in Ravengard in the 1900s?"),
+        ("the 1950s, 1930s and 1990s", "the 1950s, 1930s and 1990s"),
+        ("a 1950 s pause", "a TIME pause"),  # a number, a space, a unit: a timing
+        ("object at 0x7f3a9c2b10d0", "object at 0xADDRESS"),
+    ],
+)
+def test_sanitizer_rewrites_timings_not_decades(text, expected):
+    assert sanitize(text) == expected
