@@ -47,7 +47,7 @@ def test_answer_rank_by_layer_equals_ranks_from_hugging_face_hidden_states(tiny_
     """Rank, top-1 rate and p(answer) per layer, recomputed from the twin's own hidden states."""
     twin = hf_model_of(tiny_llama)
     tokenizer = tiny_llama.tokenizer
-    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    ids = [tiny_llama.to_tokens(p)[0].tolist() for p in PROMPTS]  # the lab's BOS rule, as the cache tokenises
     with torch.no_grad():
         hidden = [twin(input_ids=torch.tensor([row]), output_hidden_states=True).hidden_states for row in ids]
 
