@@ -6,9 +6,9 @@ plain Hugging Face. labkit keeps the TransformerLens *names* and their meaning, 
 each one to where it lands:
 
 * a component's ``hook_in`` / ``hook_out`` (and aliases such as ``blocks.{L}.hook_resid_pre`` =
-  ``blocks.{L}.hook_in``, ``hook_resid_post``, ``hook_attn_out``, ``hook_mlp_out``) whose hook
-  point applies no conversion is the input / output of one Hugging Face module: on the plain
-  twin (:attr:`labkit.models.LabModel.twin`) it becomes one ``torch`` hook on that module.
+  ``blocks.{L}.hook_in``, ``hook_resid_post``, ``hook_attn_out``, ``hook_mlp_out``) that a
+  probe pass at load time shows to equal the input / output of one Hugging Face module: on the
+  plain twin (:attr:`labkit.models.LabModel.twin`) it becomes one ``torch`` hook on that module.
 * every other hook point (per-head ``attn.hook_q`` / ``hook_k`` / ``hook_z``, which the bridge
   reshapes to ``[batch, pos, head, d_head]``; ``attn.hook_pattern``; ``ln1.hook_scale`` ...) is
   hooked on the bridge itself through TransformerLens's own ``HookPoint.add_hook``, so it has
@@ -129,11 +129,9 @@ class _HookIndex:
 
 def _index(model) -> _HookIndex:
     record = lab_model(model)
-    index = record.__dict__.get("_hook_index")
-    if index is None:
-        index = _HookIndex(dict(model.hook_dict), _alias_table(model), _module_io_points(model), {})
-        record.__dict__["_hook_index"] = index
-    return index
+    if record.hook_index is None:
+        record.hook_index = _HookIndex(dict(model.hook_dict), _alias_table(model), _module_io_points(model), {})
+    return record.hook_index
 
 
 def _same_value(a: Tensor, b: Tensor) -> bool:
@@ -144,9 +142,11 @@ def _same_value(a: Tensor, b: Tensor) -> bool:
     # Same meaning, up to float rounding: the bridge reimplements attention with another op
     # order, which moves float32 values by ~1e-7 of the tensor's scale; a different meaning
     # (pre- vs post-norm, a reshape, another module) moves them by order one.
+    if b.numel() == 0:
+        return True
     tolerance = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2
-    scale = float(b.float().abs().max()) if b.numel() else 0.0
-    return bool((a.float() - b.float()).abs().max() <= tolerance * scale + 1e-6) if b.numel() else True
+    scale = float(b.float().abs().max())
+    return bool((a.float() - b.float()).abs().max() <= tolerance * scale + 1e-6)
 
 
 def _probe_firing(model, index: _HookIndex) -> set[int]:
@@ -444,7 +444,6 @@ def intervene(
     model,
     hooks: HookSpec = (),
     *,
-    modules: Sequence[tuple[str, Callable]] = (),
     observe: Callable[[tuple, dict], None] | None = None,
     caller: str = "intervene",
 ) -> Iterator[None]:
@@ -460,10 +459,6 @@ def intervene(
         model: a labkit bridge.
         hooks: ``{name: fn}`` / ``[(name, fn)]`` by TransformerLens hook name; each name must
             land on the twin (a module input/output), since labkit's own runs use the twin.
-        modules: ``[(path, forward_hook)]``: plain ``torch`` forward hooks on the Hugging Face
-            module at ``path`` (e.g. an MoE router, ``"model.layers.3.mlp.gate"``), registered
-            in front of other hooks on the twin's module and on the original module the bridge
-            calls.
         observe: ``fn(args, kwargs)`` called with the inputs of every top-level forward call
             (twin and bridge side alike), before any hook of that call runs.
         caller: the public function's name, for messages.
@@ -489,9 +484,6 @@ def intervene(
                 handles.append(
                     top.register_forward_pre_hook(lambda _m, args, kwargs: observe(args, kwargs), with_kwargs=True)
                 )
-        for path, forward_hook in modules:
-            for module in (twin.get_submodule(path), record.original_modules[path]):
-                handles.append(module.register_forward_hook(forward_hook, prepend=True))
         for site, fn in sites:
             handles.append(_register(twin.get_submodule(site.module_path), site, fn))
             handles.append(_register_on_bridge(model, site, fn))

@@ -92,7 +92,9 @@ class LabModel:
         self.original_modules = original_modules
         self.module_paths = {id(module): path for path, module in original_modules.items()}
         self.prompt_length: int | None = None
+        self.hook_index = None  # labkit.hooks' name index and probe results, built on first use
         self._twin_modules = dict(twin.named_modules())
+        self._twin_paths = {id(module): path for path, module in self._twin_modules.items()}
 
     # -- the plain twin ---------------------------------------------------------------------
 
@@ -125,8 +127,6 @@ class LabModel:
         Interventions that hook Hugging Face modules directly (expert masks on routers) hook
         both, so the bridge's own forward sees them as well as labkit's twin runs.
         """
-        if not hasattr(self, "_twin_paths"):
-            self._twin_paths = {id(module): path for path, module in self._twin_modules.items()}
         path = self._twin_paths.get(id(twin_module))
         original = self.original_modules.get(path) if path is not None else None
         return [twin_module] if original is None or original is twin_module else [twin_module, original]
