@@ -3,7 +3,9 @@
 ``cache_activations`` runs prompts through the model in left-padded batches (attention mask and
 position ids set, so a batched run equals each prompt run alone), keeps only the requested hook
 points at only the requested real-token positions, and either holds them in memory under a byte
-budget or streams them to safetensors shards on disk that load back lazily.
+budget or streams them to safetensors shards on disk that load back lazily. A streamed cache is a
+directory: ``index.json`` + ``index.safetensors`` (the :mod:`labkit.storage` layout: kind, version,
+hook names, prompts; row index tensors) and ``shard-00000.safetensors``, ... (the activations).
 
 Storage layout (memory-exact, no padding): every kept (prompt, position) pair is one *row*;
 ``cache[name]`` is ``Float[Tensor, "row *shape"]`` with ``cache.prompt_index`` /
@@ -15,7 +17,6 @@ was kept (e.g. ``positions="last"``) and ``cache.padded(name)`` gives
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from labkit import storage
 from labkit.hooks import attach, resolve_hook
 from labkit.models import check_context, encode_prompts, lab_model, left_pad
 
@@ -208,17 +210,17 @@ class ActivationCache:
             FileNotFoundError / ValueError: no cache there, or a foreign format.
         """
         directory = Path(directory)
-        meta_path = directory / "cache.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"No labkit activation cache at {str(directory)!r} (cache.json missing).")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("kind") != FORMAT_KIND or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{str(meta_path)!r} is kind={meta.get('kind')!r} version={meta.get('version')!r}; "
-                f"expected {FORMAT_KIND!r} version {FORMAT_VERSION}."
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"ActivationCache.load: no directory at {str(directory)!r}; pass the out_dir given to cache_activations."
             )
-        with safe_open(str(directory / "index.safetensors"), framework="pt") as f:
-            index = {k: f.get_tensor(k) for k in f.keys()}
+        meta, index = storage.load(
+            directory / "index",
+            kind=FORMAT_KIND,
+            version=FORMAT_VERSION,
+            caller="ActivationCache.load",
+            writer="cache_activations(out_dir=...)",
+        )
         return cls(
             hook_names=tuple(meta["hook_names"]),
             prompts=tuple(meta["prompts"]),
@@ -451,9 +453,8 @@ def cache_activations(
     index = {k: torch.cat(v) for k, v in index_parts.items()}
     meta = dict(model_name=lab_model(model).name, hook_names=hook_names, prompts=prompts)
     if directory is not None:
-        save_file(index, str(directory / "index.safetensors"))
-        (directory / "cache.json").write_text(
-            json.dumps({"kind": FORMAT_KIND, "version": FORMAT_VERSION, "shards": shards, **meta})
+        storage.save(
+            directory / "index", kind=FORMAT_KIND, version=FORMAT_VERSION, metadata={"shards": shards, **meta}, tensors=index
         )
         return ActivationCache.load(directory)
     tensors = {name: torch.cat(p) for name, p in parts.items()}

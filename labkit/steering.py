@@ -26,7 +26,6 @@ layers — additions sum.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -38,6 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from labkit import storage
 from labkit.hooks import attach, intervene, resolve_hook
 from labkit.models import check_prompts, encode_prompts, lab_model, left_pad, same_model, tokenizer_of
 
@@ -212,13 +212,13 @@ class SteeringVector:
         """Inverse of :meth:`to_dict`.
 
         Raises:
-            ValueError: the dict is not a labkit steering vector or has an unknown version.
+            ValueError: the dict is not a labkit steering vector, is of a newer version, or lacks
+                a field (named).
         """
-        if data.get("kind") != KIND or data.get("version") != VERSION:
-            raise ValueError(
-                f"Not a labkit steering vector (kind={data.get('kind')!r}, "
-                f"version={data.get('version')!r}); expected kind={KIND!r}, version={VERSION}."
-            )
+        storage.check_kind(data, KIND, VERSION, caller="SteeringVector.from_dict", source="the dict")
+        storage.require_keys(
+            data, ("hook_name", "activations", "coefficient", "positions"), caller="SteeringVector.from_dict", source="the dict"
+        )
         return cls(
             hook_name=data["hook_name"],
             activations=torch.as_tensor(data["activations"]),
@@ -228,45 +228,31 @@ class SteeringVector:
             source=data.get("source", {}),
         )
 
-    @staticmethod
-    def _paths(path: str | Path) -> tuple[Path, Path]:
-        path = Path(path)
-        if path.suffix in (".json", ".safetensors"):
-            path = path.with_suffix("")
-        return path.with_name(path.name + ".json"), path.with_name(path.name + ".safetensors")
+    def save(self, path: str | Path) -> Path:
+        """Write ``<stem>.json`` (metadata) and ``<stem>.safetensors`` (the tensor); no pickle.
 
-    def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``<path>.safetensors`` (the tensor) and ``<path>.json`` (metadata). No pickle.
+        Args:
+            path: the stem, or either file's path (``wedding_L6``, ``wedding_L6.json``, ...).
 
         Returns:
-            ``(json_path, safetensors_path)``.
+            The ``.json`` path (what :meth:`load` takes). Layout: :mod:`labkit.storage`.
         """
-        from safetensors.torch import save_file
-
-        json_path, tensor_path = self._paths(path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"activations": self.activations.detach().cpu().contiguous()},
-            str(tensor_path),
-            metadata={"kind": KIND, "version": str(VERSION)},
+        return storage.save(
+            path, kind=KIND, version=VERSION, metadata=self.metadata(), tensors={"activations": self.activations}
         )
-        json_path.write_text(json.dumps(self.metadata(), indent=2) + "\n")
-        return json_path, tensor_path
 
     @classmethod
     def load(cls, path: str | Path) -> "SteeringVector":
-        """Read a vector written by :meth:`save` (``path`` with or without a suffix)."""
-        from safetensors.torch import load_file
+        """Read a vector written by :meth:`save` (the stem or either file's path).
 
-        json_path, tensor_path = cls._paths(path)
-        for p in (json_path, tensor_path):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"SteeringVector.load: {str(p)!r} does not exist; a saved vector is a pair "
-                    f"{json_path.name} + {tensor_path.name}."
-                )
-        meta = json.loads(json_path.read_text())
-        return cls.from_dict({**meta, "activations": load_file(str(tensor_path))["activations"]})
+        Raises:
+            FileNotFoundError: no saved vector there, or half of the pair is missing.
+            ValueError: the files hold another kind of labkit object (named) or are damaged.
+        """
+        metadata, tensors = storage.load(
+            path, kind=KIND, version=VERSION, caller="SteeringVector.load", writer="SteeringVector.save"
+        )
+        return cls.from_dict({**metadata, **tensors})
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.activations.shape))

@@ -37,6 +37,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from labkit.live import LatestOnly, MaskState, TokenStreamer, diff_html, format_error, heatmap_cell
+from labkit.storage import file_pair
 
 __all__ = ["ExpertPanel", "SteeringPanel", "SteeringRequest"]
 
@@ -584,8 +585,9 @@ class ExpertPanel:
         return state
 
     def export(self, path: str | Path) -> Path:
-        """Write the current mask as JSON (``ExpertMask.to_dict()``); return the path."""
-        path = Path(path)
+        """Write the current mask's ``to_dict()`` JSON to ``<stem>.json`` (what :meth:`ExpertMask.save`
+        writes, so :meth:`ExpertMask.load` reads it back); return the path written."""
+        path = file_pair(path)[0]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.mask_json.value + "\n")
         self.mask_label.value = self.mask_label.value + f" <small>(saved to {html.escape(str(path))})</small>"

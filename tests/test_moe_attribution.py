@@ -203,7 +203,7 @@ def test_top_with_per_layer_cap(planted_pair):
 def test_save_load_round_trip(planted_pair, tmp_path):
     attribution = attribute_experts(*planted_pair, n_bootstrap=50, seed=3)
     path = attribution.save(tmp_path / "attribution")
-    assert path.suffix == ".safetensors" and path.with_name(path.name + ".json").is_file()
+    assert path.name == "attribution.json" and (tmp_path / "attribution.safetensors").is_file()
     loaded = ExpertAttribution.load(path)
     for name in ("score", "behavior_counts", "p_value", "q_value", "ci_low", "ci_high"):
         torch.testing.assert_close(getattr(loaded, name), getattr(attribution, name))
@@ -269,18 +269,26 @@ def test_loading_the_wrong_file_says_what_was_found(planted_pair, tmp_path):
     attribution = attribute_experts(*planted_pair, n_bootstrap=0, n_splits=0)
     path = attribution.save(tmp_path / "attribution")
     trace_path = planted_pair[0].save(tmp_path / "trace.safetensors")
-    with pytest.raises(ValueError, match=r"ExpertAttribution.load: '.*trace.safetensors' is of kind 'labkit.RoutingTrace'; expected kind 'labkit.ExpertAttribution'. Load it with RoutingTrace.load"):
-        ExpertAttribution.load(trace_path)
-    with pytest.raises(ValueError, match=r"attribution.safetensors.json' is not a safetensors file .* pass '.*attribution.safetensors' instead"):
-        ExpertAttribution.load(path.with_name(path.name + ".json"))
+    assert trace_path.name == "trace.json"
+    with pytest.raises(ValueError, match=r"ExpertAttribution.load: '.*trace.json' is of kind 'labkit.RoutingTrace'; expected kind 'labkit.ExpertAttribution'. Load it with RoutingTrace.load"):
+        ExpertAttribution.load(tmp_path / "trace.safetensors")
     (tmp_path / "notes.json").write_text('{"kind": "labkit.ExpertMask"}')
-    with pytest.raises(ValueError, match=r"notes.json' is not a safetensors file"):
+    with pytest.raises(ValueError, match=r"notes.json' is of kind 'labkit.ExpertMask'; expected kind 'labkit.ExpertAttribution'. Load it with ExpertMask.load"):
         ExpertAttribution.load(tmp_path / "notes.json")
-    with pytest.raises(FileNotFoundError, match=r"no file at '.*missing'; expected a labkit.ExpertAttribution file"):
+    # half a pair: the tensors moved away from their JSON
+    (tmp_path / "attribution.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"attribution.json' names tensors .* but '.*attribution.safetensors' is missing"):
+        ExpertAttribution.load(path)
+    # a pair whose halves come from different saves
+    (tmp_path / "trace.safetensors").rename(tmp_path / "attribution.safetensors")
+    with pytest.raises(ValueError, match=r"attribution.safetensors' holds a 'labkit.RoutingTrace' but .* is a 'labkit.ExpertAttribution'"):
+        ExpertAttribution.load(path)
+    with pytest.raises(FileNotFoundError, match=r"no file at '.*missing'; expected missing.json .* written by ExpertAttribution.save"):
         ExpertAttribution.load(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="a directory at"):
         ExpertAttribution.load(tmp_path)
-    # the loader in the error is right: the trace file loads as a trace
+    # the loader in the error is right: the trace loads as a trace
+    (tmp_path / "attribution.safetensors").rename(tmp_path / "trace.safetensors")
     assert RoutingTrace.load(trace_path).n_tokens == planted_pair[0].n_tokens
 
 

@@ -263,7 +263,8 @@ def test_round_trip_and_constructors(tmp_path):
     mask = ExpertMask(((1, 2, "off"), (3, 5, "bias", -0.5), (2, 7, "on")), "tiny", 4, 8)
     assert [(e.layer, e.expert) for e in mask.edits] == [(1, 2), (2, 7), (3, 5)]
     assert ExpertMask.from_dict(mask.to_dict()) == mask
-    assert ExpertMask.from_json(mask.to_json(tmp_path / "mask.json")) == mask
+    assert ExpertMask.load(mask.save(tmp_path / "mask")) == mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.json"]  # a mask has no tensors
     assert mask.to_dict()["kind"] == "labkit.ExpertMask" and mask.to_dict()["version"] == 1
 
     assert ExpertMask.off({1: [2, 3]}) == ExpertMask.off([(1, 2), (1, 3)])
@@ -381,7 +382,7 @@ def test_integer_like_layer_and_expert_are_accepted():
         ExpertMask(((np.int64(0), torch.tensor(8)),), None, 4, 8)
 
 
-def test_from_dict_and_from_json_errors(tmp_path):
+def test_from_dict_and_load_errors(tmp_path):
     from safetensors.torch import save_file
 
     with pytest.raises(ValueError, match=r"ExpertMask.from_dict: the dict: edit 0 \(\{'layer': 0\}\) lacks 'expert'"):
@@ -395,20 +396,20 @@ def test_from_dict_and_from_json_errors(tmp_path):
     with pytest.raises(ValueError, match=r"no 'kind' key"):
         ExpertMask.from_dict({"edits": []})
 
-    with pytest.raises(FileNotFoundError, match=r"ExpertMask.from_json: no file at '.*nope.json'; expected a labkit.ExpertMask file written by ExpertMask.to_json"):
-        ExpertMask.from_json(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match=r"ExpertMask.load: no file at '.*nope.json'; expected nope.json .* written by ExpertMask.save"):
+        ExpertMask.load(tmp_path / "nope.json")
     save_file({"x": torch.zeros(3)}, str(tmp_path / "t.safetensors"), metadata={"labkit": '{"kind": "labkit.RoutingTrace"}'})
-    with pytest.raises(ValueError, match=r"ExpertMask.from_json: '.*t.safetensors' is a safetensors file, not JSON"):
-        ExpertMask.from_json(tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match=r"ExpertMask.load: '.*t.safetensors' is of kind 'labkit.RoutingTrace'; expected kind 'labkit.ExpertMask'. Load it with RoutingTrace.load"):
+        ExpertMask.load(tmp_path / "t.safetensors")
     (tmp_path / "vector.json").write_text('{"kind": "labkit.SteeringVector", "version": 1}')
     with pytest.raises(ValueError, match=r"'.*vector.json' is of kind 'labkit.SteeringVector'; expected kind 'labkit.ExpertMask'. Load it with SteeringVector.load"):
-        ExpertMask.from_json(tmp_path / "vector.json")
+        ExpertMask.load(tmp_path / "vector.json")
     (tmp_path / "broken.json").write_text('{"kind": ')
     with pytest.raises(ValueError, match=r"broken.json' is not valid JSON"):
-        ExpertMask.from_json(tmp_path / "broken.json")
+        ExpertMask.load(tmp_path / "broken.json")
     (tmp_path / "bad_edit.json").write_text('{"kind": "labkit.ExpertMask", "version": 1, "edits": [{"expert": 2}]}')
-    with pytest.raises(ValueError, match=r"ExpertMask.from_json: '.*bad_edit.json': edit 0 .* lacks 'layer'"):
-        ExpertMask.from_json(tmp_path / "bad_edit.json")
-    (tmp_path / "blob.bin").write_bytes(bytes([0xFF, 0xFE, 0x00, 0x81]))
-    with pytest.raises(ValueError, match=r"blob.bin' is binary, not JSON"):
-        ExpertMask.from_json(tmp_path / "blob.bin")
+    with pytest.raises(ValueError, match=r"ExpertMask.load: '.*bad_edit.json': edit 0 .* lacks 'layer'"):
+        ExpertMask.load(tmp_path / "bad_edit.json")
+    (tmp_path / "blob.json").write_bytes(bytes([0xFF, 0xFE, 0x00, 0x81]))
+    with pytest.raises(ValueError, match=r"blob.json' is binary, not JSON"):
+        ExpertMask.load(tmp_path / "blob.json")

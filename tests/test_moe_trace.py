@@ -137,7 +137,7 @@ def test_save_load_round_trip(tmp_path):
     for logits in (False, True):
         trace = trace_routing(model, PROMPTS[:2], tokenizer=tokenizer, include_router_logits=logits, progress=False)
         path = trace.save(tmp_path / f"trace{logits}.safetensors")
-        assert (tmp_path / f"trace{logits}.safetensors.json").is_file()
+        assert path == tmp_path / f"trace{logits}.json" and (tmp_path / f"trace{logits}.safetensors").is_file()
         loaded = RoutingTrace.load(path)
         again = RoutingTrace.from_dict(trace.to_dict())
         for other in (loaded, again):
@@ -231,21 +231,22 @@ def test_loading_the_wrong_file_says_what_was_found(tmp_path):
 
     trace = trace_routing(hf("qwen3_moe"), PROMPTS[:1], tokenizer=_tokenizer(), progress=False)
     path = trace.save(tmp_path / "trace.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"RoutingTrace.load: no file at '.*nope.safetensors'; expected a labkit.RoutingTrace"):
+    with pytest.raises(FileNotFoundError, match=r"RoutingTrace.load: no file at '.*nope.safetensors'; expected nope.json .* written by RoutingTrace.save"):
         RoutingTrace.load(tmp_path / "nope.safetensors")
-    # the JSON sidecar: not safetensors, with a hint at the right path
-    with pytest.raises(ValueError, match=r"trace.safetensors.json' is not a safetensors file .* pass '.*trace.safetensors' instead"):
-        RoutingTrace.load(tmp_path / "trace.safetensors.json")
-    mask_path = ExpertMask.off([(0, 1)]).to_json(tmp_path / "mask.json")
-    with pytest.raises(ValueError, match=r"mask.json' is not a safetensors file"):
+    mask_path = ExpertMask.off([(0, 1)]).save(tmp_path / "mask.json")
+    with pytest.raises(ValueError, match=r"mask.json' is of kind 'labkit.ExpertMask'; expected kind 'labkit.RoutingTrace'. Load it with ExpertMask.load"):
         RoutingTrace.load(mask_path)
-    # safetensors of another labkit kind, and of no labkit kind
+    # a lone safetensors file (the layout before labkit.storage) of another labkit kind, and of none
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"labkit": '{"kind": "labkit.ExpertAttribution", "version": 1}'})
     with pytest.raises(ValueError, match=r"is of kind 'labkit.ExpertAttribution'; expected kind 'labkit.RoutingTrace'. Load it with ExpertAttribution.load"):
         RoutingTrace.load(tmp_path / "other.safetensors")
     save_file({"activations": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(ValueError, match=r"plain.safetensors' has no 'labkit' metadata \(tensors: \['activations'\]\)"):
+    with pytest.raises(ValueError, match=r"plain.safetensors' has no labkit metadata and no plain.json beside it \(tensors: \['activations'\]\)"):
         RoutingTrace.load(tmp_path / "plain.safetensors")
+    (tmp_path / "junk.json").write_text('{"kind": "labkit.RoutingTrace", "version": 1, "tensors": ["topk_indices"]}')
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"junk.safetensors' is not a safetensors file"):
+        RoutingTrace.load(tmp_path / "junk")
     assert RoutingTrace.load(path).metadata() == trace.metadata()
 
 

@@ -31,7 +31,6 @@ The data flow::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, fields
@@ -43,7 +42,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from labkit.moe.trace import check_kind, read_labkit_safetensors, require_keys
+from labkit import storage
 
 if TYPE_CHECKING:  # the trace type is only needed for annotations; attribution reads fields
     from labkit.moe.trace import RoutingTrace
@@ -289,7 +288,7 @@ class ExpertAttribution:
             ValueError: ``data`` is not a dict, its ``kind`` is not ``"labkit.ExpertAttribution"``,
                 its version is newer than supported, or a field is missing (named).
         """
-        check_kind(data, KIND, VERSION, caller="ExpertAttribution.from_dict", source="the dict")
+        storage.check_kind(data, KIND, VERSION, caller="ExpertAttribution.from_dict", source="the dict")
         _require_fields(data, caller="ExpertAttribution.from_dict", source="the dict")
         kwargs = {k: v for k, v in data.items() if k not in ("kind", "version")}
         for name in _TENSOR_FIELDS:
@@ -311,44 +310,33 @@ class ExpertAttribution:
         return cls(**kwargs)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``<path>`` (safetensors: the tensors, settings as JSON metadata) and a readable
-        ``<path>.json`` sidecar with the settings -- the layout of ``RoutingTrace.save``; no pickle.
+        """Write ``<stem>.json`` (settings) and ``<stem>.safetensors`` (the tensors); no pickle.
+
+        Args:
+            path: the stem, or either file's path (``refusal``, ``refusal.safetensors``, ...).
 
         Returns:
-            The path written (``.safetensors`` appended when missing).
+            The ``.json`` path (what :meth:`load` takes). Layout: :mod:`labkit.storage`.
         """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # clone: safetensors refuses tensors that share memory
-        tensors = {name: getattr(self, name).detach().cpu().clone().contiguous() for name in _TENSOR_FIELDS}
-        metadata = _json_safe(self._metadata())
-        save_file(tensors, str(path), metadata={"labkit": json.dumps(metadata)})
-        path.with_name(path.name + ".json").write_text(json.dumps(metadata, indent=2) + "\n")
-        return path
+        metadata = _json_safe({k: v for k, v in self._metadata().items() if k not in ("kind", "version")})
+        tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS}
+        return storage.save(path, kind=KIND, version=VERSION, metadata=metadata, tensors=tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExpertAttribution":
-        """Read a file written by :meth:`save`.
+        """Read an attribution written by :meth:`save` (the stem or either file's path).
 
         Raises:
-            FileNotFoundError: no such file.
-            ValueError: the file is not a safetensors file, holds no labkit metadata, or holds
-                another kind of labkit object (the message names the kind found).
+            FileNotFoundError: no saved attribution there, or half of the pair is missing.
+            ValueError: the files hold another kind of labkit object (the message names the
+                kind found), are not JSON / safetensors, or lack a field (named).
         """
-        path = Path(path)
-        if not path.is_file() and path.with_name(path.name + ".safetensors").is_file():
-            path = path.with_name(path.name + ".safetensors")
-        data, tensors = read_labkit_safetensors(
-            path, KIND, VERSION, caller="ExpertAttribution.load", writer="ExpertAttribution.save"
+        data, tensors = storage.load(
+            path, kind=KIND, version=VERSION, caller="ExpertAttribution.load", writer="ExpertAttribution.save"
         )
         _require_fields({**data, **tensors}, caller="ExpertAttribution.load", source=repr(str(path)))
-        tensors = {name: tensors[name] for name in _TENSOR_FIELDS}
-        kwargs = {k: v for k, v in data.items() if k not in ("kind", "version")}
-        kwargs.update(tensors)
+        kwargs = {k: v for k, v in data.items() if k not in ("kind", "version", "tensors")}
+        kwargs.update({name: tensors[name] for name in _TENSOR_FIELDS})
         return cls._from_parts(kwargs)
 
 
@@ -372,7 +360,7 @@ def _require_fields(data: dict[str, Any], *, caller: str, source: str) -> None:
     from dataclasses import MISSING
 
     needed = [f.name for f in fields(ExpertAttribution) if f.default is MISSING and f.default_factory is MISSING]
-    require_keys(data, needed, caller=caller, source=source)
+    storage.require_keys(data, needed, caller=caller, source=source)
 
 
 # --- per-prompt sums --------------------------------------------------------------------------

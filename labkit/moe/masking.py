@@ -35,7 +35,6 @@ full recomputation from the logits with the router's own ops.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import operator
 import os
@@ -51,7 +50,7 @@ import torch
 
 from labkit.moe.families import MoELayer, RouterFamily, Selection, family_of, find_routers, hf_of, n_layers_of
 from labkit.models import same_model
-from labkit.moe.trace import check_kind, read_labkit_json
+from labkit import storage
 
 __all__ = ["ExpertEdit", "ExpertMask", "masked"]
 
@@ -414,7 +413,7 @@ class ExpertMask:
 
     @classmethod
     def _from_checked(cls, data: Any, *, caller: str, source: str) -> "ExpertMask":
-        check_kind(data, MASK_KIND, MASK_VERSION, caller=caller, source=source)
+        storage.check_kind(data, MASK_KIND, MASK_VERSION, caller=caller, source=source)
         raw_edits = data.get("edits", [])
         if not isinstance(raw_edits, (list, tuple)):
             raise ValueError(
@@ -437,23 +436,28 @@ class ExpertMask:
             edits.append(ExpertEdit(edit["layer"], edit["expert"], edit.get("mode", "off"), edit.get("value", 0.0)))
         return cls(tuple(edits), data.get("model_name"), data.get("n_layers"), data.get("n_experts"))
 
-    def to_json(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_dict` as JSON; returns the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<stem>.json`` (:meth:`to_dict`; a mask has no tensors); return that path.
+
+        Args:
+            path: the stem or the ``.json`` path (``refusal_top2``, ``refusal_top2.json``).
+
+        Layout: :mod:`labkit.storage`; the file is plain, hand-editable JSON.
+        """
+        metadata = {k: v for k, v in self.to_dict().items() if k not in ("kind", "version")}
+        return storage.save(path, kind=MASK_KIND, version=MASK_VERSION, metadata=metadata)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ExpertMask":
-        """Read a mask written by :meth:`to_json`.
+    def load(cls, path: str | os.PathLike) -> "ExpertMask":
+        """Read a mask written by :meth:`save` (or by hand, in the same JSON shape).
 
         Raises:
             FileNotFoundError: no file at ``path``.
             ValueError: the file is not JSON (e.g. a safetensors file), is another kind of
                 labkit object (the message names the kind found), or has invalid edits.
         """
-        data = read_labkit_json(path, MASK_KIND, MASK_VERSION, caller="ExpertMask.from_json", writer="ExpertMask.to_json")
-        return cls._from_checked(data, caller="ExpertMask.from_json", source=repr(str(path)))
+        data, _ = storage.load(path, kind=MASK_KIND, version=MASK_VERSION, caller="ExpertMask.load", writer="ExpertMask.save")
+        return cls._from_checked(data, caller="ExpertMask.load", source=repr(str(storage.file_pair(path)[0])))
 
 
 # applying ------------------------------------------------------------------------------------

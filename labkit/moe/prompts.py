@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labkit import storage
+
 __all__ = ["PromptSplit", "PromptTemplate", "expand_templates", "load_fillers", "load_templates"]
 
 CONDITIONS = ("behavior", "control", "both")
@@ -114,9 +116,12 @@ class PromptSplit:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PromptSplit":
-        """Inverse of :meth:`to_dict`."""
-        if data.get("kind") != "labkit.PromptSplit":
-            raise ValueError(f"PromptSplit.from_dict: kind is {data.get('kind')!r}, expected 'labkit.PromptSplit'.")
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: not a dict of kind ``"labkit.PromptSplit"``, or of a newer version.
+        """
+        storage.check_kind(dict(data), "labkit.PromptSplit", 1, caller="PromptSplit.from_dict", source="the dict")
         values = {k: v for k, v in data.items() if k not in ("kind", "version")}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 

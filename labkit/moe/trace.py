@@ -10,7 +10,6 @@ often each expert fires on behaviour prompts versus control prompts).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from labkit import storage
 from labkit.moe.families import MoELayer, find_routers, hf_of
 from labkit.models import check_context, encode_prompt, left_pad
 
@@ -120,8 +120,8 @@ class RoutingTrace:
             ValueError: ``data`` is not a dict, has no or another ``kind``, a ``version`` newer
                 than supported, or lacks a field (the message names the missing keys).
         """
-        check_kind(data, TRACE_KIND, TRACE_VERSION, caller="RoutingTrace.from_dict", source="the dict")
-        require_keys(
+        storage.check_kind(data, TRACE_KIND, TRACE_VERSION, caller="RoutingTrace.from_dict", source="the dict")
+        storage.require_keys(
             data,
             ("topk_indices", "topk_weights", "token_ids", "prompt_index", "position", "layers", "n_experts", "top_k", "n_prompts", "model_name"),
             caller="RoutingTrace.from_dict",
@@ -142,178 +142,30 @@ class RoutingTrace:
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Save as ``<path>`` (safetensors tensors) plus ``<path>.json`` (metadata); no pickle.
+        """Write ``<stem>.json`` (metadata) and ``<stem>.safetensors`` (tensors); no pickle.
 
         Args:
-            path: target file, conventionally ``something.safetensors``.
+            path: the stem, or either file's path (``refusal``, ``refusal.safetensors``, ...).
 
         Returns:
-            The safetensors path written.
+            The ``.json`` path (what :meth:`load` takes). Layout: :mod:`labkit.storage`.
         """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {
-            name: getattr(self, name).detach().cpu().contiguous()
-            for name in _TENSOR_FIELDS
-            if getattr(self, name) is not None
-        }
-        metadata = self.metadata()
-        save_file(tensors, str(path), metadata={"labkit": json.dumps(metadata)})
-        _sidecar(path).write_text(json.dumps(metadata, indent=2) + "\n")
-        return path
+        tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
+        return storage.save(path, kind=TRACE_KIND, version=TRACE_VERSION, metadata=self.metadata(), tensors=tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RoutingTrace":
-        """Load a trace written by :meth:`save`.
+        """Load a trace written by :meth:`save` (the stem or either file's path).
 
         Raises:
-            FileNotFoundError: ``path`` does not exist.
-            ValueError: ``path`` is not a safetensors file, holds no labkit metadata, or holds
-                another kind of labkit object (the message names the kind found).
+            FileNotFoundError: no saved trace there, or half of the pair is missing.
+            ValueError: the files hold another kind of labkit object (the message names the
+                kind found), are not JSON / safetensors, or lack a field.
         """
-        metadata, tensors = read_labkit_safetensors(
-            path, TRACE_KIND, TRACE_VERSION, caller="RoutingTrace.load", writer="RoutingTrace.save"
+        metadata, tensors = storage.load(
+            path, kind=TRACE_KIND, version=TRACE_VERSION, caller="RoutingTrace.load", writer="RoutingTrace.save"
         )
         return cls.from_dict({**metadata, "router_logits": None, **tensors})
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-# --- loading labkit files (shared by RoutingTrace, ExpertAttribution and ExpertMask) ---------
-
-#: The loader for each kind labkit writes, named in "wrong kind" errors.
-_LOADERS = {
-    "labkit.RoutingTrace": "RoutingTrace.load",
-    "labkit.ExpertAttribution": "ExpertAttribution.load",
-    "labkit.ExpertMask": "ExpertMask.from_json",
-    "labkit.SteeringVector": "SteeringVector.load",
-    "labkit.PromptSplit": "PromptSplit.from_dict",
-}
-
-
-def check_kind(data: Any, kind: str, version: int, *, caller: str, source: str) -> None:
-    """Refuse ``data`` unless it is a dict with ``kind == kind`` and a ``version`` ≤ ``version``.
-
-    A missing ``version`` is read as the current one; ``source`` names where ``data`` came
-    from (a file path or "the dict") for the message.
-
-    Raises:
-        ValueError: not a dict, no or another ``kind``, or a bad / newer ``version``.
-    """
-    if not isinstance(data, dict):
-        raise ValueError(f"{caller}: {source} holds a {type(data).__name__}, expected a dict with kind {kind!r}.")
-    found = data.get("kind")
-    if found != kind:
-        if found is None:
-            what = f"has no 'kind' key (keys: {sorted(map(str, data))[:12]})"
-        else:
-            what = f"is of kind {found!r}"
-        hint = f" Load it with {_LOADERS[found]}." if found in _LOADERS else ""
-        raise ValueError(f"{caller}: {source} {what}; expected kind {kind!r}.{hint}")
-    found_version = data.get("version", version)
-    if isinstance(found_version, bool) or not isinstance(found_version, int) or found_version < 1:
-        raise ValueError(f"{caller}: {source} has version {found_version!r}; expected an int from 1 to {version}.")
-    if found_version > version:
-        raise ValueError(
-            f"{caller}: {source} is {kind} version {found_version}, newer than this labkit reads "
-            f"({version}); upgrade labkit."
-        )
-
-
-def require_keys(data: dict[str, Any], keys: Sequence[str], *, caller: str, source: str) -> None:
-    """Raise ``ValueError`` naming every key of ``keys`` missing from ``data``."""
-    missing = [key for key in keys if key not in data]
-    if missing:
-        raise ValueError(
-            f"{caller}: {source} lacks {', '.join(map(repr, missing))} (has {sorted(map(str, data))}); "
-            "was it written by this labkit's to_dict / save?"
-        )
-
-
-def _existing_file(path: str | os.PathLike, kind: str, *, caller: str, writer: str) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        what = "a directory" if path.is_dir() else "no file"
-        raise FileNotFoundError(f"{caller}: {what} at {str(path)!r}; expected a {kind} file written by {writer}.")
-    return path
-
-
-def read_labkit_json(path: str | os.PathLike, kind: str, version: int, *, caller: str, writer: str) -> dict[str, Any]:
-    """Read a labkit JSON file and check its ``kind`` / ``version``.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: not UTF-8 JSON (e.g. a safetensors file), not a JSON object, or of another kind.
-    """
-    path = _existing_file(path, kind, caller=caller, writer=writer)
-    source = repr(str(path))
-    raw = path.read_bytes()
-    header = int.from_bytes(raw[:8], "little") if len(raw) > 8 else 0
-    if raw[8:9] == b"{" and 0 < header <= len(raw) - 8:  # safetensors: u64 header size, JSON header
-        raise ValueError(
-            f"{caller}: {source} is a safetensors file, not JSON; expected a {kind} JSON file written by {writer}."
-        )
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(
-            f"{caller}: {source} is binary, not JSON; expected a {kind} JSON file written by {writer}."
-        ) from None
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{caller}: {source} is not valid JSON ({error.msg}, line {error.lineno}); expected a {kind} "
-            f"JSON file written by {writer}."
-        ) from None
-    check_kind(data, kind, version, caller=caller, source=source)
-    return data
-
-
-def read_labkit_safetensors(
-    path: str | os.PathLike, kind: str, version: int, *, caller: str, writer: str
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(metadata, tensors)`` of a safetensors file labkit wrote, its ``kind`` / ``version`` checked.
-
-    The metadata is the JSON stored under the file's ``"labkit"`` metadata key (the ``.json``
-    sidecar written next to it is for people; it is read only when that key is absent).
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: not a safetensors file (e.g. the JSON sidecar), no labkit metadata, or
-            another kind.
-    """
-    from safetensors import safe_open
-
-    path = _existing_file(path, kind, caller=caller, writer=writer)
-    source = repr(str(path))
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("labkit")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as error:  # safetensors raises SafetensorError / OSError for non-safetensors bytes
-        hint = ""
-        if path.suffix == ".json" and path.with_suffix("").is_file():
-            hint = f" This looks like the JSON sidecar; pass {str(path.with_suffix(''))!r} instead."
-        raise ValueError(
-            f"{caller}: {source} is not a safetensors file ({type(error).__name__}: {error}); expected a "
-            f"{kind} .safetensors file written by {writer}.{hint}"
-        ) from None
-    if raw is None:
-        sidecar = _sidecar(path)
-        if not sidecar.is_file():
-            raise ValueError(
-                f"{caller}: {source} has no 'labkit' metadata (tensors: {sorted(tensors)[:8]}); it was not "
-                f"written by {writer}. Expected kind {kind!r}."
-            )
-        raw = sidecar.read_text(encoding="utf-8")
-    try:
-        metadata = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{caller}: {source} has unreadable labkit metadata ({error.msg}).") from None
-    check_kind(metadata, kind, version, caller=caller, source=source)
-    return metadata, tensors
 
 
 Scope = Literal["all", "generated"] | tuple[Literal["last"], int]
