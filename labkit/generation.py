@@ -22,7 +22,7 @@ import torch
 from labkit.models import check_context, encode_prompts, lab_model, left_pad
 from labkit.steering import SteeringVector, steered
 
-__all__ = ["Generation", "generate"]
+__all__ = ["Generation", "generate", "generate_token_ids", "eos_token_ids"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,12 +56,71 @@ def _check_number(name: str, value: Any, low: float, high: float, *, low_open: b
 
 
 def _trim(ids: list[int], eos: set[int], pad: int | None) -> list[int]:
+    """New ids up to and including the first end-of-sequence token; padding after a stop removed."""
     for i, token in enumerate(ids):
         if token in eos:
             return ids[: i + 1]
     while ids and pad is not None and ids[-1] == pad:
         ids = ids[:-1]
     return ids
+
+
+def eos_token_ids(hf_model, tokenizer=None) -> set[int]:
+    """The ids that end a completion: the model's generation config, else the tokenizer's EOS."""
+    config = getattr(hf_model, "generation_config", None)
+    eos = config.eos_token_id if config is not None else None
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
+def generate_token_ids(
+    hf_model,
+    rows: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos_ids: set[int],
+    max_new_tokens: int,
+    streamer: Any = None,
+    **config: Any,
+) -> list[list[int]]:
+    """The one generation loop of labkit: Hugging Face ``generate`` on left-padded token rows.
+
+    ``rows`` are prompt token ids (already validated and encoded, see
+    :func:`labkit.models.encode_prompts`); they are left-padded into one batch with an attention
+    mask (``generate`` derives position ids from it, so each row equals its solo run). Greedy
+    unless ``config`` asks for sampling. Whatever hooks are attached to ``hf_model`` (steering,
+    expert masks) apply; the caller opens them. Used by :func:`generate` and by
+    :func:`labkit.moe.trace_routing` (``scope="generated"``).
+
+    Args:
+        hf_model: a Hugging Face causal LM (labkit's twin, or a plain model).
+        rows: prompt token ids, one list per prompt.
+        pad_id: the padding id.
+        eos_ids: ids that end a completion (kept in the output; see :func:`eos_token_ids`).
+        max_new_tokens: new tokens per row at most.
+        streamer: a ``transformers`` streamer, or ``None``.
+        **config: further ``transformers.GenerationConfig`` fields (``do_sample``, ...).
+
+    Returns:
+        The new token ids of each row, up to and including its first end-of-sequence token.
+    """
+    from transformers import GenerationConfig
+
+    device = next(hf_model.parameters()).device
+    input_ids, attention_mask, _ = left_pad(rows, pad_id, device)
+    width = input_ids.shape[1]
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids) or None,
+        **{"do_sample": False, **config},
+    )
+    with torch.no_grad():
+        sequences = hf_model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config, streamer=streamer
+        )
+    return [_trim(row.tolist(), eos_ids, pad_id) for row in sequences[:, width:].cpu()]
 
 
 def generate(
@@ -145,28 +204,8 @@ def generate(
     tokenizer, twin = record.tokenizer, record.twin
     device = next(twin.parameters()).device
     check_context(model, [len(ids) for ids in encoded], new_tokens=max_new_tokens, caller="generate")
-    pad = tokenizer.pad_token_id
-    # generate() derives position ids from the attention mask itself.
-    input_ids, attention_mask, _ = left_pad(encoded, pad, device)
-    width = input_ids.shape[1]
-
-    eos = twin.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    width = max(len(ids) for ids in encoded)  # the left-padded prompt block every row shares
     sampling = temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        top_k=top_k if sampling else None,
-        pad_token_id=pad,
-        eos_token_id=eos,
-        bos_token_id=tokenizer.bos_token_id,
-        use_cache=use_cache,
-        **generate_kwargs,
-    )
     vectors = [] if steering is None else [steering]
 
     with contextlib.ExitStack() as stack:
@@ -176,13 +215,20 @@ def generate(
             torch.manual_seed(seed)
         stack.enter_context(steered(model, *vectors))
         stack.enter_context(record.generating(width))
-        with torch.no_grad():
-            sequences = twin.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=config,
-                streamer=streamer,
-            )
-    new_ids = [_trim(row.tolist(), eos_ids, pad) for row in sequences[:, width:].cpu()]
+        new_ids = generate_token_ids(
+            twin,
+            encoded,
+            pad_id=tokenizer.pad_token_id,
+            eos_ids=eos_token_ids(twin, tokenizer),
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=top_p if sampling else None,
+            top_k=top_k if sampling else None,
+            bos_token_id=tokenizer.bos_token_id,
+            use_cache=use_cache,
+            **generate_kwargs,
+        )
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
     return Generation(prompts=prompts, texts=texts, token_ids=new_ids, prompt_token_ids=encoded)

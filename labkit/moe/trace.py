@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from labkit import storage
+from labkit.generation import eos_token_ids, generate_token_ids
 from labkit.moe.families import MoELayer, find_routers, hf_of
 from labkit.models import check_context, encode_prompt, left_pad
 
@@ -289,29 +290,6 @@ def recording(routers: Sequence[MoELayer]) -> Iterator[list[list[tuple[Tensor, T
             handle.remove()
 
 
-def _generate_greedy(hf_model, rows, pad_id, eos_ids, max_new_tokens, device) -> list[list[int]]:
-    """Greedy answers (new tokens up to and including the first end-of-sequence token)."""
-    from transformers import GenerationConfig
-
-    input_ids, attention_mask, _ = left_pad(rows, pad_id, device)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad_id,
-        eos_token_id=sorted(eos_ids) or None,
-    )
-    out = hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    answers = []
-    for row in out[:, input_ids.shape[1] :].tolist():
-        answer = []
-        for token in row:
-            answer.append(token)
-            if token in eos_ids:
-                break
-        answers.append(answer)
-    return answers
-
-
 def trace_routing(
     model,
     prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -401,10 +379,7 @@ def trace_routing(
     batches = [order[i : i + batch_size] for i in range(0, n_prompts, batch_size)]
     per_prompt: list[dict[str, Tensor] | None] = [None] * n_prompts
 
-    eos = hf_model.generation_config.eos_token_id if hf_model.generation_config is not None else None
-    if eos is None and tok is not None:
-        eos = tok.eos_token_id
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    eos_ids = eos_token_ids(hf_model, tok)
 
     bar = tqdm(batches, desc="trace_routing", unit="batch", disable=not progress)
     with torch.inference_mode():
@@ -412,7 +387,9 @@ def trace_routing(
             batch_rows = [rows[i] for i in batch]
             keep_from = [0] * len(batch)
             if kind == "generated":
-                answers = _generate_greedy(hf_model, batch_rows, pad_id, eos_ids, max_new_tokens, device)
+                answers = generate_token_ids(
+                    hf_model, batch_rows, pad_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens
+                )
                 keep_from = [len(r) for r in batch_rows]
                 batch_rows = [r + a for r, a in zip(batch_rows, answers)]
             elif kind == "last":
