@@ -1,4 +1,4 @@
-"""Mixture-of-experts tools: routing traces, expert attribution, expert masks (one module each).
+"""Mixture-of-experts tools: routing traces, expert attribution (frequency and causal), expert masks.
 
 Routing traces run on the plain Hugging Face twin with plain ``torch`` forward hooks on each
 layer's router module; expert masks hook the twin's routers and the original routers the
@@ -8,6 +8,7 @@ masked too. Supported families (OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS, D
 """
 
 from labkit.moe.attribution import ExpertAttribution, attribute_experts
+from labkit.moe.causal import CausalAttribution, causal_attribution, minimal_mask, target_probability, validate_mask
 from labkit.moe.evaluate import compare_conditions
 from labkit.moe.families import moe_layers
 from labkit.moe.masking import ExpertMask, masked
@@ -22,4 +23,9 @@ __all__ = [
     "attribute_experts",
     "ExpertAttribution",
     "compare_conditions",
+    "CausalAttribution",
+    "causal_attribution",
+    "minimal_mask",
+    "validate_mask",
+    "target_probability",
 ]

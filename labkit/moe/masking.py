@@ -477,6 +477,12 @@ class _RouterState:
 _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, _RouterState]" = weakref.WeakKeyDictionary()
 
 
+def active_selection(router: torch.nn.Module) -> Selection | None:
+    """The merged selection of every mask open on ``router`` now, or ``None`` when unmasked."""
+    state = _ACTIVE.get(router)
+    return None if state is None else state.merged
+
+
 def _merge(selections: list[Selection]) -> Selection:
     off = torch.stack([s.off for s in selections]).any(0)
     on = torch.stack([s.on for s in selections]).any(0)
