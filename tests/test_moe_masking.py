@@ -295,6 +295,30 @@ def test_round_trip_and_constructors(tmp_path):
     assert len(ExpertMask.random((4, 8), 5, seed=1)) == 5
 
 
+def test_from_attribution_keeps_bias_values_and_the_attribution_shape():
+    """Mutation-found gaps: the bias value, n = 1, and the model facts read off the attribution."""
+
+    class Attribution:
+        model_name, n_layers, n_experts = "organism", 4, 8
+
+        def top(self, n):
+            return [(3, 1, 9.0), (1, 4, 7.0), (2, 0, 5.0)][:n]
+
+    biased = ExpertMask.from_attribution(Attribution(), 2, mode="bias", value=-1.5)
+    assert [(e.layer, e.expert, e.mode, e.value) for e in biased.edits] == [(1, 4, "bias", -1.5), (3, 1, "bias", -1.5)]
+    assert (biased.model_name, biased.n_layers, biased.n_experts) == ("organism", 4, 8)
+    assert ExpertMask.from_attribution(Attribution(), 1).experts("off") == [(3, 1)]
+    for n in (0, True):
+        with pytest.raises(ValueError, match="n must be an int ≥ 1"):
+            ExpertMask.from_attribution(Attribution(), n)
+    with pytest.raises(ValueError, match="mode='bias' needs value"):
+        ExpertMask.from_attribution(Attribution(), 2, mode="bias")
+    with pytest.raises(ValueError, match=r"has no \.top\(n\) method"):
+        ExpertMask.from_attribution(object(), 2)
+    # the default seed is 0 (a random control is reproducible without passing one)
+    assert ExpertMask.random((4, 8), 5) == ExpertMask.random((4, 8), 5, seed=0) != ExpertMask.random((4, 8), 5, seed=1)
+
+
 # --- guard rails ------------------------------------------------------------------------------
 
 
