@@ -63,13 +63,13 @@ bench: install
 #   make mutate MODULE=labkit/steering.py    one module (its mutants only; reruns them)
 # OMP_NUM_THREADS=1: mutmut forks a worker per mutant from a process that has run torch, and a
 # forked child of a multi-threaded torch (OpenMP pool) hangs until it times out.
-# Scores per module: bench/mutation_scores.py; one survivor in detail: $(VENV)/bin/mutmut show <name>.
+# Scores per module: tests/mutation_scores.py; one survivor in detail: $(VENV)/bin/mutmut show <name>.
 MODULE ?=
 MUTATE_CHILDREN ?= 1
 MUTANTS := $(if $(MODULE),"$(subst /,.,$(MODULE:.py=)).*")
 mutate: install
 	OMP_NUM_THREADS=1 nice -n 15 $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
-	$(PY) bench/mutation_scores.py --survivors
+	$(PY) tests/mutation_scores.py --survivors
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts mutants

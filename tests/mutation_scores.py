@@ -6,8 +6,8 @@ does), survived (every covering test passed), no tests (no test covers the funct
 checked (a run stopped early). score = (killed + timeout) / checked, where checked excludes "no
 tests" and "not checked". Run from the repository root after `make mutate`:
 
-    .venv/bin/python bench/mutation_scores.py            # the table
-    .venv/bin/python bench/mutation_scores.py --survivors  # plus each survivor's name
+    .venv/bin/python tests/mutation_scores.py            # the table
+    .venv/bin/python tests/mutation_scores.py --survivors  # plus each survivor's name
 """
 
 from __future__ import annotations
