@@ -59,10 +59,17 @@ bench: install
 	$(PY) bench/organism_lab_table.py moe-organism-planted
 
 # Mutation testing of the core modules (pyproject [tool.mutmut]); hours on 2 cores, not in CI.
-# Survivors: $(VENV)/bin/mutmut results; one in detail: $(VENV)/bin/mutmut show <name>.
+#   make mutate                              all six modules
+#   make mutate MODULE=labkit/steering.py    one module (its mutants only; reruns them)
+# OMP_NUM_THREADS=1: mutmut forks a worker per mutant from a process that has run torch, and a
+# forked child of a multi-threaded torch (OpenMP pool) hangs until it times out.
+# Scores per module: tests/mutation_scores.py; one survivor in detail: $(VENV)/bin/mutmut show <name>.
+MODULE ?=
+MUTATE_CHILDREN ?= 1
+MUTANTS := $(if $(MODULE),"$(subst /,.,$(MODULE:.py=)).*")
 mutate: install
-	$(VENV)/bin/mutmut run --max-children 2
-	$(VENV)/bin/mutmut results
+	OMP_NUM_THREADS=1 nice -n 15 $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
+	$(PY) tests/mutation_scores.py --survivors
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts mutants

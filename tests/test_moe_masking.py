@@ -296,6 +296,64 @@ def test_round_trip_and_constructors(tmp_path):
     assert len(ExpertMask.random((4, 8), 5, seed=1)) == 5
 
 
+def test_from_attribution_keeps_bias_values_and_the_attribution_shape():
+    """Mutation-found gaps: the bias value, n = 1, and the model facts read off the attribution."""
+
+    class Attribution:
+        model_name, n_layers, n_experts = "organism", 4, 8
+
+        def top(self, n):
+            return [(3, 1, 9.0), (1, 4, 7.0), (2, 0, 5.0)][:n]
+
+    biased = ExpertMask.from_attribution(Attribution(), 2, mode="bias", value=-1.5)
+    assert [(e.layer, e.expert, e.mode, e.value) for e in biased.edits] == [(1, 4, "bias", -1.5), (3, 1, "bias", -1.5)]
+    assert (biased.model_name, biased.n_layers, biased.n_experts) == ("organism", 4, 8)
+    assert ExpertMask.from_attribution(Attribution(), 1).experts("off") == [(3, 1)]
+    for n in (0, True):
+        with pytest.raises(ValueError, match="n must be an int ≥ 1"):
+            ExpertMask.from_attribution(Attribution(), n)
+    with pytest.raises(ValueError, match="mode='bias' needs value"):
+        ExpertMask.from_attribution(Attribution(), 2, mode="bias")
+    with pytest.raises(ValueError, match=r"has no \.top\(n\) method"):
+        ExpertMask.from_attribution(object(), 2)
+    # the default seed is 0 (a random control is reproducible without passing one)
+    assert ExpertMask.random((4, 8), 5) == ExpertMask.random((4, 8), 5, seed=0) != ExpertMask.random((4, 8), 5, seed=1)
+
+
+def test_random_control_respects_the_per_mode_cap_values_and_matched_layers():
+    """The random row of the MoTE table: how many experts a layer may lose (off: n_experts - top_k;
+    on: top_k), the bias value, the shape recorded, and matched layers. (Mutation-found gaps.)"""
+    model = hf("deepseek_v3")
+    layers = MOE_LAYERS["deepseek_v3"]
+    for mode, cap in (("off", N_EXPERTS - TOP_K), ("on", TOP_K)):
+        full = ExpertMask.random(model, cap * len(layers), seed=0, mode=mode)
+        assert sorted(e.layer for e in full.edits) == sorted(layers * cap)
+        assert {e.mode for e in full.edits} == {mode} and full.n_experts == N_EXPERTS
+        with pytest.raises(ValueError, match=f"only {cap * len(layers)} can be drawn"):
+            ExpertMask.random(model, cap * len(layers) + 1, seed=0, mode=mode)
+    biased = ExpertMask.random((4, 8), 3, seed=2, mode="bias", value=-0.5)
+    assert [e.value for e in biased.edits] == [-0.5] * 3 and (biased.n_layers, biased.n_experts) == (4, 8)
+    with pytest.raises(ValueError, match="mode='bias' needs value"):
+        ExpertMask.random((4, 8), 3, mode="bias")
+    assert len(ExpertMask.random((1, 1), 1)) == 1
+    for bad in ((4, -1), (4, True), [4], (0, 8)):
+        with pytest.raises(ValueError, match="model_or_shape must be a model or"):
+            ExpertMask.random(bad, 1)
+    for n in (0, True):
+        with pytest.raises(ValueError, match="n must be an int ≥ 1"):
+            ExpertMask.random((4, 8), n)
+    # matched layers: as many per layer as the mask has, never its own experts, up to the whole pool
+    target = ExpertMask.off([(0, 1), (0, 2), (0, 3), (0, 4), (2, 5)])
+    for seed in range(5):
+        control = ExpertMask.random((3, 8), 5, seed=seed, match_layers_of=target)
+        assert sorted(e.layer for e in control.edits) == [0, 0, 0, 0, 2]
+        assert not set(control.experts()) & set(target.experts())
+    assert len(ExpertMask.random((1, 8), seed=0, match_layers_of=ExpertMask.off([(0, e) for e in range(4)]))) == 4
+    mixed = ExpertMask(((0, 1, "off"), (1, 2, "on")))
+    assert mixed.experts("on") == [(1, 2)] and mixed.experts("off") == [(0, 1)]
+    assert ExpertMask.from_dict({"kind": "labkit.ExpertMask", "version": 1}) == ExpertMask()
+
+
 # --- guard rails ------------------------------------------------------------------------------
 
 

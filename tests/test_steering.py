@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import labkit
 from labkit.hooks import count_hooks
@@ -113,6 +114,34 @@ def test_save_load_roundtrip_safetensors_and_json(tiny_llama, tmp_path):
         assert torch.equal(loaded.activations, vector.activations)
         assert loaded.metadata() == vector.metadata()
     assert SteeringVector.from_dict(vector.to_dict()).metadata() == vector.metadata()
+
+
+def test_saved_metadata_states_every_number_of_the_vector(tmp_path):
+    """The JSON a user reads next to the tensor: kind, version, layer, width, shape, coefficient.
+    (Mutation testing found the width and shape keys unchecked.)"""
+    vector = SteeringVector("blocks.2.hook_resid_post", torch.arange(12.0).reshape(3, 4), coefficient=-1.5,
+                            positions="front", model_name="m", source={"method": "actadd"})
+    expected = {"kind": "labkit.SteeringVector", "version": 1, "hook_name": "blocks.2.hook_resid_post",
+                "layer": 2, "coefficient": -1.5, "positions": "front", "model_name": "m", "d_model": 4,
+                "shape": [3, 4], "source": {"method": "actadd"}}
+    assert vector.metadata() == expected
+    json_path, tensor_path = vector.save(tmp_path / "new" / "dirs" / "v")  # missing parents are created
+    assert json.loads(json_path.read_text()) == expected
+    with safe_open(str(tensor_path), framework="pt") as f:  # the tensor file says what it is, too
+        assert f.metadata() == {"kind": "labkit.SteeringVector", "version": "1"}
+        assert torch.equal(f.get_tensor("activations"), vector.activations)
+
+
+def test_from_dict_refuses_another_kind_or_version():
+    data = SteeringVector("blocks.0.hook_resid_pre", torch.ones(4)).to_dict()
+    assert torch.equal(SteeringVector.from_dict(data).activations, torch.ones(4))
+    for bad in ({"version": 2}, {"kind": "labkit.ExpertMask"}):
+        with pytest.raises(ValueError, match="Not a labkit steering vector"):
+            SteeringVector.from_dict({**data, **bad})
+    # a hand-written dict may leave out the optional fields: unchecked model, empty provenance
+    minimal = {k: data[k] for k in ("kind", "version", "hook_name", "activations", "coefficient", "positions")}
+    loaded = SteeringVector.from_dict(minimal)
+    assert loaded.model_name == "" and loaded.source == {}
 
 
 def test_vector_is_frozen_and_transforms_return_new_objects(tiny_llama):

@@ -1,0 +1,64 @@
+"""Per-module mutation scores from the results `make mutate` (mutmut) left under mutants/.
+
+Prints, for each mutated module, how many mutants mutmut made and how many it has checked so far:
+killed (a test failed), timeout (the mutant ran past mutmut's limit; counted as detected, as mutmut
+does), survived (every covering test passed), no tests (no test covers the function), and not yet
+checked (a run stopped early). score = (killed + timeout) / checked, where checked excludes "no
+tests" and "not checked". Run from the repository root after `make mutate`:
+
+    .venv/bin/python tests/mutation_scores.py            # the table
+    .venv/bin/python tests/mutation_scores.py --survivors  # plus each survivor's name
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+# mutmut 3's exit-code classes (mutmut/stats.py status_by_exit_code), folded into the columns above.
+_KILLED = {1, 3}
+_TIMEOUT = {-24, 24, 152, 255, 36}
+_SURVIVED = {0}
+_NO_TESTS = {5, 33}
+
+
+def _status(exit_code: int | None) -> str:
+    if exit_code is None:
+        return "not checked"
+    if exit_code in _KILLED:
+        return "killed"
+    if exit_code in _TIMEOUT:
+        return "timeout"
+    if exit_code in _SURVIVED:
+        return "survived"
+    if exit_code in _NO_TESTS:
+        return "no tests"
+    return "other"
+
+
+def main(argv: list[str]) -> int:
+    metas = sorted(Path("mutants").glob("labkit/**/*.py.meta"))
+    if not metas:
+        print("No mutmut results under mutants/; run `make mutate` first.", file=sys.stderr)
+        return 1
+    columns = ["killed", "timeout", "survived", "no tests", "not checked", "other"]
+    print(f"{'module':28} {'total':>6} " + " ".join(f"{c:>11}" for c in columns) + f" {'score':>7}")
+    survivors: list[str] = []
+    for meta in metas:
+        exit_codes = json.loads(meta.read_text())["exit_code_by_key"]
+        counts = Counter(_status(code) for code in exit_codes.values())
+        survivors += sorted(name for name, code in exit_codes.items() if _status(code) == "survived")
+        checked = counts["killed"] + counts["timeout"] + counts["survived"] + counts["other"]
+        score = f"{100 * (counts['killed'] + counts['timeout']) / checked:6.1f}%" if checked else "      -"
+        module = str(meta.relative_to("mutants"))[: -len(".meta")]
+        print(f"{module:28} {len(exit_codes):>6} " + " ".join(f"{counts[c]:>11}" for c in columns) + f" {score}")
+    if "--survivors" in argv:
+        print("\nsurvivors (inspect one with: mutmut show NAME)")
+        print("\n".join(f"  {name}" for name in survivors))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
