@@ -53,6 +53,7 @@ browser:
 bench: install
 	$(PY) bench/bench_cache.py
 	$(PY) bench/bench_steering.py
+	$(PY) bench/bench_sweep.py
 	$(PY) bench/bench_moe.py
 	$(PY) bench/bench_widgets.py
 	$(PY) bench/organism_lab_table.py moe-organism
