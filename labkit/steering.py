@@ -1,4 +1,5 @@
-"""Steering vectors: ActAdd as published, mean-difference (CAA) vectors, steered forward passes.
+"""Steering vectors: ActAdd as published, mean-difference (CAA), PCA and probe directions,
+directional ablation, steered forward passes, one-batch sweeps.
 
 Data flow: ``actadd(model, " wedding", " ", layer=6)`` or ``mean_difference(model, pos, neg,
 layer=6)`` → a :class:`SteeringVector` (plain frozen data, saved as safetensors + JSON) →
@@ -20,7 +21,10 @@ without a KV cache is all prompt and a call extending a cache is a decode step).
   every real token / prompt tokens only / generated tokens only, on every pass and decode step.
 
 Vectors compose: several in one :func:`steered` call, nested contexts, same or different
-layers — additions sum.
+layers — additions sum. ``operation="ablate"`` vectors project a direction out instead
+(:func:`directional_ablation`). ``steered(model, rows=[...])`` gives each batch row its own
+vectors (``labkit.generate(..., steering_per_row=...)``): a sweep of settings in one batch, each
+row bit-for-bit the arithmetic of its solo run.
 """
 
 from __future__ import annotations
