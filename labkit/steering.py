@@ -1,4 +1,5 @@
-"""Steering vectors: ActAdd as published, mean-difference (CAA) vectors, steered forward passes.
+"""Steering vectors: ActAdd as published, mean-difference (CAA), PCA and probe directions,
+directional ablation, steered forward passes, one-batch sweeps.
 
 Data flow: ``actadd(model, " wedding", " ", layer=6)`` or ``mean_difference(model, pos, neg,
 layer=6)`` → a :class:`SteeringVector` (plain frozen data, saved as safetensors + JSON) →
@@ -20,7 +21,10 @@ without a KV cache is all prompt and a call extending a cache is a decode step).
   every real token / prompt tokens only / generated tokens only, on every pass and decode step.
 
 Vectors compose: several in one :func:`steered` call, nested contexts, same or different
-layers — additions sum.
+layers — additions sum. ``operation="ablate"`` vectors project a direction out instead
+(:func:`directional_ablation`). ``steered(model, rows=[...])`` gives each batch row its own
+vectors (``labkit.generate(..., steering_per_row=...)``): a sweep of settings in one batch, each
+row bit-for-bit the arithmetic of its solo run.
 """
 
 from __future__ import annotations
@@ -45,13 +49,19 @@ __all__ = [
     "POSITIONS",
     "SteeringVector",
     "actadd",
+    "directional_ablation",
+    "logistic_regression",
     "mean_difference",
+    "pca_direction",
+    "probe_direction",
     "residual_activations",
     "steered",
 ]
 
 Positions = Literal["front", "all", "prompt", "generated"]
 POSITIONS: tuple[str, ...] = ("front", "all", "prompt", "generated")
+Operation = Literal["add", "ablate"]
+OPERATIONS: tuple[str, ...] = ("add", "ablate")
 KIND = "labkit.SteeringVector"
 VERSION = 1
 
@@ -99,11 +109,16 @@ class SteeringVector:
         model_name: the model the vector was made on (``""`` = unchecked); applying it to a
             model of another name or width raises.
         source: JSON-able provenance, e.g. ``{"method": "actadd", "plus": ..., "minus": ...}``.
+        operation: ``"add"`` (default: ``x + coefficient * activations``) or ``"ablate"``
+            (directional ablation, Arditi et al. 2024 §2.4: ``x - coefficient * (x·r̂) r̂`` with
+            ``r̂ = activations / ‖activations‖``; coefficient 1 projects the direction out fully).
+            :func:`directional_ablation` builds one per residual hook point of every layer.
 
     Raises:
         ValueError: activations of the wrong rank, empty, or holding NaN/inf; an unknown
             ``positions``; a ``pos × d_model`` vector with positions other than ``"front"`` (or
-            the reverse); a non-finite coefficient.
+            the reverse); a non-finite coefficient; an unknown ``operation``, or ``"ablate"`` with
+            a ``pos × d_model`` or all-zero tensor.
     """
 
     hook_name: str
@@ -112,6 +127,7 @@ class SteeringVector:
     positions: Positions = "all"
     model_name: str = ""
     source: Mapping[str, Any] = field(default_factory=dict)
+    operation: Operation = "add"
 
     def __post_init__(self) -> None:
         if not isinstance(self.hook_name, str) or not self.hook_name:
@@ -153,6 +169,18 @@ class SteeringVector:
                 f"SteeringVector: positions='front' needs a (pos, d_model) tensor, got shape "
                 f"{tuple(acts.shape)}; use positions 'all', 'prompt' or 'generated' for a direction."
             )
+        if self.operation not in OPERATIONS:
+            raise ValueError(
+                f"SteeringVector: operation={self.operation!r} is not allowed; use 'add' (add "
+                "coefficient * activations) or 'ablate' (project the direction out)."
+            )
+        if self.operation == "ablate" and acts.ndim != 1:
+            raise ValueError(
+                f"SteeringVector: operation='ablate' projects out one direction and needs a "
+                f"(d_model,) tensor, got shape {tuple(acts.shape)}."
+            )
+        if self.operation == "ablate" and not bool(acts.abs().sum() > 0):
+            raise ValueError("SteeringVector: operation='ablate' needs a non-zero direction, got all zeros.")
         object.__setattr__(self, "activations", acts.detach().clone())
         object.__setattr__(self, "source", dict(self.source))
 
@@ -201,6 +229,7 @@ class SteeringVector:
             "d_model": self.d_model,
             "shape": list(self.activations.shape),
             "source": self.source,
+            "operation": self.operation,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,6 +255,7 @@ class SteeringVector:
             positions=data["positions"],
             model_name=data.get("model_name", ""),
             source=data.get("source", {}),
+            operation=data.get("operation", "add"),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -258,7 +288,8 @@ class SteeringVector:
         shape = "x".join(map(str, self.activations.shape))
         return (
             f"SteeringVector({self.hook_name!r}, [{shape}], coefficient={self.coefficient:g}, "
-            f"positions={self.positions!r}, model={self.model_name!r})"
+            f"positions={self.positions!r}, model={self.model_name!r}"
+            + (f", operation={self.operation!r})" if self.operation != "add" else ")")
         )
 
     # -- checks against a model ----------------------------------------------------------------
@@ -480,6 +511,29 @@ def mean_difference(
         >>> vec = mean_difference(model, ["I love it"], ["I hate it"], layer=6)  # doctest: +SKIP
     """
     where = "mean_difference"
+    positive, negative, coefficient, hook_name = _contrast_setup(
+        model, positive_prompts, negative_prompts, layer, coefficient, positions, token, batch_size, hook_point, where
+    )
+    acts_positive = _prompt_activations(model, positive, hook_name, token, batch_size, prepend_bos, where)
+    acts_negative = _prompt_activations(model, negative, hook_name, token, batch_size, prepend_bos, where)
+    return SteeringVector(
+        hook_name=hook_name,
+        activations=acts_positive.mean(0) - acts_negative.mean(0),
+        coefficient=coefficient,
+        positions=positions,
+        model_name=lab_model(model).name,
+        source={
+            "method": "mean_difference",
+            "token": token,
+            "positive_prompts": positive,
+            "negative_prompts": negative,
+        },
+    )
+
+
+def _contrast_setup(model, positive_prompts, negative_prompts, layer, coefficient, positions, token, batch_size,
+                    hook_point, where):
+    """Validate the arguments every contrast-pair method shares; returns prompts, c, hook name."""
     positive = _check_prompts(positive_prompts, f"{where} positive_prompts")
     negative = _check_prompts(negative_prompts, f"{where} negative_prompts")
     coefficient = _check_coefficient(coefficient, where)
@@ -495,28 +549,299 @@ def mean_difference(
         raise ValueError(f"{where}: batch_size must be a positive int, got {batch_size!r}.")
     hook_name = f"blocks.{layer}.{hook_point}"
     _check_hook_point(model, hook_name, where)
+    return positive, negative, coefficient, hook_name
 
-    def side_mean(prompts: list[str]) -> Tensor:
-        rows = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = [_encode(model, p, where, prepend_bos) for p in prompts[start:start + batch_size]]
-            for acts in residual_activations(model, chunk, hook_name):
-                rows.append(acts[-1] if token == "last" else acts.mean(0))
-        return torch.stack(rows).mean(0)
 
+def _prompt_activations(model, prompts, hook_name, token, batch_size, prepend_bos, where) -> Tensor:
+    """``(n_prompts, d_model)``: each prompt's activation at its last token, or its token mean."""
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [_encode(model, p, where, prepend_bos) for p in prompts[start:start + batch_size]]
+        for acts in residual_activations(model, chunk, hook_name):
+            rows.append(acts[-1] if token == "last" else acts.mean(0))
+    return torch.stack(rows)
+
+
+def _paired(positive: list[str], negative: list[str], where: str) -> None:
+    if len(positive) != len(negative):
+        raise ValueError(
+            f"{where}: needs paired prompts (positive i belongs with negative i), got "
+            f"{len(positive)} positive and {len(negative)} negative prompts; give equal counts."
+        )
+
+
+def _scaled_to_separation(unit: Tensor, acts_positive: Tensor, acts_negative: Tensor) -> Tensor:
+    """``unit`` oriented and scaled so that coefficient 1 moves the negative mean onto the positive
+    mean along it: ``((mean_pos - mean_neg)·û) û`` with the sign making that projection positive."""
+    unit = unit / unit.norm()
+    separation = float((acts_positive.mean(0) - acts_negative.mean(0)) @ unit)
+    if separation < 0:
+        unit, separation = -unit, -separation
+    return unit * separation
+
+
+def pca_direction(
+    model,
+    positive_prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    layer: int,
+    coefficient: float = 1.0,
+    *,
+    positions: Positions = "all",
+    token: Literal["last", "mean"] = "last",
+    hook_point: str = "hook_resid_pre",
+    batch_size: int = 16,
+    prepend_bos: bool | None = None,
+) -> SteeringVector:
+    """Steering direction = first principal component of the paired activation differences.
+
+    Representation Engineering (Zou et al. 2023, §3.1 "LAT", PCA on differences of stimulus
+    pairs) and repeng's ``pca_diff``: form ``d_i = act(positive_i) - act(negative_i)`` for each
+    pair and take the top principal direction. RepE randomises the order within each pair so
+    the differences have zero mean; here that is exact: the direction is the top right singular
+    vector of the difference matrix, which is the first principal component of the symmetric set
+    ``{d_i, -d_i}`` (mean zero). The sign is chosen so positives project above negatives, and
+    the length is the projected separation ``(mean_pos - mean_neg)·û`` — so coefficient 1 is
+    the shift along ``û`` that the data itself shows, comparable across methods.
+
+    Args:
+        model: a labkit bridge.
+        positive_prompts, negative_prompts: the pairs (equal counts ≥ 1; pair i = the i-th of each).
+        layer: block index, ``0 .. n_layers-1``.
+        coefficient: finite multiplier.
+        positions: ``"all"`` (default), ``"prompt"`` or ``"generated"``.
+        token: ``"last"`` (each prompt's final token) or ``"mean"`` (mean over its tokens).
+        hook_point: residual hook inside the block (default ``"hook_resid_pre"``).
+        batch_size: prompts per forward pass.
+        prepend_bos: override the model's BOS rule (``None`` keeps it).
+
+    Returns:
+        A :class:`SteeringVector` with ``activations`` of shape ``(d_model,)``;
+        ``source["explained_variance_ratio"]`` is the top component's share of ``Σ‖d_i‖²``.
+
+    Raises:
+        ValueError: unequal counts, no prompts or an empty prompt, a layer out of range, a
+            non-finite coefficient, ``positions="front"`` or an unknown ``token``.
+
+    Example:
+        >>> vec = pca_direction(model, ["I love it"], ["I hate it"], layer=6)  # doctest: +SKIP
+    """
+    where = "pca_direction"
+    positive, negative, coefficient, hook_name = _contrast_setup(
+        model, positive_prompts, negative_prompts, layer, coefficient, positions, token, batch_size, hook_point, where
+    )
+    _paired(positive, negative, where)
+    acts_positive = _prompt_activations(model, positive, hook_name, token, batch_size, prepend_bos, where)
+    acts_negative = _prompt_activations(model, negative, hook_name, token, batch_size, prepend_bos, where)
+    differences = (acts_positive - acts_negative).double()  # (pair, d_model)
+    _u, singular, vh = torch.linalg.svd(differences, full_matrices=False)
+    explained = float(singular[0] ** 2 / (singular**2).sum())
     return SteeringVector(
         hook_name=hook_name,
-        activations=side_mean(positive) - side_mean(negative),
+        activations=_scaled_to_separation(vh[0], acts_positive.double(), acts_negative.double()).float(),
         coefficient=coefficient,
         positions=positions,
         model_name=lab_model(model).name,
         source={
-            "method": "mean_difference",
+            "method": "pca",
             "token": token,
             "positive_prompts": positive,
             "negative_prompts": negative,
+            "explained_variance_ratio": explained,
         },
     )
+
+
+def logistic_regression(
+    features: Float[Tensor, "sample d_model"], labels: Float[Tensor, " sample"], *, inverse_regularization: float = 1.0,
+    max_iter: int = 500,
+) -> tuple[Float[Tensor, " d_model"], float]:
+    """L2-regularised logistic regression, fitted exactly (L-BFGS on the convex objective).
+
+    Minimises ``C · Σ_i log(1 + exp(-y_i (w·x_i + b))) + ½‖w‖²`` with ``y_i ∈ {-1, +1}`` and an
+    unpenalised intercept ``b`` — the objective of scikit-learn's ``LogisticRegression`` (default
+    ``C = 1``), in float64. Features are centred on their mean first (``b`` absorbs it).
+
+    Args:
+        features: one row per sample.
+        labels: 1 for positives, 0 for negatives.
+        inverse_regularization: ``C > 0``.
+        max_iter: L-BFGS iterations.
+
+    Returns:
+        ``(w, b)``: the weight vector (float64) and intercept, on the centred features.
+
+    Raises:
+        ValueError: fewer than one sample per class, mismatched lengths, or ``C <= 0``.
+    """
+    x = features.double()
+    y = labels.double() * 2 - 1
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise ValueError(
+            f"logistic_regression: features must be (sample, d_model) and labels (sample,), got "
+            f"{tuple(features.shape)} and {tuple(labels.shape)}."
+        )
+    if not (bool((y > 0).any()) and bool((y < 0).any())):
+        raise ValueError("logistic_regression: needs at least one sample of each class (labels 0 and 1).")
+    if not inverse_regularization > 0:
+        raise ValueError(f"logistic_regression: inverse_regularization must be > 0, got {inverse_regularization!r}.")
+    x = x - x.mean(0)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-14,
+        history_size=50, line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = inverse_regularization * torch.nn.functional.softplus(-y * (x @ w + b)).sum() + 0.5 * (w @ w)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return w.detach(), float(b.detach())
+
+
+def probe_direction(
+    model,
+    positive_prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    layer: int,
+    coefficient: float = 1.0,
+    *,
+    positions: Positions = "all",
+    token: Literal["last", "mean"] = "last",
+    hook_point: str = "hook_resid_pre",
+    batch_size: int = 16,
+    prepend_bos: bool | None = None,
+    inverse_regularization: float = 1.0,
+) -> SteeringVector:
+    """Steering direction = the weight vector of a logistic-regression probe (positive vs negative).
+
+    The probe-weight direction that Inference-Time Intervention (Li et al. 2023) compares
+    with the mass-mean shift (our :func:`mean_difference`): fit ``P(positive | x) = σ(w·x + b)`` on the activations of both sides
+    (:func:`logistic_regression`, L2, ``C = inverse_regularization``) and steer along ``ŵ``.
+    Oriented and scaled as :func:`pca_direction`: length ``(mean_pos - mean_neg)·ŵ``.
+
+    Args:
+        model: a labkit bridge.
+        positive_prompts, negative_prompts: the two classes (any counts ≥ 1).
+        layer, coefficient, positions, token, hook_point, batch_size, prepend_bos: as in
+            :func:`mean_difference`.
+        inverse_regularization: the probe's ``C`` (larger = weaker L2 penalty).
+
+    Returns:
+        A :class:`SteeringVector` with ``activations`` of shape ``(d_model,)``;
+        ``source["train_accuracy"]`` is the probe's accuracy on its training prompts.
+
+    Raises:
+        ValueError: no prompts or an empty prompt, a layer out of range, a non-finite
+            coefficient, ``positions="front"``, an unknown ``token``, ``C <= 0``.
+
+    Example:
+        >>> vec = probe_direction(model, ["I love it", "Great"], ["I hate it", "Awful"], layer=6)  # doctest: +SKIP
+    """
+    where = "probe_direction"
+    positive, negative, coefficient, hook_name = _contrast_setup(
+        model, positive_prompts, negative_prompts, layer, coefficient, positions, token, batch_size, hook_point, where
+    )
+    acts_positive = _prompt_activations(model, positive, hook_name, token, batch_size, prepend_bos, where)
+    acts_negative = _prompt_activations(model, negative, hook_name, token, batch_size, prepend_bos, where)
+    features = torch.cat([acts_positive, acts_negative])
+    labels = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))])
+    weights, intercept = logistic_regression(features, labels, inverse_regularization=inverse_regularization)
+    scores = (features.double() - features.double().mean(0)) @ weights + intercept
+    accuracy = float(((scores > 0).double() == labels.double()).double().mean())
+    return SteeringVector(
+        hook_name=hook_name,
+        activations=_scaled_to_separation(weights, acts_positive.double(), acts_negative.double()).float(),
+        coefficient=coefficient,
+        positions=positions,
+        model_name=lab_model(model).name,
+        source={
+            "method": "probe",
+            "token": token,
+            "positive_prompts": positive,
+            "negative_prompts": negative,
+            "inverse_regularization": float(inverse_regularization),
+            "train_accuracy": accuracy,
+        },
+    )
+
+
+def directional_ablation(
+    model,
+    direction: SteeringVector | Float[Tensor, " d_model"],
+    *,
+    coefficient: float = 1.0,
+    hook_points: Sequence[str] = ("hook_resid_pre", "hook_resid_mid"),
+    positions: Positions = "all",
+) -> list[SteeringVector]:
+    """Vectors that project one direction out of the residual stream at every layer.
+
+    Directional ablation of Arditi et al. 2024 ("Refusal in language models is mediated by a
+    single direction", §2.4): ``x ← x - r̂ r̂ᵀ x`` for the unit direction ``r̂``, applied at every
+    layer and token position to the residual stream entering each block and after its
+    attention (``hook_resid_pre`` and ``hook_resid_mid`` — the paper's ``x^(l)`` and
+    ``x̃^(l)``), so no component can write the direction back for the next to read.
+    ``coefficient`` scales the removal (1 = the paper's full projection; 0 = nothing).
+    Apply with ``steered(model, *vectors)`` or ``labkit.generate(..., steering=vectors)``.
+
+    Args:
+        model: a labkit bridge.
+        direction: a direction :class:`SteeringVector` (e.g. from :func:`mean_difference`; its
+            hook point and coefficient are ignored) or a ``(d_model,)`` tensor.
+        coefficient: finite removal scale.
+        hook_points: residual hook points inside each block to ablate at.
+        positions: ``"all"`` (default), ``"prompt"`` or ``"generated"``.
+
+    Returns:
+        ``n_layers × len(hook_points)`` :class:`SteeringVector` objects with
+        ``operation="ablate"``, layer by layer.
+
+    Raises:
+        ValueError: a zero or non-finite direction, a width other than the model's, a
+            ``(pos, d_model)`` ActAdd vector, ``positions="front"``.
+
+    Example:
+        >>> refusal = mean_difference(model, harmful, harmless, layer=12)  # doctest: +SKIP
+        >>> labkit.generate(model, prompts, steering=directional_ablation(model, refusal))  # doctest: +SKIP
+    """
+    where = "directional_ablation"
+    coefficient = _check_coefficient(coefficient, where)
+    if isinstance(direction, SteeringVector):
+        if direction.n_positions is not None:
+            raise ValueError(
+                f"{where}: needs a single (d_model,) direction, got the ActAdd vector {direction!r}; "
+                "build a direction with mean_difference / pca_direction / probe_direction."
+            )
+        source = {"method": "directional_ablation", "direction_source": direction.source}
+        tensor = direction.activations
+    elif isinstance(direction, Tensor):
+        source, tensor = {"method": "directional_ablation"}, direction
+    else:
+        raise TypeError(f"{where}: direction must be a SteeringVector or a (d_model,) tensor, got {type(direction).__name__}.")
+    if tensor.ndim != 1 or tensor.shape[0] != int(model.cfg.d_model):
+        raise ValueError(
+            f"{where}: direction must have shape ({int(model.cfg.d_model)},) for this model, got {tuple(tensor.shape)}."
+        )
+    if positions == "front":
+        raise ValueError(f"{where}: positions='front' is not allowed; use 'all', 'prompt' or 'generated'.")
+    return [
+        SteeringVector(
+            hook_name=f"blocks.{layer}.{hook_point}",
+            activations=tensor.float(),
+            coefficient=coefficient,
+            positions=positions,
+            model_name=lab_model(model).name,
+            source=source,
+            operation="ablate",
+        )
+        for layer in range(int(model.cfg.n_layers))
+        for hook_point in hook_points
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,48 +890,136 @@ class _CallState:
 
 
 class _Adder:
-    """The hook function of one vector: adds it at the positions it applies to."""
+    """The hook function of one vector per batch row: applies each row's vector where it applies.
 
-    def __init__(self, vector: SteeringVector, state: _CallState) -> None:
-        self.vector = vector
+    ``broadcast=True``: ``vectors`` holds one vector, applied to every row (:func:`steered`).
+    ``broadcast=False``: one entry per batch row (``None`` = nothing for that row), the
+    one-batch sweep (``steered(model, rows=...)``). Both run the same arithmetic on per-row
+    tensors (a broadcast vector is an expanded view), so a row of a batched sweep gets exactly
+    the floating-point values its solo run gets: ``x + v * keep`` (rows without a vector add an
+    exact zero) and ``x - ((c · (x·r̂)) · r̂) · keep`` for ablation.
+    """
+
+    def __init__(self, vectors: Sequence[SteeringVector | None], state: _CallState, *, broadcast: bool) -> None:
+        self.vectors = list(vectors)
         self.state = state
-        self._cast: Tensor | None = None
+        self.broadcast = broadcast
+        self._cache: dict[tuple, Any] = {}
 
-    def _tensor(self, like: Tensor) -> Tensor:
-        if self._cast is None or self._cast.dtype != like.dtype or self._cast.device != like.device:
-            self._cast = self.vector.steering_vector.to(device=like.device, dtype=like.dtype)
-        return self._cast
+    def _rows(self, batch: int) -> list[SteeringVector | None]:
+        if self.broadcast:
+            return self.vectors * batch
+        if len(self.vectors) != batch:
+            raise ValueError(
+                f"steered(rows=...): {len(self.vectors)} row settings were given, but the model ran "
+                f"a batch of {batch} rows; give exactly one entry (a vector, a list, or None) per "
+                "batch row, in the order of the batch."
+            )
+        return self.vectors
+
+    def _tables(self, batch: int, like: Tensor, key: tuple) -> Any:
+        """Per-row tensors of the rows whose vector has ``key = (positions, operation)``."""
+        cache_key = (key, batch, like.dtype, like.device)
+        if cache_key in self._cache:
+            return self._cache[cache_key]
+        rows = self._rows(batch)
+        chosen = [v if v is not None and (v.positions, v.operation) == key else None for v in rows]
+        if not any(v is not None for v in chosen):
+            self._cache[cache_key] = None
+            return None
+        d_model = like.shape[-1]
+        positions, operation = key
+
+        def cast(t: Tensor) -> Tensor:
+            return t.to(device=like.device, dtype=like.dtype)
+
+        if self.broadcast:
+            (vector,) = self.vectors
+            if operation == "ablate":
+                unit = cast(vector.activations / vector.activations.norm())
+                scale = cast(torch.tensor(vector.coefficient))
+                table = (unit.expand(batch, 1, d_model), scale.expand(batch, 1, 1))
+            elif positions == "front":
+                value = cast(vector.steering_vector)
+                lengths = torch.full((batch,), value.shape[0], device=like.device)
+                table = (value.expand(batch, *value.shape), lengths)
+            else:
+                table = cast(vector.steering_vector).expand(batch, 1, d_model)
+        elif operation == "ablate":
+            unit = torch.zeros(batch, 1, d_model)
+            scale = torch.zeros(batch, 1, 1)
+            for row, vector in enumerate(chosen):
+                if vector is not None:
+                    unit[row, 0] = vector.activations / vector.activations.norm()
+                    scale[row] = vector.coefficient
+            table = (cast(unit), cast(scale))
+        elif positions == "front":
+            width = max(v.n_positions for v in chosen if v is not None)
+            value = torch.zeros(batch, width, d_model)
+            lengths = torch.zeros(batch, dtype=torch.long)
+            for row, vector in enumerate(chosen):
+                if vector is not None:
+                    value[row, : vector.n_positions] = vector.steering_vector
+                    lengths[row] = vector.n_positions
+            table = (cast(value), lengths.to(like.device))
+        else:
+            value = torch.zeros(batch, 1, d_model)
+            for row, vector in enumerate(chosen):
+                if vector is not None:
+                    value[row, 0] = vector.steering_vector
+            table = cast(value)
+        self._cache[cache_key] = table
+        return table
 
     def __call__(self, activation: Tensor, _site) -> Tensor | None:
-        state, positions = self.state, self.vector.positions
+        state = self.state
         if activation.ndim != 3 or state.mask is None:
             return None
-        new = activation.shape[1]
+        batch, new = int(activation.shape[0]), int(activation.shape[1])
+        rows = self._rows(batch)
+        keys = sorted({(v.positions, v.operation) for v in rows if v is not None})
         past, prompt = state.past, state.prompt
-        if positions == "front" and past >= prompt:
-            return None  # decode step with the KV cache: the cache already carries the vector
-        if positions == "prompt" and past >= prompt:
-            return None
-        vec = self._tensor(activation)
         device = activation.device
         absolute = torch.arange(past, past + new, device=device)  # (new,)
         real = state.mask[:, past : past + new].to(device)  # (batch, new)
-        if positions == "all":
-            return activation + vec * real.unsqueeze(-1).to(activation.dtype)
-        if positions in ("prompt", "generated"):
-            in_prompt = absolute < prompt
-            keep = real & (in_prompt if positions == "prompt" else ~in_prompt).unsqueeze(0)
-            return activation + vec * keep.unsqueeze(-1).to(activation.dtype)
-        # "front": row b gets vec[j] at absolute position front_start[b] + j, inside the prompt
-        offset = absolute.unsqueeze(0) - state.front_start.to(device).unsqueeze(1)  # (batch, new)
-        keep = real & (offset >= 0) & (offset < vec.shape[0]) & (absolute < prompt).unsqueeze(0)
-        if not bool(keep.any()):
-            return None
-        rows = vec[offset.clamp(0, vec.shape[0] - 1)]  # (batch, new, d_model)
-        return activation + rows * keep.unsqueeze(-1).to(activation.dtype)
+        in_prompt = (absolute < prompt).unsqueeze(0)  # (1, new)
+        out, changed = activation, False
+        for key in keys:
+            positions, operation = key
+            if positions in ("front", "prompt") and past >= prompt:
+                continue  # decode step with the KV cache: the cache already carries the prompt's steering
+            table = self._tables(batch, activation, key)
+            if table is None:
+                continue
+            if positions == "all":
+                keep = real
+            elif positions == "prompt":
+                keep = real & in_prompt
+            elif positions == "generated":
+                keep = real & ~in_prompt
+            else:  # "front": row b gets vec[j] at absolute position front_start[b] + j, inside the prompt
+                value, lengths = table
+                offset = absolute.unsqueeze(0) - state.front_start.to(device).unsqueeze(1)  # (batch, new)
+                keep = real & (offset >= 0) & (offset < lengths.unsqueeze(1)) & in_prompt
+                if not bool(keep.any()):
+                    continue
+                index = offset.clamp(0, value.shape[1] - 1)
+                added = value[torch.arange(batch, device=device).unsqueeze(1), index]  # (batch, new, d_model)
+                out = out + added * keep.unsqueeze(-1).to(activation.dtype)
+                changed = True
+                continue
+            weight = keep.unsqueeze(-1).to(activation.dtype)  # (batch, new, 1)
+            if operation == "ablate":
+                unit, scale = table  # (batch, 1, d_model), (batch, 1, 1)
+                projection = (out * unit).sum(dim=-1, keepdim=True)  # (batch, new, 1)
+                out = out - ((scale * projection) * unit) * weight
+            else:
+                out = out + table * weight
+            changed = True
+        return out if changed else None
 
 
-def _flatten(vectors: Iterable[Any]) -> list[SteeringVector]:
+def _flatten(vectors: Iterable[Any], where: str = "steered") -> list[SteeringVector]:
     flat: list[SteeringVector] = []
     for item in vectors:
         if item is None:
@@ -614,17 +1027,39 @@ def _flatten(vectors: Iterable[Any]) -> list[SteeringVector]:
         if isinstance(item, SteeringVector):
             flat.append(item)
         elif isinstance(item, (list, tuple)):
-            flat.extend(_flatten(item))
+            flat.extend(_flatten(item, where))
         else:
             raise TypeError(
-                f"steered: expected SteeringVector objects, got {type(item).__name__} {item!r}. "
+                f"{where}: expected SteeringVector objects, got {type(item).__name__} {item!r}. "
                 "Build vectors with labkit.actadd(...) or labkit.mean_difference(...)."
             )
     return flat
 
 
+def _row_hooks(rows: Sequence[Any], state: _CallState) -> list[tuple[str, _Adder]]:
+    """One adder per (hook point, k-th vector of a row at that hook point), in row order.
+
+    Row ``b`` of the batch gets its ``k``-th vector at a hook point from the ``k``-th adder of
+    that hook point, so the additions at one hook point happen in the order the row lists them —
+    the order its solo run applies them in (bit-identical results)."""
+    if isinstance(rows, (str, bytes, SteeringVector)) or not isinstance(rows, Sequence):
+        raise TypeError(
+            f"steered: rows must be a list with one entry per batch row (a SteeringVector, a list "
+            f"of them, or None), got {type(rows).__name__}."
+        )
+    per_row = [_flatten([entry], "steered(rows=...)") for entry in rows]
+    groups: dict[tuple[str, int], list[SteeringVector | None]] = {}
+    for row, vectors in enumerate(per_row):
+        seen: dict[str, int] = {}
+        for vector in vectors:
+            k = seen.get(vector.hook_name, 0)
+            seen[vector.hook_name] = k + 1
+            groups.setdefault((vector.hook_name, k), [None] * len(per_row))[row] = vector
+    return [(hook_name, _Adder(group, state, broadcast=False)) for (hook_name, _k), group in groups.items()]
+
+
 @contextlib.contextmanager
-def steered(model, *vectors: SteeringVector) -> Iterator[torch.nn.Module]:
+def steered(model, *vectors: SteeringVector, rows: Sequence[Any] | None = None) -> Iterator[torch.nn.Module]:
     """Apply steering vectors to every forward pass of the model inside the block.
 
     Every way of running the model sees the vectors: the bridge's ``model(tokens)``,
@@ -636,29 +1071,40 @@ def steered(model, *vectors: SteeringVector) -> Iterator[torch.nn.Module]:
     compose with other labkit contexts (``ExitStack``); every hook is removed on exit, on an
     exception and on ``KeyboardInterrupt``.
 
+    ``rows`` makes a one-batch sweep: entry ``b`` (a vector, a list of vectors, or ``None``) is
+    applied to batch row ``b`` only, so different vectors and coefficients share one batched
+    forward pass or ``generate`` call; each row gets exactly what its solo run would get
+    (``vectors`` apply to every row, before the row's own). Every forward pass inside the block
+    must then have ``len(rows)`` rows.
+
     Args:
         model: a labkit bridge.
-        *vectors: :class:`SteeringVector` objects (lists of them are flattened; ``None`` ignored).
+        *vectors: :class:`SteeringVector` objects for every row (lists are flattened; ``None``
+            ignored).
+        rows: optional, one entry per batch row.
 
     Yields:
         The plain twin (``torch.nn.Module``), for callers that want the fast path directly;
         the model itself is steered as well.
 
     Raises:
-        ValueError: a vector made for another model or width, or at a layer out of range.
+        ValueError: a vector made for another model or width, or at a layer out of range; with
+            ``rows``, a forward pass whose batch size is not ``len(rows)``.
+        TypeError: an entry that is not a vector, a list of vectors or ``None``.
 
     Example:
         >>> with steered(model, actadd(model, "Love", "Hate", layer=6, coefficient=5)):  # doctest: +SKIP
         ...     labkit.generate(model, "I think dogs are").texts
     """
     flat = _flatten(vectors)
-    for vector in flat:
+    state = _CallState(lab_model(model))
+    row_hooks = _row_hooks(rows, state) if rows is not None else []
+    for vector in flat + [v for _name, adder in row_hooks for v in adder.vectors if v is not None]:
         vector.check_compatible(model)
     record = lab_model(model)
-    if not flat:
+    if not flat and not row_hooks:
         yield record.twin
         return
-    state = _CallState(record)
-    hooks = [(vector.hook_name, _Adder(vector, state)) for vector in flat]
+    hooks = [(vector.hook_name, _Adder([vector], state, broadcast=True)) for vector in flat] + row_hooks
     with intervene(model, hooks, observe=state.observe, caller="steered"):
         yield record.twin

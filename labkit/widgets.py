@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,9 @@ class SteeringPanel:
         self.status.add_class("labkit-status")
         self.error = widgets.HTML()
         self.error.add_class("labkit-error-area")
+        self.sweep_output = widgets.HTML()
+        self.sweep_output.add_class("labkit-sweep")
+        self.sweep_texts: dict[float, str] = {}
 
         self.widget = widgets.VBox(
             [
@@ -254,6 +258,7 @@ class SteeringPanel:
                 ),
                 self.status,
                 self.error,
+                self.sweep_output,
             ]
         )
         self.widget.add_class("labkit-steering-panel")
@@ -361,6 +366,40 @@ class SteeringPanel:
             f"<small>{html.escape(request.hook)} · coefficient {request.coefficient:+.1f} · first token "
             f"{first} · {timing['tokens']} tokens in {timing['total_s']:.2f} s</small>"
         )
+
+    def sweep(self, coefficients: Iterable[float]) -> dict[float, str]:
+        """Complete the panel's prompt at several coefficients in one batched generation.
+
+        The panel's current vector (contrast prompts or loaded vector), prompt and generation
+        settings, one batch row per coefficient (``labkit.generate(..., steering_per_row=...)``;
+        with greedy decoding each row equals the slider's run at that coefficient). Shown as a
+        table under the panel and returned. Runs on the calling thread (no streaming).
+
+        Args:
+            coefficients: the coefficients to compare (0 = unsteered).
+
+        Returns:
+            ``{coefficient: completion}`` in the order given.
+
+        Raises:
+            ValueError: no coefficients, or a non-finite one.
+        """
+        from labkit.generation import generate
+
+        values = [float(c) for c in coefficients]
+        if not values or not all(math.isfinite(c) for c in values):
+            raise ValueError(f"SteeringPanel.sweep: need finite coefficients, got {values!r}.")
+        request = self.request()
+        unit = self._steering_vector(replace(request, coefficient=1.0))
+        rows = [None if c == 0 else self._with_coefficient(unit, c) for c in values]
+        out = generate(self.model, [request.prompt] * len(values), steering_per_row=rows, **request.settings())
+        self.sweep_texts = dict(zip(values, out.texts))
+        body = "".join(
+            f"<tr><td style='padding-right:8px'><b>{c:+g}</b></td><td>{html.escape(text)}</td></tr>"
+            for c, text in self.sweep_texts.items()
+        )
+        self.sweep_output.value = f"<table class='labkit-sweep-table'>{body}</table>"
+        return self.sweep_texts
 
     def _render_outputs(self, *, streaming: bool) -> None:
         self.baseline_output.value = _text_box("unsteered", self.baseline_text, "labkit-baseline")

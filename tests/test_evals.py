@@ -63,17 +63,43 @@ def test_steering_data_loads():
 def test_topic_steering_sweep_table(tiny_llama):
     data = evals.load_steering_data()
     vector = labkit.actadd(tiny_llama, " wedding", " ", layer=1)
-    table = evals.topic_steering_sweep(
+    table, per_prompt = evals.topic_steering_sweep(
         tiny_llama, [vector], [0, 4],
         prompts=data.neutral_prompts[:2], topic_words=["wedding"],
-        heldout_texts=data.heldout_texts[:2], samples_per_prompt=1, max_new_tokens=4,
+        heldout_texts=data.heldout_texts[:2], samples_per_prompt=1, max_new_tokens=4, per_prompt=True,
     )
-    assert list(table.columns) == ["method", "layer", "coefficient", "topic_fraction", "perplexity", "n_words"]
+    assert list(table.columns) == [
+        "method", "layer", "coefficient", "topic_fraction", "perplexity", "n_words", "anti_steerable_fraction"
+    ]
     assert table["layer"].tolist() == [-1, 1, 1]
     assert table["method"].tolist() == ["unsteered", "actadd", "actadd"]
     baseline, zero = table.iloc[0], table.iloc[1]
     assert baseline["perplexity"] == zero["perplexity"] and baseline["topic_fraction"] == zero["topic_fraction"]
     assert table.iloc[2]["perplexity"] != baseline["perplexity"]
+    # the batched perplexity of each setting is the solo perplexity under that vector
+    torch.testing.assert_close(baseline["perplexity"], evals.perplexity(tiny_llama, data.heldout_texts[:2]), rtol=1e-5, atol=0)
+    solo = evals.perplexity(tiny_llama, data.heldout_texts[:2], steering=vector.with_coefficient(4.0))
+    torch.testing.assert_close(table.iloc[2]["perplexity"], solo, rtol=1e-5, atol=0)
+    assert len(per_prompt) == 3 * 2 and set(per_prompt.prompt) == set(data.neutral_prompts[:2])
+    assert math.isnan(baseline["anti_steerable_fraction"]) and 0 <= table.iloc[2]["anti_steerable_fraction"] <= 1
+
+
+def test_steerability_slopes_and_anti_steerable_fraction():
+    import pandas as pd
+
+    rows = [("unsteered", -1, 0.0, "a", 0.1), ("unsteered", -1, 0.0, "b", 0.2), ("unsteered", -1, 0.0, "c", 0.0)]
+    # prompt a rises 0.1 -> 0.3 -> 0.5 (slope 0.05 per unit), b falls, c does not move
+    rows += [("actadd", 3, 4.0, "a", 0.3), ("actadd", 3, 8.0, "a", 0.5)]
+    rows += [("actadd", 3, 4.0, "b", 0.1), ("actadd", 3, 8.0, "b", 0.0)]
+    rows += [("actadd", 3, 4.0, "c", 0.0), ("actadd", 3, 8.0, "c", 0.0)]
+    table = pd.DataFrame(rows, columns=["method", "layer", "coefficient", "prompt", "topic_fraction"])
+    slopes = evals.steerability(table).set_index("prompt").slope
+    assert slopes["a"] == pytest.approx(0.05) and slopes["b"] == pytest.approx(-0.025) and slopes["c"] == 0
+    assert (slopes < 0).mean() == pytest.approx(1 / 3)  # the anti-steerable fraction
+    with pytest.raises(ValueError, match="no unsteered rows"):
+        evals.steerability(table[table.method != "unsteered"])
+    with pytest.raises(ValueError, match="needs columns"):
+        evals.steerability(table.drop(columns="prompt"))
 
 
 # --- behaviour detectors and task accuracy -------------------------------------------------

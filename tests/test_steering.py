@@ -347,3 +347,162 @@ def test_each_position_mode_adds_exactly_where_it_applies(tiny_llama, mode, use_
         torch.testing.assert_close(added[~zero], expected[~zero], rtol=0, atol=1e-5)
         applied_somewhere |= bool((~zero).any())
     assert applied_somewhere
+
+
+# --- one-batch sweeps: a row of the batch equals its solo run --------------------------------
+
+
+def _sweep_rows(model):
+    wedding = labkit.actadd(model, " wedding party", " ", layer=1)
+    short = labkit.actadd(model, "love", "hate", layer=1)
+    direction = labkit.mean_difference(model, ["love", "peace"], ["hate", "war"], layer=2)
+    return [
+        wedding.with_coefficient(8.0),
+        None,
+        [direction.with_coefficient(6.0), wedding.with_coefficient(-5.0)],  # two vectors, composed in order
+        short.with_coefficient(3.0),  # an ActAdd vector of another length at the same hook point
+        direction.with_coefficient(4.0).with_positions("generated"),
+        labkit.directional_ablation(model, direction),
+        wedding.with_coefficient(2.0),
+        direction.with_coefficient(-6.0).with_positions("prompt"),
+    ]
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_cache"])
+def test_one_batch_sweep_rows_equal_their_solo_runs(tiny_llama, use_cache):
+    rows = _sweep_rows(tiny_llama)
+    prompts = ["the cat sat on a mat", "love and hate", "war", "the dog ran to the park while",
+               "one two three", "peace", "the city during war and peace", "what happened"]
+    settings = dict(max_new_tokens=8, min_new_tokens=8, use_cache=use_cache)
+    batched = labkit.generate(tiny_llama, prompts, steering_per_row=rows, **settings)
+    for prompt, row, ids in zip(prompts, rows, batched.token_ids):
+        assert ids == labkit.generate(tiny_llama, [prompt], steering=row, **settings).token_ids[0]
+    # and the steering is really there: the steered rows differ from the plain batch
+    plain = labkit.generate(tiny_llama, prompts, **settings)
+    assert plain.token_ids[1] == batched.token_ids[1]  # the row without a vector
+    assert sum(a != b for a, b in zip(plain.token_ids, batched.token_ids)) >= 4
+    assert count_hooks(hf_model_of(tiny_llama)) == 0
+
+
+def test_one_batch_sweep_same_prompt_many_coefficients(tiny_llama):
+    vector = labkit.actadd(tiny_llama, " wedding", " ", layer=1)
+    coefficients = [0.0, 2.0, 4.0, 8.0, -4.0, 16.0]
+    prompt = "the cat sat on a mat"
+    batched = labkit.generate(
+        tiny_llama, [prompt] * len(coefficients), steering_per_row=[vector.with_coefficient(c) for c in coefficients],
+        max_new_tokens=6, min_new_tokens=6,
+    )
+    for c, ids in zip(coefficients, batched.token_ids):
+        assert ids == labkit.generate(tiny_llama, prompt, steering=vector.with_coefficient(c),
+                                      max_new_tokens=6, min_new_tokens=6).token_ids[0]
+    assert len({tuple(ids) for ids in batched.token_ids}) >= 3
+
+
+def test_rows_bad_input(tiny_llama):
+    vector = labkit.actadd(tiny_llama, " wedding", " ", layer=1)
+    with pytest.raises(ValueError, match=r"steering_per_row has 1 entries for 2 prompts"):
+        labkit.generate(tiny_llama, ["love", "war"], steering_per_row=[vector], max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"steering_per_row must be a list with one entry per prompt"):
+        labkit.generate(tiny_llama, ["love"], steering_per_row=vector, max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"expected SteeringVector objects, got int"):
+        labkit.generate(tiny_llama, ["love"], steering_per_row=[3], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"3 row settings were given, but the model ran a batch of 1 rows"):
+        with steered(tiny_llama, rows=[vector, None, vector]):
+            logits(tiny_llama, "the cat")
+    assert count_hooks(hf_model_of(tiny_llama)) == 0
+
+
+# --- PCA, probe, directional ablation ------------------------------------------------------
+
+PAIRS = (["love", "love and peace", "peace", "the park"], ["hate", "hate and war", "war", "the city"])
+
+
+def _last_token_acts(model, prompts, layer):
+    return torch.stack([hidden_states(model, model.to_tokens(p)[0].tolist())[layer][-1] for p in prompts])
+
+
+def test_pca_direction_is_top_component_of_paired_differences(tiny_llama):
+    sklearn_decomposition = pytest.importorskip("sklearn.decomposition")
+    positives, negatives = PAIRS
+    vector = labkit.pca_direction(tiny_llama, positives, negatives, layer=2, coefficient=2.0)
+    differences = (_last_token_acts(tiny_llama, positives, 2) - _last_token_acts(tiny_llama, negatives, 2)).double()
+    # RepE's randomised pair order made exact: PCA (centred, by scikit-learn) of {d_i, -d_i}
+    component = torch.from_numpy(
+        sklearn_decomposition.PCA(n_components=1).fit(torch.cat([differences, -differences]).numpy()).components_[0]
+    )
+    unit = vector.activations.double() / vector.activations.norm()
+    assert abs(float(unit @ component)) > 1 - 1e-5
+    # oriented so the positives project above the negatives, length = that separation
+    separation = float(differences.mean(0) @ unit)
+    assert separation > 0
+    torch.testing.assert_close(vector.activations.norm().double(), torch.tensor(separation, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-6)
+    assert vector.source["method"] == "pca" and 0 < vector.source["explained_variance_ratio"] <= 1
+    assert vector.coefficient == 2.0 and vector.positions == "all"
+    # one pair: the component is the difference itself, i.e. the mean difference
+    one = labkit.pca_direction(tiny_llama, positives[:1], negatives[:1], layer=2)
+    torch.testing.assert_close(one.activations, labkit.mean_difference(tiny_llama, positives[:1], negatives[:1], layer=2).activations,
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"needs paired prompts .* got 2 positive and 1 negative"):
+        labkit.pca_direction(tiny_llama, positives[:2], negatives[:1], layer=2)
+
+
+def test_probe_direction_matches_scikit_learn_logistic_regression(tiny_llama):
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    positives, negatives = PAIRS
+    vector = labkit.probe_direction(tiny_llama, positives, negatives, layer=2, inverse_regularization=10.0)
+    features = torch.cat([_last_token_acts(tiny_llama, positives, 2), _last_token_acts(tiny_llama, negatives, 2)])
+    labels = [1] * len(positives) + [0] * len(negatives)
+    reference = linear_model.LogisticRegression(C=10.0, tol=1e-10, max_iter=10_000).fit(features.double().numpy(), labels)
+    weights = torch.from_numpy(reference.coef_[0])
+    unit = vector.activations.double() / vector.activations.norm()
+    assert float(unit @ weights / weights.norm()) > 0.999  # same direction, same sign
+    assert vector.source["train_accuracy"] == reference.score(features.double().numpy(), labels)
+    assert vector.source["method"] == "probe"
+    with pytest.raises(ValueError, match=r"inverse_regularization must be > 0"):
+        labkit.probe_direction(tiny_llama, positives, negatives, layer=2, inverse_regularization=0.0)
+
+
+def test_directional_ablation_projects_the_direction_out_everywhere(tiny_llama):
+    direction = labkit.mean_difference(tiny_llama, *PAIRS, layer=1)
+    vectors = labkit.directional_ablation(tiny_llama, direction)
+    n_layers = tiny_llama.cfg.n_layers
+    assert [v.hook_name for v in vectors] == [f"blocks.{layer}.{hook}" for layer in range(n_layers)
+                                              for hook in ("hook_resid_pre", "hook_resid_mid")]
+    assert all(v.operation == "ablate" and v.positions == "all" for v in vectors)
+    unit = direction.activations / direction.activations.norm()
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(name):
+        def hook(activation, _site):
+            seen[name] = activation.detach().clone()
+        return hook
+
+    names = [v.hook_name for v in vectors]
+    text = "the cat sat on a mat and the dog ran"
+    with labkit.hooks.attach(tiny_llama, {name: grab(name) for name in names}) as twin:
+        twin(input_ids=tiny_llama.to_tokens(text))
+    before = dict(seen)
+    assert all(float((before[name] @ unit).abs().max()) > 1e-3 for name in names)  # the direction is present
+    with steered(tiny_llama, *vectors):  # registered after the ablation hooks: they see its result
+        with labkit.hooks.attach(tiny_llama, {name: grab(name) for name in names}) as twin:
+            twin(input_ids=tiny_llama.to_tokens(text))
+    for name in names:
+        assert float((seen[name] @ unit).abs().max()) < 1e-4, name  # x - (x·r̂) r̂ has no r̂ component
+    # block 0's input is the embedding: ablation there is exactly x - (x·r̂) r̂
+    x = before["blocks.0.hook_resid_pre"]
+    torch.testing.assert_close(seen["blocks.0.hook_resid_pre"], x - (x @ unit).unsqueeze(-1) * unit, rtol=1e-5, atol=1e-6)
+    # coefficient 0 changes nothing; the ablation round-trips through save/load
+    plain = logits(tiny_llama, text)
+    with steered(tiny_llama, *labkit.directional_ablation(tiny_llama, direction, coefficient=0.0)):
+        assert torch.equal(logits(tiny_llama, text), plain)
+    with steered(tiny_llama, *vectors):
+        assert not torch.allclose(logits(tiny_llama, text), plain)
+    assert SteeringVector.from_dict(vectors[0].to_dict()).operation == "ablate"
+    assert "operation='ablate'" in repr(vectors[0])
+    with pytest.raises(ValueError, match=r"needs a single \(d_model,\) direction"):
+        labkit.directional_ablation(tiny_llama, labkit.actadd(tiny_llama, "love", "hate", layer=1))
+    with pytest.raises(ValueError, match=r"operation='subtract' is not allowed"):
+        SteeringVector("blocks.0.hook_resid_pre", torch.ones(32), operation="subtract")
+    with pytest.raises(ValueError, match=r"needs a non-zero direction"):
+        SteeringVector("blocks.0.hook_resid_pre", torch.zeros(32), operation="ablate")

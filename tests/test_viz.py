@@ -108,3 +108,44 @@ def test_wrong_input_types_raise_clear_type_errors(attribution):
     )
     figure = residual_norm_heatmap(norms)
     assert list(figure.data[0].y) == [0, 2] and figure.data[0].z.tolist() == [[2.0, 4.0], [1.0, 3.0]]
+
+
+def _sweep_table():
+    import pandas as pd
+
+    rows = [("unsteered", -1, 0.0, 0.0, 33.0)]
+    for layer in (2, 6):
+        for c, frac, ppl in ((2.0, 0.01, 34.0), (4.0, 0.02, 36.0), (8.0, 0.015, 50.0)):
+            rows.append(("actadd", layer, c, frac + layer / 1000, ppl + layer))
+    rows += [("pca", 6, 2.0, 0.03, 80.0), ("pca", 6, 4.0, 0.05, 200.0)]
+    return pd.DataFrame(rows, columns=["method", "layer", "coefficient", "topic_fraction", "perplexity"])
+
+
+def test_steering_figures_are_deterministic_and_show_the_values():
+    import pandas as pd
+
+    from labkit.viz import steerability_plot, steering_tradeoff, sweep_heatmap
+
+    table = _sweep_table()
+    actadd = table[table.method.isin(["unsteered", "actadd"])]
+    heat = sweep_heatmap(actadd, title="wedding")
+    assert heat.to_dict() == sweep_heatmap(actadd, title="wedding").to_dict()
+    fraction, perplexity = heat.data
+    assert list(fraction.y) == ["L2", "L6"] and list(fraction.x) == ["c=2", "c=4", "c=8"]
+    assert fraction.z[1][1] == pytest.approx(0.026) and fraction.text[1][1] == "0.026"
+    assert perplexity.z[0][2] == pytest.approx(52.0) and "unsteered: fraction 0.000, perplexity 33.0" in heat.layout.title.text
+
+    trade = steering_tradeoff(table)
+    assert trade.to_dict() == steering_tradeoff(table).to_dict()
+    names = [trace.name for trace in trade.data]
+    assert names == ["actadd L2", "actadd L6", "pca L6", "unsteered"]
+    assert list(trade.data[2].x) == [80.0, 200.0] and list(trade.data[2].y) == [0.03, 0.05]
+
+    slopes = pd.DataFrame({"method": ["actadd"] * 3, "layer": [6] * 3, "prompt": list("abc"), "slope": [0.01, -0.02, 0.0]})
+    plot = steerability_plot(slopes)
+    assert plot.to_dict() == steerability_plot(slopes).to_dict()
+    assert plot.data[0].name == "actadd L6<br>anti 0.33" and list(plot.data[0].y) == [0.01, -0.02, 0.0]
+    with pytest.raises(ValueError, match=r"needs columns \['layer', 'method', 'prompt', 'slope'\]"):
+        steerability_plot(slopes.drop(columns="slope"))
+    with pytest.raises(ValueError, match="no steered rows"):
+        sweep_heatmap(table[table.method == "unsteered"])

@@ -7,6 +7,7 @@ matter and a tiny random Llama where it does.
 
 from __future__ import annotations
 
+import html
 import json
 import threading
 import time
@@ -14,6 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+import labkit
 
 from labkit.live import (
     CancelToken,
@@ -480,4 +483,23 @@ def test_expert_panel_on_a_tiny_olmoe_with_labkit_defaults(tiny_tokenizer):
     assert panel.wait(60) and panel.error.value == ""
     assert len(panel.mask.experts("off")) == panel.top_n.value
     assert (panel.masked_text, rate(panel.masked_rate)) == direct(ExpertMask.off(panel.mask.experts("off")))
+    panel.close()
+
+
+def test_steering_panel_sweep_is_one_batch_equal_to_solo_runs(tiny_llama):
+    from labkit.widgets import SteeringPanel
+
+    panel = SteeringPanel(tiny_llama, default_prompt="the cat sat", default_plus=" wedding", default_minus=" ",
+                          default_layer=1, max_new_tokens=6, autorun=False)
+    coefficients = [0.0, 4.0, -4.0, 12.0]
+    texts = panel.sweep(coefficients)
+    assert list(texts) == coefficients
+    unit = labkit.actadd(tiny_llama, " wedding", " ", layer=1)
+    for c, text in texts.items():
+        solo = labkit.generate(tiny_llama, "the cat sat", steering=None if c == 0 else unit.with_coefficient(c),
+                               max_new_tokens=6)
+        assert text == solo.texts[0]
+        assert html.escape(text) in panel.sweep_output.value
+    with pytest.raises(ValueError, match="need finite coefficients"):
+        panel.sweep([float("nan")])
     panel.close()
