@@ -572,7 +572,7 @@ def _check_selection(selection: Selection, moe_layer: MoELayer, family: RouterFa
 
 
 def _selection_for(edits: list[ExpertEdit], moe_layer: MoELayer) -> Selection:
-    device = moe_layer.router.weight.device
+    device = next(moe_layer.router.parameters()).device
     n = moe_layer.n_experts
     off = torch.zeros(n, dtype=torch.bool, device=device)
     on = torch.zeros(n, dtype=torch.bool, device=device)
