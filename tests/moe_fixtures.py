@@ -237,6 +237,9 @@ def family_config(model_type: str, tokenizer, n_layers: int = 3, **overrides):
         kinds = list(dict.fromkeys(layer_types))
         kwargs["layer_types"] = [kinds[i % len(kinds)] for i in range(n_layers)]
     kwargs.update(_FAMILY_TINY.get(model_type, {}))
+    n_experts = next((overrides[key] for key in _EXPERT_KEYS if key in overrides), None)
+    if n_experts is not None:  # aliases of the expert count must agree
+        kwargs.update({key: n_experts for key in _EXPERT_KEYS if key in kwargs})
     kwargs.update(overrides)
     config = type(text)(**kwargs)
     config._attn_implementation = "eager"
@@ -282,3 +285,68 @@ def family_hf(model_type: str, tokenizer, seed: int = 0, **overrides):
 def shared_family_hf(model_type: str):
     """One tiny model per routed family for the whole session."""
     return family_hf(model_type, shared_tokenizer())
+
+
+#: The routing part of public checkpoints' configs (config.json on the Hugging Face hub, read
+#: 2026), at tiny width: expert counts, top-k, groups, shared experts, scoring, renormalisation,
+#: scaling and the dense-layer pattern are the checkpoint's; hidden sizes and depth are tiny.
+#: ``(model_type, config overrides, expected MoE layers)``.
+PUBLIC_ROUTING = {
+    "allenai/OLMoE-1B-7B-0924": (
+        "olmoe", dict(num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, n_layers=2), [0, 1],
+    ),
+    "Qwen/Qwen3-30B-A3B": (
+        "qwen3_moe",
+        dict(num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], n_layers=2),
+        [0, 1],
+    ),
+    "deepseek-ai/DeepSeek-V3 (and R1)": (
+        "deepseek_v3",
+        dict(
+            num_key_value_heads=4, n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4,
+            n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=3, n_layers=4,
+        ),
+        [3],
+    ),
+    "openai/gpt-oss-20b": (
+        "gpt_oss",
+        dict(num_local_experts=32, num_experts_per_tok=4, layer_types=["sliding_attention", "full_attention"], n_layers=2),
+        [0, 1],
+    ),
+    "mistralai/Mixtral-8x7B-v0.1": ("mixtral", dict(num_local_experts=8, num_experts_per_tok=2, n_layers=2), [0, 1]),
+    "zai-org/GLM-4.5-Air": (
+        "glm4_moe",
+        dict(
+            n_routed_experts=128, num_experts_per_tok=8, n_group=1, topk_group=1, n_shared_experts=1,
+            routed_scaling_factor=1.0, norm_topk_prob=True, first_k_dense_replace=1, n_layers=2,
+        ),
+        [1],
+    ),
+    "meta-llama/Llama-4-Scout-17B-16E": (
+        "llama4_text", dict(num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1, n_layers=2), [0, 1],
+    ),
+    "Qwen/Qwen3-Next-80B-A3B-Instruct": (
+        "qwen3_next",
+        dict(
+            num_experts=512, num_experts_per_tok=10, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"], n_layers=4,
+        ),
+        [0, 1, 2, 3],
+    ),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def public_routing_hf(checkpoint: str):
+    """A tiny random model with the routing hyperparameters of a public checkpoint."""
+    model_type, overrides, _ = PUBLIC_ROUTING[checkpoint]
+    overrides = dict(overrides)
+    n_layers = overrides.pop("n_layers")
+    from transformers import AutoModelForCausalLM
+
+    config = family_config(model_type, shared_tokenizer(), n_layers=n_layers, **overrides)
+    config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomise_routing(model, 0)
+    return model.eval()

@@ -21,7 +21,7 @@ import torch
 from labkit.hooks import count_hooks
 from labkit.moe import ExpertMask, masked, trace_routing
 from labkit.moe.families import FAMILIES, NOT_ROUTED, family_of, find_routers
-from tests.moe_fixtures import N_EXPERTS, TOP_K, family_hf, one_thread, shared_family_hf, shared_tokenizer
+from tests.moe_fixtures import PUBLIC_ROUTING, TOP_K, family_hf, one_thread, public_routing_hf, shared_family_hf, shared_tokenizer
 
 ROUTED = tuple(FAMILIES)
 PROMPTS = ["the cat sat on a mat", "what happened in the city during war and peace", "one two three four five"]
@@ -211,12 +211,10 @@ def _block_of(model, router):
     return model.get_submodule(parent)
 
 
-@pytest.mark.filterwarnings("ignore:ExpertMask.*keep a single expert")
-@pytest.mark.parametrize("model_type", ROUTED)
-def test_mask_equals_the_reference_rule_and_the_block_output_its_hand_computation(model_type):
-    model = shared_family_hf(model_type)
+def check_mask_against_reference(model, model_type, moe_index=0):
+    """Off 1 / on 6 / bias 4 in one MoE layer: router output = reference rule; block output = hand computation."""
     family = family_of(model)
-    moe_layer = find_routers(model)[0]
+    moe_layer = find_routers(model)[moe_index]
     router, layer, n = moe_layer.router, moe_layer.layer, moe_layer.n_experts
     scheme = family.scheme_for(router)
     mask = ExpertMask(((layer, 1, "off"), (layer, 6, "on"), (layer, 4, "bias", 1.5)))
@@ -267,6 +265,12 @@ def test_mask_equals_the_reference_rule_and_the_block_output_its_hand_computatio
     expected = expected[0] if isinstance(expected, tuple) else expected
     torch.testing.assert_close(got_out, expected, rtol=1e-5, atol=1e-6)
     assert count_hooks(model) == 0
+
+
+@pytest.mark.filterwarnings("ignore:ExpertMask.*keep a single expert")
+@pytest.mark.parametrize("model_type", ROUTED)
+def test_mask_equals_the_reference_rule_and_the_block_output_its_hand_computation(model_type):
+    check_mask_against_reference(shared_family_hf(model_type), model_type)
 
 
 def _mask_for(model):
@@ -348,3 +352,34 @@ def test_options_change_the_rule():
             logits, weights, indices = family.read(output, router)
             again = family.route(router, logits, None, args, kwargs)
             assert torch.equal(again[0], indices) and torch.equal(again[1], weights), (model_type, layer)
+
+
+# --- public checkpoints' routing ---------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:ExpertMask.*keep a single expert")
+@pytest.mark.parametrize("checkpoint", list(PUBLIC_ROUTING))
+def test_public_checkpoint_routing_at_tiny_width(checkpoint):
+    """The exact routing a user of the checkpoint meets: hyperparameters, dense layers, masks."""
+    model_type, overrides, expected_layers = PUBLIC_ROUTING[checkpoint]
+    model = public_routing_hf(checkpoint)
+    family = family_of(model)
+    moe = find_routers(model)
+    assert [m.layer for m in moe] == expected_layers
+    keys = {"num_experts": "n_experts", "n_routed_experts": "n_experts", "num_local_experts": "n_experts", "num_experts_per_tok": "top_k"}
+    for key, value in overrides.items():
+        if key in keys:
+            assert getattr(moe[0], keys[key]) == value, (checkpoint, key)
+    router = moe[0].router
+    for key, attribute in [("n_group", "num_group"), ("topk_group", "topk_group"), ("routed_scaling_factor", "routed_scaling_factor"), ("norm_topk_prob", "norm_topk_prob")]:
+        if key in overrides and hasattr(router, attribute):
+            assert getattr(router, attribute) == overrides[key], (checkpoint, key)
+    for layer, router, args, kwargs, output in router_calls(model, ids_of(PROMPTS[1])):
+        logits, weights, indices = family.read(output, router)
+        again = family.route(router, logits, None, args, kwargs)
+        assert torch.equal(again[0], indices) and torch.equal(again[1], weights), (checkpoint, layer)
+    check_mask_against_reference(model, model_type, moe_index=-1)
+    with torch.no_grad():
+        plain = model(ids_of(PROMPTS[0])).logits
+        with masked(model, ExpertMask()):
+            assert torch.equal(model(ids_of(PROMPTS[0])).logits, plain)
