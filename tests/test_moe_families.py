@@ -24,6 +24,9 @@ from labkit.moe.families import FAMILIES, NOT_ROUTED, family_of, find_routers
 from tests.moe_fixtures import PUBLIC_ROUTING, TOP_K, family_hf, one_thread, public_routing_hf, shared_family_hf, shared_tokenizer
 
 ROUTED = tuple(FAMILIES)
+#: Hybrid linear-attention families whose reference kernels make generation slow on CPU.
+SLOW_ON_CPU = {"kimi_linear"}
+ROUTED_FAST = tuple(pytest.param(t, marks=pytest.mark.slow) if t in SLOW_ON_CPU else t for t in ROUTED)
 PROMPTS = ["the cat sat on a mat", "what happened in the city during war and peace", "one two three four five"]
 
 
@@ -280,7 +283,7 @@ def _mask_for(model):
 
 
 @pytest.mark.filterwarnings("ignore:ExpertMask.*keep a single expert")
-@pytest.mark.parametrize("model_type", ROUTED)
+@pytest.mark.parametrize("model_type", ROUTED_FAST)
 def test_masked_generation_with_kv_cache_equals_without(model_type):
     model = shared_family_hf(model_type)
     tokenizer = shared_tokenizer()
@@ -297,7 +300,7 @@ def test_masked_generation_with_kv_cache_equals_without(model_type):
 
 
 @pytest.mark.filterwarnings("ignore:ExpertMask.*keep a single expert")
-@pytest.mark.parametrize("model_type", ROUTED)
+@pytest.mark.parametrize("model_type", ROUTED_FAST)
 def test_masked_batch_equals_its_rows(model_type):
     model, tokenizer = shared_family_hf(model_type), shared_tokenizer()
     with masked(model, _mask_for(model)):
@@ -383,3 +386,43 @@ def test_public_checkpoint_routing_at_tiny_width(checkpoint):
         plain = model(ids_of(PROMPTS[0])).logits
         with masked(model, ExpertMask()):
             assert torch.equal(model(ids_of(PROMPTS[0])).logits, plain)
+
+
+# --- TransformerLens -----------------------------------------------------------------------------
+
+#: Families TransformerLens 4.3 cannot boot (labkit routes them on the plain Hugging Face model).
+BRIDGE_CANNOT_BOOT = {
+    **{
+        model_type: "TransformerLens 4.3 has no adapter for this architecture"
+        for model_type in (
+            "mellum", "hunyuan_v1_moe", "minimax", "longcat_flash", "aria_text", "granitemoe_swa", "granitemoeshared",
+            "cohere2_moe", "kolibri1", "deepseek_v32", "dots1", "exaone_moe", "hy_v4", "kimi_linear", "mimo_v2_flash",
+            "solar_open", "bailing_hybrid", "axk1", "axk2", "beam", "hy_v3", "minimax_m3_vl_text", "inkling2_text", "flint",
+        )
+    },
+    "granitemoehybrid": "TransformerLens 4.3's Granite-MoE-Hybrid adapter fails to boot: 'Original component not set "
+    "for model.rotary_emb'",
+}
+
+
+@pytest.mark.parametrize("model_type", ROUTED)
+def test_transformer_lens_boots_the_family_and_traces_like_the_plain_model(model_type):
+    from labkit.models import from_hf, hf_model_of
+
+    tokenizer = shared_tokenizer()
+    if model_type in BRIDGE_CANNOT_BOOT:
+        with pytest.raises((ValueError, RuntimeError), match="Could not determine supported architecture|Original component not set"):
+            from_hf(family_hf(model_type, tokenizer), tokenizer, name=f"tiny-{model_type}")
+        return
+    bridge = from_hf(family_hf(model_type, tokenizer), tokenizer, name=f"tiny-{model_type}")
+    on_bridge = trace_routing(bridge, PROMPTS, progress=False)
+    on_hf = trace_routing(shared_family_hf(model_type), PROMPTS, tokenizer=tokenizer, prepend_bos=bridge.labkit.prepend_bos, progress=False)
+    assert torch.equal(on_bridge.topk_indices, on_hf.topk_indices)
+    assert torch.equal(on_bridge.topk_weights, on_hf.topk_weights)
+    layer = on_bridge.layers[-1]
+    with masked(bridge, ExpertMask.off([(layer, 0)])):
+        with torch.no_grad():
+            bridge(bridge.to_tokens(PROMPTS[0]))  # the bridge's own forward runs masked routers
+        again = trace_routing(bridge, PROMPTS, progress=False)
+    assert not (again.topk_indices[-1] == 0).any()
+    assert count_hooks(hf_model_of(bridge)) == 0
