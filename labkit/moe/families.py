@@ -490,7 +490,7 @@ _ENTRIES = (
         "Kolibri", ("kolibri1",), "Kolibri1TopKRouter",
         Scheme("none", upcast=False, correction="attr:e_score_correction_bias", choose_plus_bias=True,
                weight="sigmoid_of_chosen", renormalise="norm_topk_prob", cast=None),
-        BASE | {"norm_topk_prob", "e_score_correction_bias"},
+        BASE | {"norm_topk_prob", "e_score_correction_bias"}, shared_experts="always-on shared experts",
     ),
     # sigmoid scores + correction bias, group-limited (DeepSeek-V3 routing) ---------------------
     _ds("DeepSeek-V3", ("deepseek_v3",), "DeepseekV3TopkRouter"),
@@ -502,7 +502,7 @@ _ENTRIES = (
     _ds("EXAONE-MoE", ("exaone_moe",), "ExaoneMoeTopkRouter"),
     _ds("Hunyuan-V4", ("hy_v4",), "HYV4TopkRouter"),
     _ds("Kimi-Linear", ("kimi_linear",), "KimiLinearTopkRouter"),
-    _ds("MiMo-V2-Flash", ("mimo_v2_flash",), "MiMoV2FlashTopkRouter"),
+    _ds("MiMo-V2-Flash", ("mimo_v2_flash",), "MiMoV2FlashTopkRouter", shared_experts=None),
     _ds("Nemotron-H", ("nemotron_h",), "NemotronHTopkRouter", dense_rule="only layer_types 'moe' layers have experts"),
     _ds("Solar-Open", ("solar_open",), "SolarOpenTopkRouter"),
     _ds("Bailing-Hybrid (Ling)", ("bailing_hybrid",), "BailingHybridTopkRouter"),
@@ -511,7 +511,7 @@ _ENTRIES = (
     _ds(
         "Beam", ("beam",), "BeamTopKRouter",
         scheme=replace(DEEPSEEK_V3, group_sorted=True, sorted=True, scale=None),
-        router_keys=DS_KEYS - {"routed_scaling_factor"},
+        router_keys=DS_KEYS - {"routed_scaling_factor"}, shared_experts=None,
         dense_rule="mlp_layer_types 'dense' layers are dense",
         note="routed_scaling_factor is applied by the block after the experts, not in the router weights",
     ),
@@ -534,7 +534,7 @@ _ENTRIES = (
     RouterFamily(
         "MiniMax-M3", ("minimax_m3_vl_text",), "MiniMaxM3VLTopKRouter",
         Scheme("sigmoid", upcast=True, correction="attr:e_score_correction_bias", sorted=False, renormalise=True, cast=None),
-        BASE | {"e_score_correction_bias"},
+        BASE | {"e_score_correction_bias"}, shared_experts="always-on shared experts",
     ),
     RouterFamily(
         "Inkling-2", ("inkling2_text",), "Inkling2TopKRouter", SIGMOID_BIAS_SCALED,
@@ -543,7 +543,7 @@ _ENTRIES = (
     RouterFamily(
         "Laguna", ("laguna",), "LagunaTopKRouter",
         Scheme("sigmoid", correction="attr:e_score_correction_bias", renormalise=True, cast="input"),
-        BASE | {"e_score_correction_bias", "router_logit_softcapping"},
+        BASE | {"e_score_correction_bias", "router_logit_softcapping"}, shared_experts="always-on shared experts",
         note="router logits are soft-capped (tanh) inside the router; labkit's router_logits are the capped ones",
     ),
     RouterFamily(
@@ -555,7 +555,7 @@ _ENTRIES = (
     ),
     RouterFamily(
         "Flint", ("flint",), "FlintTopKRouter", Scheme("sigmoid", upcast=True, renormalise="norm_topk_prob", cast=None),
-        BASE | {"norm_topk_prob"}, dense_rule=_QWEN_DENSE,
+        BASE | {"norm_topk_prob"}, shared_experts="one always-on shared expert", dense_rule=_QWEN_DENSE,
     ),
     # softmax, group-limited greedy (DeepSeek-V2) -----------------------------------------------
     RouterFamily(
