@@ -13,16 +13,19 @@ router's own logits and recomputes ``(topk_weights, topk_indices)`` with the fam
 router math (:mod:`labkit.moe.families`) under a *selection* adjustment:
 
 * **off** — the expert is never selected; the next best expert takes its slot. Weights are the
-  family's weights of the experts actually chosen, from the unchanged scores, renormalised
-  exactly where the family renormalises (OLMoE/Qwen with ``norm_topk_prob=False`` keep the raw
-  softmax probabilities; Mixtral, ``norm_topk_prob=True`` and DeepSeek-V3 renormalise; GPT-OSS
-  re-softmaxes over the chosen logits).
+  family's weights of the experts actually chosen, from the unchanged scores, renormalised and
+  scaled exactly where the family does (OLMoE/Qwen with ``norm_topk_prob=False`` keep the raw
+  softmax probabilities; Mixtral, ``norm_topk_prob=True`` and DeepSeek-V3 renormalise; GPT-OSS /
+  Granite re-softmax over the chosen logits; Llama 4 takes the sigmoid of each chosen logit).
 * **on** — the expert is always selected and keeps its natural weight (its softmax probability
   / sigmoid score / logit under the same rules as above); it displaces the weakest choice.
-  DeepSeek-V3: the group holding it is forced into the ``topk_group`` chosen groups.
+  Group-limited families (DeepSeek-V3 and variants, DeepSeek-V2): the group holding it is forced
+  into the ``topk_group`` chosen groups.
 * **bias** — a finite number added to the score the family's top-k ranks by (the router logit;
-  for DeepSeek-V3 the sigmoid score, beside ``e_score_correction_bias``). Like DeepSeek's own
-  correction bias it changes *which* experts are chosen, never their weights.
+  for the sigmoid families the sigmoid score, beside ``e_score_correction_bias``). Like
+  DeepSeek's own correction bias it changes *which* experts are chosen, never their weights.
+
+Every family's rule is one :class:`labkit.moe.families.Scheme`; see that module's table.
 
 Layers the mask does not touch get no hook, so an empty mask is bit-identical to no mask. Masks
 nest and compose (``contextlib.ExitStack``): all active masks on a router are merged. Editing
