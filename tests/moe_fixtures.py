@@ -205,6 +205,9 @@ _FAMILY_TINY = {
     "dots1": dict(n_shared_experts=1),
     "beam": dict(mlp_layer_types=["dense", "sparse", "sparse"]),
     "flint": dict(mlp_only_layers=[0]),
+    "qwen4_exp_text": dict(
+        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2,
+    ),
     "lfm2_moe": dict(num_dense_layers=1, layer_types=["full_attention", "conv", "full_attention"]),
     "jamba": dict(
         expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,

@@ -398,6 +398,7 @@ BRIDGE_CANNOT_BOOT = {
             "mellum", "hunyuan_v1_moe", "minimax", "longcat_flash", "aria_text", "granitemoe_swa", "granitemoeshared",
             "cohere2_moe", "kolibri1", "deepseek_v32", "dots1", "exaone_moe", "hy_v4", "kimi_linear", "mimo_v2_flash",
             "solar_open", "bailing_hybrid", "axk1", "axk2", "beam", "hy_v3", "minimax_m3_vl_text", "inkling2_text", "flint",
+            "qwen4_exp_text",
         )
     },
     "granitemoehybrid": "TransformerLens 4.3's Granite-MoE-Hybrid adapter fails to boot: 'Original component not set "

@@ -431,6 +431,10 @@ _ENTRIES = (
         shared_experts="one shared expert with its own sigmoid gate", dense_rule=_QWEN_DENSE,
     ),
     RouterFamily(
+        "Qwen4-Exp", ("qwen4_exp_text", "qwen4_exp"), "Qwen4ExpTextTopKRouter", SOFTMAX_FLAG, BASE | {"norm_topk_prob"},
+        shared_experts="one shared expert with its own sigmoid gate",
+    ),
+    RouterFamily(
         "Qwen3.5-MoE", ("qwen3_5_moe_text", "qwen3_5_moe"), "Qwen3_5MoeTopKRouter", SOFTMAX_ALWAYS, BASE,
         shared_experts="one shared expert with its own sigmoid gate",
     ),
@@ -590,9 +594,6 @@ NOT_ROUTED: dict[str, str] = {
     "dots3_note": "dots3's config holds per-layer attributes (num_attention_heads per layer) that a tiny "
     "generic config cannot set; its text router is DeepSeek-V3 routing but untested here",
     "dots3_note_text": "as dots3_note",
-    "qwen4_exp": "Qwen4-Exp's indexed attention needs index-head sizes a tiny generic config does not set; "
-    "its router is the Qwen softmax top-k but untested here",
-    "qwen4_exp_text": "as qwen4_exp",
 }
 
 
