@@ -126,7 +126,8 @@ class Scheme:
         sorted: ``sorted=`` of the final top-k.
         weight: ``"score"`` (gather the unbiased scores), ``"softmax_of_chosen"`` /
             ``"sigmoid_of_chosen"`` (of the chosen logits).
-        weight_softmax_float: the softmax over the chosen is computed in float32.
+        weight_float: the softmax / sigmoid over the chosen is computed in float32 (else in the
+            logits' dtype).
         renormalise: ``True``, ``False`` or the router attribute holding the flag.
         eps: added to the renormalisation denominator.
         clamp_attr: router attribute whose value clamps the denominator from below (ERNIE).
@@ -144,7 +145,7 @@ class Scheme:
     group_sorted: bool = False
     sorted: bool = True
     weight: str = "score"
-    weight_softmax_float: bool = False
+    weight_float: bool = False
     renormalise: bool | str = False
     eps: float = 0.0
     clamp_attr: str | None = None
@@ -247,10 +248,10 @@ def route(
         topk_indices = torch.topk(choice, k=k, dim=-1, sorted=scheme.sorted)[1]
         topk_weights = weight_source.gather(1, topk_indices)
     if scheme.weight == "softmax_of_chosen":
-        dtype = torch.float if scheme.weight_softmax_float else topk_weights.dtype
+        dtype = torch.float if scheme.weight_float else topk_weights.dtype
         topk_weights = torch.nn.functional.softmax(topk_weights, dim=-1, dtype=dtype)
     elif scheme.weight == "sigmoid_of_chosen":
-        topk_weights = topk_weights.float().sigmoid()
+        topk_weights = (topk_weights.float() if scheme.weight_float else topk_weights).sigmoid()
     norm = scheme.renormalise
     if isinstance(norm, str):
         norm = bool(getattr(router, norm))
@@ -283,9 +284,13 @@ def _write_standard(output, router, topk_indices, topk_weights):
 
 
 def _read_llama4(output, router) -> tuple[Tensor, Tensor, Tensor]:
-    """Llama 4 returns ``(router_scores [token, expert], router_logits)``; scores are 0 off the top-k."""
+    """Llama 4 returns ``(router_scores [token, expert], router_logits)``; scores are 0 off the top-k.
+
+    The chosen experts are those with a non-zero score, in the router's order (by logit).
+    """
     router_scores, router_logits = output
-    topk_indices = torch.topk(router_scores, int(router.top_k), dim=-1)[1]
+    ranked = router_logits.masked_fill(router_scores == 0, -math.inf)
+    topk_indices = torch.topk(ranked, int(router.top_k), dim=-1)[1]
     return router_logits, router_scores.gather(1, topk_indices), topk_indices
 
 
@@ -303,7 +308,7 @@ SOFTMAX_NEVER_INPUT = Scheme("softmax", renormalise=False, cast="input")
 MIXTRAL = Scheme("softmax", upcast=True, renormalise=True, cast=None)
 TOPK_SOFTMAX = Scheme("none", weight="softmax_of_chosen", cast=None)
 GRANITE = Scheme("none", upcast=True, weight="softmax_of_chosen", cast="input")
-LLAMA4 = Scheme("none", weight="sigmoid_of_chosen")
+LLAMA4 = Scheme("none", weight="sigmoid_of_chosen", weight_float=True)
 DEEPSEEK_V3 = Scheme(
     "sigmoid", correction="attr:e_score_correction_bias", groups="top2_sum", sorted=False,
     renormalise="norm_topk_prob", eps=1e-20, scale="routed_scaling_factor", cast=None,
@@ -333,7 +338,7 @@ def _family_options_deepseek_v2(router, scheme: Scheme) -> Scheme:
 def _family_options_cohere2(router, scheme: Scheme) -> Scheme:
     fn = router.expert_selection_fn
     if fn == "softmax":
-        return replace(scheme, weight="softmax_of_chosen", weight_softmax_float=True, renormalise=False)
+        return replace(scheme, weight="softmax_of_chosen", weight_float=True, renormalise=False)
     if fn == "sigmoid":
         return replace(scheme, weight="sigmoid_of_chosen", renormalise="norm_topk_prob")
     raise ValueError(f"Cohere2-MoE router: expert_selection_fn={fn!r} unknown; allowed: 'softmax', 'sigmoid'.")
@@ -588,11 +593,12 @@ NOT_ROUTED: dict[str, str] = {
     "zaya": "ZAYA's router is an MLP carrying state across layers (router_states) with a skip expert; "
     "its tiny config does not validate without a full ZAYA layout",
     "doge": "Doge's CDMoE retrieves experts by product keys inside the MLP; there is no router module",
-    "gemma4": "Gemma 4's router returns softmax probabilities (not logits) times per-expert scales and "
-    "its config holds per-layer attributes that a tiny generic config cannot set",
+    "gemma4": "not yet: Gemma 4's router sits in the decoder layer beside a dense MLP, returns softmax "
+    "probabilities (not logits) and scales the weights per expert (per_expert_scale), and its config's "
+    "per-layer attributes need a dedicated tiny config; the rule fits a Scheme but is untested here",
     "gemma4_text": "as gemma4",
-    "dots3_note": "dots3's config holds per-layer attributes (num_attention_heads per layer) that a tiny "
-    "generic config cannot set; its text router is DeepSeek-V3 routing but untested here",
+    "dots3_note": "not yet: dots3's config is per-layer (per_layer_config, DSA attention) and needs a "
+    "dedicated tiny config; its text router is DeepSeek-V3 routing but untested here",
     "dots3_note_text": "as dots3_note",
 }
 
