@@ -3,8 +3,8 @@
 Routing traces run on the plain Hugging Face twin with plain ``torch`` forward hooks on each
 layer's router module; expert masks hook the twin's routers and the original routers the
 TransformerLens bridge calls, so ``model(tokens)``, ``run_with_cache`` and ``model.generate`` are
-masked too. Supported families: 47 (every MoE text-generation family of transformers 5.23 but the
-13 in ``NOT_ROUTED``, each named with the reason); ``supported_families()`` lists them and
+masked too. Supported families: 48 (every MoE text-generation family of transformers 5.23 but the
+11 model types in ``NOT_ROUTED``, each named with the reason); ``supported_families()`` lists them and
 :mod:`labkit.moe.families` gives each family's routing rule.
 """
 
