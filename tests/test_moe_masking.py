@@ -1,4 +1,7 @@
-"""Expert masks on tiny random models of all six MoE families: parity, semantics, guard rails."""
+"""Expert masks on tiny random models of the six original MoE families: parity, semantics, guard rails.
+
+Every other family: tests/test_moe_families.py.
+"""
 
 from __future__ import annotations
 

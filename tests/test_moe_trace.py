@@ -1,4 +1,7 @@
-"""Routing traces on tiny random models of all six MoE families (plain HF and labkit bridge)."""
+"""Routing traces on tiny random models of the six original MoE families (plain HF and labkit bridge).
+
+Every other family: tests/test_moe_families.py.
+"""
 
 from __future__ import annotations
 

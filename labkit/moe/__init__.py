@@ -3,14 +3,15 @@
 Routing traces run on the plain Hugging Face twin with plain ``torch`` forward hooks on each
 layer's router module; expert masks hook the twin's routers and the original routers the
 TransformerLens bridge calls, so ``model(tokens)``, ``run_with_cache`` and ``model.generate`` are
-masked too. Supported families (OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3): see
-:mod:`labkit.moe.families`.
+masked too. Supported families: 48 (every MoE text-generation family of transformers 5.23 but the
+11 model types in ``NOT_ROUTED``, each named with the reason); ``supported_families()`` lists them and
+:mod:`labkit.moe.families` gives each family's routing rule.
 """
 
 from labkit.moe.attribution import ExpertAttribution, attribute_experts
 from labkit.moe.causal import CausalAttribution, causal_attribution, minimal_mask, target_probability, validate_mask
 from labkit.moe.evaluate import compare_conditions
-from labkit.moe.families import moe_layers
+from labkit.moe.families import FAMILIES, NOT_ROUTED, moe_layers, supported_families
 from labkit.moe.masking import ExpertMask, masked
 from labkit.moe.trace import RoutingTrace, trace_routing
 
@@ -20,6 +21,9 @@ __all__ = [
     "ExpertMask",
     "masked",
     "moe_layers",
+    "FAMILIES",
+    "NOT_ROUTED",
+    "supported_families",
     "attribute_experts",
     "ExpertAttribution",
     "compare_conditions",

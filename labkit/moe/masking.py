@@ -13,16 +13,19 @@ router's own logits and recomputes ``(topk_weights, topk_indices)`` with the fam
 router math (:mod:`labkit.moe.families`) under a *selection* adjustment:
 
 * **off** — the expert is never selected; the next best expert takes its slot. Weights are the
-  family's weights of the experts actually chosen, from the unchanged scores, renormalised
-  exactly where the family renormalises (OLMoE/Qwen with ``norm_topk_prob=False`` keep the raw
-  softmax probabilities; Mixtral, ``norm_topk_prob=True`` and DeepSeek-V3 renormalise; GPT-OSS
-  re-softmaxes over the chosen logits).
+  family's weights of the experts actually chosen, from the unchanged scores, renormalised and
+  scaled exactly where the family does (OLMoE/Qwen with ``norm_topk_prob=False`` keep the raw
+  softmax probabilities; Mixtral, ``norm_topk_prob=True`` and DeepSeek-V3 renormalise; GPT-OSS /
+  Granite re-softmax over the chosen logits; Llama 4 takes the sigmoid of each chosen logit).
 * **on** — the expert is always selected and keeps its natural weight (its softmax probability
   / sigmoid score / logit under the same rules as above); it displaces the weakest choice.
-  DeepSeek-V3: the group holding it is forced into the ``topk_group`` chosen groups.
+  Group-limited families (DeepSeek-V3 and variants, DeepSeek-V2): the group holding it is forced
+  into the ``topk_group`` chosen groups.
 * **bias** — a finite number added to the score the family's top-k ranks by (the router logit;
-  for DeepSeek-V3 the sigmoid score, beside ``e_score_correction_bias``). Like DeepSeek's own
-  correction bias it changes *which* experts are chosen, never their weights.
+  for the sigmoid families the sigmoid score, beside ``e_score_correction_bias``). Like
+  DeepSeek's own correction bias it changes *which* experts are chosen, never their weights.
+
+Every family's rule is one :class:`labkit.moe.families.Scheme`; see that module's table.
 
 Layers the mask does not touch get no hook, so an empty mask is bit-identical to no mask. Masks
 nest and compose (``contextlib.ExitStack``): all active masks on a router are merged. Editing
@@ -547,24 +550,26 @@ def _check_selection(selection: Selection, moe_layer: MoELayer, family: RouterFa
             f"ExpertMask: layer {layer} forces {n_on} experts on, but each token takes only top_k={k}. "
             f"Force at most {k} per layer."
         )
-    if family.groups:
+    scheme = family.scheme_for(moe_layer.router)
+    if scheme.groups is not None:
         router = moe_layer.router
-        n_group, topk_group = router.num_group, router.topk_group
+        n_group, topk_group = int(router.num_group), int(router.topk_group)
         selectable = (~selection.off).view(n_group, -1).sum(-1).tolist()
         on_groups = int(selection.on.view(n_group, -1).any(-1).sum())
         if on_groups > topk_group:
             raise ValueError(
-                f"ExpertMask: layer {layer} forces on experts in {on_groups} expert groups, but DeepSeek-V3 routes "
+                f"ExpertMask: layer {layer} forces on experts in {on_groups} expert groups, but {family.name} routes "
                 f"each token within topk_group={topk_group} of n_group={n_group} groups. Force experts on in at "
                 f"most {topk_group} groups."
             )
         emptied = [g for g, count in enumerate(selectable) if count == 0]
-        starved = [g for g, count in enumerate(selectable) if count == 1]
+        # a group scored by the sum of its top-2 with one selectable expert left is never preferred
+        starved = [g for g, count in enumerate(selectable) if count == 1] if scheme.groups == "top2_sum" else []
         if emptied or starved:
             parts = [f"expert groups {emptied} are emptied"] if emptied else []
             parts += [f"expert groups {starved} keep a single expert"] if starved else []
             warnings.warn(
-                f"ExpertMask: layer {layer}: {' and '.join(parts)}; DeepSeek-V3 scores a group by the sum of its "
+                f"ExpertMask: layer {layer}: {' and '.join(parts)}; {family.name} scores a group by the sum of its "
                 "top-2 choice scores, so such a group is never preferred and tokens route within the other "
                 f"groups (topk_group={topk_group} of n_group={n_group}).",
                 stacklevel=4,
@@ -580,7 +585,7 @@ def _check_selection(selection: Selection, moe_layer: MoELayer, family: RouterFa
 
 
 def _selection_for(edits: list[ExpertEdit], moe_layer: MoELayer) -> Selection:
-    device = moe_layer.router.weight.device
+    device = next(moe_layer.router.parameters()).device
     n = moe_layer.n_experts
     off = torch.zeros(n, dtype=torch.bool, device=device)
     on = torch.zeros(n, dtype=torch.bool, device=device)
@@ -598,10 +603,11 @@ def _selection_for(edits: list[ExpertEdit], moe_layer: MoELayer) -> Selection:
 
 
 def _make_hook(state: _RouterState):
-    def hook(module, _inputs, output):
-        router_logits = output[0]
-        topk_indices, topk_weights = state.family.route(module, router_logits, state.merged)
-        return (router_logits, topk_weights, topk_indices, *output[3:])
+    def hook(module, args, kwargs, output):
+        family = state.family
+        router_logits = family.read(output, module)[0]
+        topk_indices, topk_weights = family.route(module, router_logits, state.merged, args, kwargs)
+        return family.write(output, module, topk_indices, topk_weights)
 
     return hook
 
@@ -671,7 +677,7 @@ def masked(model, mask: ExpertMask) -> Iterator[torch.nn.Module]:
                 entered.append((router, selection))
                 state.merged = _merge(state.selections)
                 if state.handle is None:
-                    state.handle = router.register_forward_hook(_make_hook(state), prepend=True)
+                    state.handle = router.register_forward_hook(_make_hook(state), prepend=True, with_kwargs=True)
         yield hf_model
     finally:
         for router, selection in reversed(entered):

@@ -280,8 +280,9 @@ def recording(routers: Sequence[MoELayer]) -> Iterator[list[list[tuple[Tensor, T
     try:
         for slot, moe_layer in zip(records, routers):
 
-            def hook(_module, _inputs, output, slot=slot):
-                slot.append((output[0].detach(), output[1].detach(), output[2].detach()))
+            def hook(_module, _inputs, output, slot=slot, moe_layer=moe_layer):
+                router_logits, topk_weights, topk_indices = moe_layer.read(output)
+                slot.append((router_logits.detach(), topk_weights.detach(), topk_indices.detach()))
 
             handles.append(moe_layer.router.register_forward_hook(hook))
         yield records
