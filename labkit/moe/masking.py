@@ -632,6 +632,12 @@ def masked(model, mask: ExpertMask) -> Iterator[torch.nn.Module]:
     """
     if not isinstance(mask, ExpertMask):
         raise TypeError(f"masked: expected an ExpertMask, got {type(mask).__name__}.")
+    from labkit.engines import is_engine_model
+
+    if is_engine_model(model):
+        with model.masked(mask) as handle:
+            yield handle
+        return
     hf_model = hf_of(model)
     family = family_of(model)
     routers = find_routers(model)
