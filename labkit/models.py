@@ -459,6 +459,12 @@ def lab_model(model) -> LabModel:
         TypeError: the model was not made by labkit (boot it with :func:`from_hf`).
     """
     record = lab_model_or_none(model)
+    if record is None and isinstance(getattr(type(model), "labkit_engine", None), str):
+        raise TypeError(
+            f"{model!r} runs on the {type(model).labkit_engine} engine, which serves labkit.generate, "
+            "labkit.steered, labkit.moe.masked, labkit.moe.trace_routing and compare_conditions; this "
+            "function needs the model's activations in this process: load it with engine='hf' (the default)."
+        )
     if record is None:
         raise TypeError(
             f"{type(model).__name__} was not loaded by labkit. Load it with labkit.load_model(name) "
