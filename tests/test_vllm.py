@@ -41,6 +41,7 @@ def _require_vllm():
 _require_vllm()
 
 import labkit  # noqa: E402
+import labkit.models  # noqa: E402
 from labkit.datasets import read_prompts  # noqa: E402
 from labkit.moe import ExpertMask, masked, trace_routing  # noqa: E402
 
@@ -238,6 +239,8 @@ def test_bad_input_same_messages_as_hf(hf, engine, vectors):
         assert str(on_engine.value) == str(on_hf.value)
     with pytest.raises(ValueError, match="not supported on the vLLM engine"):
         labkit.generate(engine, ["Q: hi A:"], steering=replace(vectors["all"], hook_name="blocks.1.hook_mlp_out"))
+    with pytest.raises(TypeError, match="load it with engine='hf'"):
+        labkit.models.hf_model_of(engine)  # caching, lenses, widgets need activations in this process
     with pytest.raises(ValueError, match="context window is 64 tokens"):
         labkit.generate(engine, ["Q: hi A:"], max_new_tokens=80)
 
