@@ -216,6 +216,7 @@ def test_spec_is_json_and_safetensors_content_addressed(engine, vectors):
     from safetensors.torch import load
 
     torch.testing.assert_close(load(blob)["steering.0"], vectors["all"].steering_vector, rtol=0, atol=0)
+    assert ExpertMask.random(engine, 4, seed=1) == ExpertMask.random(labkit.load_model("moe-organism"), 4, seed=1)
     assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
     assert engine.llm.llm_engine.vllm_config.model_config.enforce_eager
 

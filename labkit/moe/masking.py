@@ -304,7 +304,9 @@ class ExpertMask:
         if mode == "bias" and value is None:
             raise ValueError("ExpertMask.random: mode='bias' needs value=...")
         meta: dict[str, Any] = {}
-        if isinstance(model_or_shape, torch.nn.Module):
+        from labkit.engines import is_engine_model
+
+        if isinstance(model_or_shape, torch.nn.Module) or is_engine_model(model_or_shape):
             routers = find_routers(model_or_shape)
             layers = [r.layer for r in routers]
             n_experts = routers[0].n_experts
