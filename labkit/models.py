@@ -328,6 +328,9 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     prepend_bos: bool | None = None,
+    engine: str = "hf",
+    tensor_parallel_size: int = 1,
+    **engine_kwargs: Any,
 ):
     """Load a causal language model as a TransformerLens 4.x ``TransformerBridge``.
 
@@ -344,20 +347,43 @@ def load_model(
             ``None`` takes it from the checkpoint's ``labkit.json`` (the shipped organisms were
             trained without BOS and say ``"prepend_bos": false``), else TransformerLens's
             default (``True``).
+        engine: ``"hf"`` (default: the bridge and its plain twin in this process) or ``"vllm"``
+            (a vLLM engine, :mod:`labkit.engines.vllm`; ``device`` is then vLLM's choice).
+        tensor_parallel_size: tensor-parallel ranks for ``engine="vllm"`` (1 for ``"hf"``).
+        **engine_kwargs: passed to ``vllm.LLM`` for ``engine="vllm"`` (e.g.
+            ``max_model_len``, ``max_num_batched_tokens``, ``pipeline_parallel_size``).
 
     Returns:
         A ``transformer_lens.model_bridge.TransformerBridge`` in eval mode; ``model.labkit``
-        is its :class:`LabModel`.
+        is its :class:`LabModel`. For ``engine="vllm"`` a :class:`labkit.engines.vllm.VLLMModel`,
+        which ``labkit.generate``, ``labkit.steered``, ``labkit.moe.masked`` and
+        ``labkit.moe.trace_routing`` accept.
 
     Raises:
         ModelNotAvailableError: the name is unknown offline (the message lists the offline
             models), a directory lacks config.json, or the config has no ``architectures``.
+        ValueError: an unknown ``engine``; engine options given for ``engine="hf"``; the
+            refusals of :func:`labkit.engines.vllm.load_vllm`.
 
     Example:
         >>> model = load_model("smollm2-135m-instruct")  # doctest: +SKIP
         >>> model.cfg.n_layers  # doctest: +SKIP
         30
     """
+    if engine == "vllm":
+        from labkit.engines.vllm import load_vllm
+
+        return load_vllm(
+            name_or_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, prepend_bos=prepend_bos, **engine_kwargs
+        )
+    if engine != "hf":
+        raise ValueError(f"load_model: engine={engine!r} is not known; use 'hf' (default) or 'vllm'.")
+    if tensor_parallel_size != 1 or engine_kwargs:
+        extra = sorted(engine_kwargs) + (["tensor_parallel_size"] if tensor_parallel_size != 1 else [])
+        raise ValueError(
+            f"load_model: {extra} apply to engine='vllm' only; the Hugging Face path (engine='hf') runs in "
+            "one process."
+        )
     source = _resolve(name_or_path)
     hf_model, tokenizer = _load_hf(source, dtype, device)
     if prepend_bos is None:
@@ -433,6 +459,12 @@ def lab_model(model) -> LabModel:
         TypeError: the model was not made by labkit (boot it with :func:`from_hf`).
     """
     record = lab_model_or_none(model)
+    if record is None and isinstance(getattr(type(model), "labkit_engine", None), str):
+        raise TypeError(
+            f"{model!r} runs on the {type(model).labkit_engine} engine, which serves labkit.generate, "
+            "labkit.steered, labkit.moe.masked, labkit.moe.trace_routing and compare_conditions; this "
+            "function needs the model's activations in this process: load it with engine='hf' (the default)."
+        )
     if record is None:
         raise TypeError(
             f"{type(model).__name__} was not loaded by labkit. Load it with labkit.load_model(name) "

@@ -301,6 +301,11 @@ class SteeringVector:
             ValueError: another model name, another width, a layer out of range, or a hook
                 point that does not map onto a module of the twin.
         """
+        from labkit.engines import is_engine_model
+
+        if is_engine_model(model):
+            model.check_vector(self)
+            return
         record = lab_model(model)
         if self.model_name and not same_model(self.model_name, record.name):
             raise ValueError(
@@ -1096,6 +1101,12 @@ def steered(model, *vectors: SteeringVector, rows: Sequence[Any] | None = None) 
         >>> with steered(model, actadd(model, "Love", "Hate", layer=6, coefficient=5)):  # doctest: +SKIP
         ...     labkit.generate(model, "I think dogs are").texts
     """
+    from labkit.engines import is_engine_model
+
+    if is_engine_model(model):
+        with model.steered(*vectors) as handle:
+            yield handle
+        return
     flat = _flatten(vectors)
     state = _CallState(lab_model(model))
     row_hooks = _row_hooks(rows, state) if rows is not None else []

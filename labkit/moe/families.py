@@ -625,8 +625,11 @@ class MoELayer:
 
 def hf_of(model) -> torch.nn.Module:
     """The plain Hugging Face model to run: the twin of a labkit bridge, or ``model`` itself."""
+    from labkit.engines import is_engine_model
     from labkit.models import lab_model_or_none
 
+    if is_engine_model(model):
+        return model.skeleton  # the model class on the meta device: modules and config, no weights
     record = lab_model_or_none(model)
     if record is not None:
         return record.twin

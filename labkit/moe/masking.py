@@ -306,7 +306,9 @@ class ExpertMask:
         if mode == "bias" and value is None:
             raise ValueError("ExpertMask.random: mode='bias' needs value=...")
         meta: dict[str, Any] = {}
-        if isinstance(model_or_shape, torch.nn.Module):
+        from labkit.engines import is_engine_model
+
+        if isinstance(model_or_shape, torch.nn.Module) or is_engine_model(model_or_shape):
             routers = find_routers(model_or_shape)
             layers = [r.layer for r in routers]
             n_experts = routers[0].n_experts
@@ -648,6 +650,12 @@ def masked(model, mask: ExpertMask) -> Iterator[torch.nn.Module]:
     """
     if not isinstance(mask, ExpertMask):
         raise TypeError(f"masked: expected an ExpertMask, got {type(mask).__name__}.")
+    from labkit.engines import is_engine_model
+
+    if is_engine_model(model):
+        with model.masked(mask) as handle:
+            yield handle
+        return
     hf_model = hf_of(model)
     family = family_of(model)
     routers = find_routers(model)

@@ -347,6 +347,14 @@ def trace_routing(
     """
     from tqdm.auto import tqdm
 
+    from labkit.engines import is_engine_model
+
+    if is_engine_model(model):
+        return model.trace_routing(
+            prompts, batch_size=batch_size, scope=scope, max_new_tokens=max_new_tokens,
+            include_router_logits=include_router_logits, chat=chat, prepend_bos=prepend_bos,
+            tokenizer=tokenizer, progress=progress,
+        )
     kind, last_k = _check_scope(scope)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"trace_routing: batch_size must be an int ≥ 1, got {batch_size!r}.")
@@ -452,8 +460,11 @@ def trace_routing(
 
 def _model_name(model) -> str:
     """labkit's name for a bridge; ``config.name_or_path`` (or the class name) for a HF model."""
+    from labkit.engines import is_engine_model
     from labkit.models import lab_model_or_none
 
+    if is_engine_model(model):
+        return model.name
     record = lab_model_or_none(model)
     if record is not None:
         return record.name

@@ -1,0 +1,344 @@
+"""The labkit side inside every vLLM worker process: interventions applied per request.
+
+vLLM mixes this class into its worker (``LLM(worker_extension_cls=
+"labkit.engines.vllm_worker.LabkitWorkerExtension")``); the driver calls its methods by name
+through ``LLM.collective_rpc`` on every tensor-parallel rank. Arguments and results are JSON
+strings and safetensors bytes only — no callable and no pickle crosses a process boundary, so
+``VLLM_ALLOW_INSECURE_SERIALIZATION`` is never needed.
+
+What runs where (vLLM 0.32, eager mode):
+
+* **Which token belongs to which request** — vLLM flattens the tokens of all scheduled requests
+  into one ``[tokens, d_model]`` batch. :class:`_BatchView` reads the model runner's input batch
+  (request ids in batch order, query start offsets, each request's prompt length and
+  ``SamplingParams.extra_args``); it is the *only* code that touches vLLM's private runner
+  internals, so a vLLM upgrade is checked in one place.
+* **Steering** — a forward pre-hook on decoder layer ``L`` adds the per-token steering tensor to
+  the layer's ``hidden_states`` argument. vLLM's decoder layers take ``(positions,
+  hidden_states, residual)`` and the residual stream entering layer ``L``
+  (TransformerLens ``blocks.L.hook_resid_pre``) is ``hidden_states + residual`` (``residual is
+  None`` at layer 0), so adding to ``hidden_states`` adds to the residual stream. A new tensor is
+  returned (the fused add-RMSNorm writes into its inputs). Which tokens get the vector follows
+  from each token's absolute position (``positions``) and its request's prompt length, so the
+  position modes stay exact across prefill chunks, decode steps and recomputation.
+* **Expert selection** — each MoE layer's router (``FusedMoE`` runner's ``router``) computes
+  ``(topk_weights, topk_ids)`` from the router logits in ``_compute_routing``; labkit replaces it
+  on the instance with the family's exact router math from :mod:`labkit.moe.families` (so
+  OLMoE's ``norm_topk_prob`` is honoured, which stock vLLM ignores), under each request's expert
+  mask, and records routing traces for traced requests.
+
+Only what the driver registered (:meth:`LabkitWorkerExtension.labkit_register`) is applied, and
+only to requests whose ``extra_args["labkit"]`` names it; other requests run the stock model
+(with the exact family routing).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["LabkitWorkerExtension", "SPEC_KIND", "SPEC_VERSION", "EXTRA_ARGS_KEY"]
+
+SPEC_KIND = "labkit.vllm.Intervention"
+SPEC_VERSION = 1
+EXTRA_ARGS_KEY = "labkit"
+# Families whose vLLM MoE block feeds `mlp.gate` logits to `mlp.experts` (a FusedMoE runner) and
+# whose labkit route function needs only top_k / norm_topk_prob from the config.
+ROUTED_FAMILIES = ("olmoe",)
+
+
+@dataclass
+class _Spec:
+    """One registered intervention, parsed on the worker."""
+
+    steering: dict[int, list[tuple[str, Tensor]]] = field(default_factory=dict)  # layer -> [(positions, tensor)]
+    masks: dict[int, Any] = field(default_factory=dict)  # layer -> labkit Selection
+    trace: bool = False
+
+
+class _BatchView:
+    """The one adapter over vLLM's private model-runner state (vLLM 0.32 ``GPUModelRunner``).
+
+    ``rows()`` lists, for the batch about to run, each request's
+    ``(spec key or None, first token row, end row, prompt length)`` in flattened-token order.
+    """
+
+    def __init__(self, model_runner) -> None:
+        self.runner = model_runner
+
+    def rows(self, n_tokens: int) -> list[tuple[str | None, int, int, int]]:
+        runner = self.runner
+        batch = runner.input_batch
+        num_reqs = int(batch.num_reqs)
+        if num_reqs == 0:
+            return []
+        starts = runner.query_start_loc.np[: num_reqs + 1]
+        if int(starts[num_reqs]) > n_tokens:  # a dummy / profiling run with stale state
+            return []
+        out = []
+        for index, req_id in enumerate(batch.req_ids[:num_reqs]):
+            state = runner.requests.get(req_id)
+            params = getattr(state, "sampling_params", None)
+            extra = getattr(params, "extra_args", None) or {}
+            key = extra.get(EXTRA_ARGS_KEY)
+            out.append((key, int(starts[index]), int(starts[index + 1]), int(state.num_prompt_tokens)))
+        return out
+
+
+class _Plan:
+    """What to do in the forward pass about to run (built once per model step)."""
+
+    def __init__(self) -> None:
+        self.steering: dict[int, Tensor] = {}  # layer -> (tokens, d_model) addition
+        self.masks: dict[int, list[tuple[Tensor, Any]]] = {}  # layer -> [(token rows, Selection)]
+        self.traced: list[tuple[str, Tensor, Tensor]] = []  # (key, token rows, positions)
+
+
+class LabkitWorkerExtension:
+    """Methods vLLM mixes into its worker; called by name through ``collective_rpc``.
+
+    All names start with ``labkit_`` (vLLM refuses an extension attribute that clashes with the
+    worker's own).
+    """
+
+    # -- installation ----------------------------------------------------------------------
+
+    def labkit_install(self, settings_json: str) -> str:
+        """Hook the model once: a step observer, decoder-layer steering hooks, exact routing.
+
+        Args:
+            settings_json: ``{"model_type", "top_k", "norm_topk_prob", "n_experts"}``.
+
+        Returns:
+            JSON ``{"n_layers", "layers_here", "moe_layers", "d_model"}`` (what this rank holds).
+
+        Raises:
+            RuntimeError: the model's decoder layers do not take ``(positions, hidden_states,
+                residual)``, or its MoE kernel is monolithic (it would route inside the kernel and
+                skip labkit's selection step).
+        """
+        settings = json.loads(settings_json)
+        if getattr(self, "_labkit", None) is not None:
+            return json.dumps(self._labkit["info"])
+        runner = self.model_runner
+        model = runner.model
+        base = getattr(model, "model", model)
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            raise RuntimeError(f"labkit: {type(model).__name__} has no .model.layers; cannot hook it.")
+        start, end = int(getattr(base, "start_layer", 0)), int(getattr(base, "end_layer", len(layers)))
+        state: dict[str, Any] = {
+            "specs": {},
+            "plan": _Plan(),
+            "view": _BatchView(runner),
+            "traces": {},
+            "settings": settings,
+            "handles": [],
+        }
+        self._labkit = state
+        d_model = None
+        moe_layers = []
+        for index in range(start, end):
+            layer = layers[index]
+            params = list(inspect.signature(layer.forward).parameters)
+            if params[:3] != ["positions", "hidden_states", "residual"]:
+                raise RuntimeError(
+                    f"labkit: decoder layer {index} ({type(layer).__name__}) takes {params}, not "
+                    "(positions, hidden_states, residual); steering on vLLM supports Llama-style layers."
+                )
+            state["handles"].append(layer.register_forward_pre_hook(self._labkit_steer_hook(index)))
+            experts = getattr(getattr(layer, "mlp", None), "experts", None)
+            router = getattr(experts, "router", None)
+            if router is not None and hasattr(router, "_compute_routing"):
+                if settings.get("model_type") not in ROUTED_FAMILIES:
+                    raise RuntimeError(
+                        f"labkit: MoE family {settings.get('model_type')!r} is not supported on vLLM "
+                        f"(supported: {', '.join(ROUTED_FAMILIES)})."
+                    )
+                if experts.routed_experts.quant_method.is_monolithic:
+                    raise RuntimeError(
+                        f"labkit: layer {index}'s MoE kernel ({type(experts.routed_experts.quant_method).__name__}) "
+                        "is monolithic: it selects experts inside the kernel and skips the router's selection "
+                        "step, so expert masks, exact family routing and routing traces cannot apply. Use an "
+                        "unquantised model or a modular MoE backend."
+                    )
+                router._compute_routing = self._labkit_route(index, router._compute_routing)
+                moe_layers.append(index)
+            if d_model is None:
+                d_model = int(getattr(layer, "hidden_size", 0)) or None
+        state["handles"].append(model.register_forward_pre_hook(self._labkit_observe, with_kwargs=True))
+        state["info"] = {
+            "n_layers": len(layers),
+            "layers_here": [start, end],
+            "moe_layers": moe_layers,
+            "d_model": d_model,
+        }
+        return json.dumps(state["info"])
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def labkit_register(self, key: str, spec_json: str, tensors: bytes) -> str:
+        """Store one intervention under its content key (JSON spec + safetensors bytes)."""
+        from safetensors.torch import load as load_safetensors
+
+        from labkit.moe.families import Selection
+
+        state = self._labkit
+        if key in state["specs"]:
+            return key
+        spec = json.loads(spec_json)
+        if spec.get("kind") != SPEC_KIND or spec.get("version") != SPEC_VERSION:
+            raise ValueError(f"labkit: not a {SPEC_KIND} v{SPEC_VERSION}: {spec.get('kind')!r}.")
+        arrays = load_safetensors(tensors) if tensors else {}
+        device = next(self.model_runner.model.parameters()).device
+        dtype = next(self.model_runner.model.parameters()).dtype
+        parsed = _Spec(trace=bool(spec.get("trace")))
+        for item in spec.get("steering", []):
+            tensor = arrays[item["tensor"]].to(device=device, dtype=dtype)
+            parsed.steering.setdefault(int(item["layer"]), []).append((item["positions"], tensor))
+        n_experts = int(state["settings"].get("n_experts") or 0)
+        for layer, edit in (spec.get("mask") or {}).items():
+            off = torch.zeros(n_experts, dtype=torch.bool)
+            on = torch.zeros(n_experts, dtype=torch.bool)
+            off[edit.get("off", [])] = True
+            on[edit.get("on", [])] = True
+            bias = None
+            if edit.get("bias"):
+                bias = torch.zeros(n_experts, dtype=torch.float32)
+                for expert, value in edit["bias"].items():
+                    bias[int(expert)] = float(value)
+            parsed.masks[int(layer)] = Selection(off=off.to(device), on=on.to(device), bias=None if bias is None else bias.to(device))
+        state["specs"][key] = parsed
+        return key
+
+    def labkit_release(self, keys_json: str) -> int:
+        """Forget registered interventions (and their traces); returns how many were held."""
+        state = self._labkit
+        count = 0
+        for key in json.loads(keys_json):
+            count += state["specs"].pop(key, None) is not None
+            state["traces"].pop(key, None)
+        return count
+
+    def labkit_collect_traces(self, keys_json: str) -> bytes:
+        """Routing records of traced requests as one safetensors blob (tokens sorted by position).
+
+        For the ``i``-th key: ``{i}.position`` ``[token]``, and per MoE layer ``L``:
+        ``{i}.topk_indices.L`` ``[token k]`` (int64), ``{i}.topk_weights.L`` ``[token k]`` and
+        ``{i}.router_logits.L`` ``[token expert]`` (float32). A position recorded twice
+        (recomputation after a preemption) keeps its last record.
+        """
+        from safetensors.torch import save as save_safetensors
+
+        out: dict[str, Tensor] = {}
+        for i, key in enumerate(json.loads(keys_json)):
+            for layer, parts in self._labkit["traces"].get(key, {}).items():
+                positions = torch.cat([p for p, *_ in parts])
+                last = {int(p): j for j, p in enumerate(positions.tolist())}
+                order = torch.tensor([last[p] for p in sorted(last)], dtype=torch.long)
+                out[f"{i}.position"] = positions[order]
+                out[f"{i}.topk_indices.{layer}"] = torch.cat([x for _, x, _, _ in parts])[order].to(torch.int64)
+                out[f"{i}.topk_weights.{layer}"] = torch.cat([w for _, _, w, _ in parts])[order].float()
+                out[f"{i}.router_logits.{layer}"] = torch.cat([g for _, _, _, g in parts])[order].float()
+        return save_safetensors({k: v.contiguous().cpu() for k, v in out.items()}) if out else b""
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def _labkit_observe(self, _module, args, kwargs):
+        """Model forward pre-hook: build this step's plan from the batch and its requests."""
+        state = self._labkit
+        plan = state["plan"] = _Plan()
+        if not state["specs"]:
+            return None
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        if positions is None or positions.ndim != 1:
+            return None
+        n_tokens = int(positions.shape[0])
+        for key, start, end, prompt_length in state["view"].rows(n_tokens):
+            spec = state["specs"].get(key) if key is not None else None
+            if spec is None or end <= start:
+                continue
+            rows = torch.arange(start, end, device=positions.device)
+            pos = positions[start:end]
+            for layer, vectors in spec.steering.items():
+                for mode, tensor in vectors:
+                    if mode == "front":
+                        keep = pos < min(int(tensor.shape[0]), prompt_length)
+                        if not bool(keep.any()):
+                            continue
+                        addition = tensor[pos[keep]]
+                        target = rows[keep]
+                    else:
+                        if mode == "all":
+                            keep = torch.ones_like(pos, dtype=torch.bool)
+                        elif mode == "prompt":
+                            keep = pos < prompt_length
+                        else:  # generated
+                            keep = pos >= prompt_length
+                        if not bool(keep.any()):
+                            continue
+                        target = rows[keep]
+                        addition = tensor.expand(int(target.shape[0]), -1)
+                    delta = plan.steering.get(layer)
+                    if delta is None:
+                        delta = plan.steering[layer] = torch.zeros(
+                            n_tokens, tensor.shape[-1], dtype=tensor.dtype, device=tensor.device
+                        )
+                    delta.index_add_(0, target, addition)
+            for layer, selection in spec.masks.items():
+                plan.masks.setdefault(layer, []).append((rows, selection))
+            if spec.trace:
+                keep = pos < prompt_length
+                plan.traced.append((key, rows[keep], pos[keep]))
+        return None
+
+    def _labkit_steer_hook(self, index: int):
+        def hook(_module, args):
+            delta = self._labkit["plan"].steering.get(index)
+            if delta is None:
+                return None
+            positions, hidden_states, *rest = args
+            n = hidden_states.shape[0]
+            return (positions, hidden_states + delta[:n].to(hidden_states.dtype), *rest)
+
+        return hook
+
+    def _labkit_route(self, index: int, _stock):
+        """The exact family routing (with per-request masks and traces) for MoE layer ``index``."""
+        from labkit.moe.families import FAMILIES
+
+        settings = self._labkit["settings"]
+        family = FAMILIES[settings["model_type"]]
+        router = SimpleNamespace(
+            top_k=int(settings["top_k"]),
+            norm_topk_prob=bool(settings.get("norm_topk_prob", False)),
+            num_experts=int(settings["n_experts"]),
+        )
+
+        def compute_routing(hidden_states, router_logits, indices_type, *, input_ids=None):
+            plan = self._labkit["plan"]
+            topk_indices, topk_weights = family.route(router, router_logits)
+            n = router_logits.shape[0]
+            for rows, selection in plan.masks.get(index, []):
+                rows = rows[rows < n]
+                if rows.numel():
+                    sub_indices, sub_weights = family.route(router, router_logits[rows], selection)
+                    topk_indices[rows] = sub_indices
+                    topk_weights[rows] = sub_weights.to(topk_weights.dtype)
+            for key, rows, pos in plan.traced:
+                rows_here = rows < n
+                rows, pos = rows[rows_here], pos[rows_here]
+                records = self._labkit["traces"].setdefault(key, {}).setdefault(index, [])
+                records.append(
+                    (pos.cpu(), topk_indices[rows].cpu(), topk_weights[rows].float().cpu(), router_logits[rows].float().cpu())
+                )
+            # the CPU fused-MoE kernel reads contiguous float32 weights and int32 ids
+            return topk_weights.to(torch.float32).contiguous(), topk_indices.to(torch.int32).contiguous()
+
+        return compute_routing

