@@ -602,6 +602,38 @@ NOT_ROUTED: dict[str, str] = {
     "dots3_note_text": "as dots3_note",
 }
 
+#: Families whose entry is verified only from a transformers release on: their routers (class name
+#: unchanged) return another output or route differently before it, so under an older release
+#: inside the pin they are not routed (named, with the reason) rather than routed wrongly.
+_ROUTED_FROM = {
+    "jamba": "5.20",
+    "aria_text": "5.20",
+    "granitemoe": "5.20",
+    "granitemoe_swa": "5.20",
+    "granitemoeshared": "5.20",
+    "granitemoehybrid": "5.20",
+    "qwen4_exp_text": "5.20",
+}
+
+
+def _gate_by_transformers_version() -> None:
+    import transformers
+    from packaging.version import Version
+
+    installed = Version(transformers.__version__)
+    for model_type, release in _ROUTED_FROM.items():
+        if model_type in FAMILIES and installed < Version(release):
+            family = FAMILIES.pop(model_type)
+            for alias in family.model_types:
+                NOT_ROUTED[alias] = (
+                    f"routed from transformers {release}: under the installed {transformers.__version__} its router "
+                    f"({family.router_class}) returns another output or routes differently, and labkit's exact "
+                    "recomputation does not hold (tests fail), so it is refused rather than routed wrongly"
+                )
+
+
+_gate_by_transformers_version()
+
 
 def supported_families() -> str:
     """One line naming every routed family with its ``model_type`` (for messages and docs)."""
