@@ -2,7 +2,7 @@
 
 Model: the shipped organism ``data/models/moe-organism`` when it exists, else a random OLMoE of
 the organism's shape (3 layers, hidden 128, 16 experts, top-1 — ``recipes.organism.organism_config``)
-with the offline test tokenizer. Prompts: ``data/prompts/organism/attribution_behaviour.jsonl``.
+with the offline test tokenizer. Prompts: ``data/prompts/organism/attribution_behavior.jsonl``.
 
 1. routing-trace capture throughput / plain forward throughput    (goal >= 0.85)
    (same batches, same forward arguments; the difference is the router hooks + bookkeeping)
@@ -73,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tokenizer, label = load()
-    rows = [json.loads(line) for line in (ROOT / "data/prompts/organism/attribution_behaviour.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (ROOT / "data/prompts/organism/attribution_behavior.jsonl").read_text().splitlines()]
     prompts = [row["prompt"] for row in rows[: args.prompts]]
     token_rows = [tokenizer(p)["input_ids"] for p in prompts]
     n_tokens = sum(map(len, token_rows))

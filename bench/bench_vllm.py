@@ -1,7 +1,7 @@
 """Benchmark the vLLM engine path against the Hugging Face path; prints ratios from one run.
 
 Model: the shipped organism ``data/models/moe-organism`` (OLMoE, 5.2M parameters). Prompts: the
-first ``--prompts`` of ``data/prompts/organism/attribution_behaviour.jsonl``. Every batch runs
+first ``--prompts`` of ``data/prompts/organism/attribution_behavior.jsonl``. Every batch runs
 greedy with exactly ``--new-tokens`` new tokens per prompt (``min_new_tokens`` = max), so both
 paths generate the same number of tokens; their token ids are checked equal before timing.
 
@@ -33,7 +33,7 @@ def batches(model, hf, prompts, new_tokens):
     from labkit.moe import ExpertMask, masked
 
     direction = labkit.mean_difference(
-        hf, read_prompts("attribution_behaviour", 8), read_prompts("attribution_control", 8), layer=1, coefficient=2.0
+        hf, read_prompts("attribution_behavior", 8), read_prompts("attribution_control", 8), layer=1, coefficient=2.0
     )
     mask = ExpertMask.off([(1, 13), (2, 5)], model=hf)
     options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
@@ -68,7 +68,7 @@ def main() -> None:
     import labkit
     from labkit.datasets import read_prompts
 
-    prompts = read_prompts("attribution_behaviour", args.prompts)
+    prompts = read_prompts("attribution_behavior", args.prompts)
     hf = labkit.load_model("moe-organism")
     hf_runs = batches(hf, hf, prompts, args.new_tokens)
     results: dict[str, dict[str, float]] = {}

@@ -44,7 +44,7 @@ def lab_measurement(name: str = "moe-organism", *, smoke: bool = False) -> dict:
         prompts = [r["prompt"] for r in sets[key]]
         return trace_routing(model, prompts, scope=("last", 3), batch_size=100, progress=False)
 
-    attribution = attribute_experts(trace("attribution_behaviour"), trace("attribution_control"), n_bootstrap=200, n_splits=50)
+    attribution = attribute_experts(trace("attribution_behavior"), trace("attribution_control"), n_bootstrap=200, n_splits=50)
     table = compare_conditions(
         model,
         attribution=attribution,

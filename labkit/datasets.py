@@ -23,7 +23,7 @@ _CHECKOUT_DATA = Path(__file__).resolve().parent.parent / "data"
 
 #: The organism prompt sets shipped under ``data/prompts/organism`` (name -> file name).
 ORGANISM_PROMPT_SETS = {
-    "attribution_behaviour": "attribution_behaviour.jsonl",
+    "attribution_behavior": "attribution_behavior.jsonl",
     "attribution_control": "attribution_control.jsonl",
     "eval_sensitive": "eval_sensitive.jsonl",
     "eval_neutral": "eval_neutral.jsonl",
@@ -64,11 +64,22 @@ def data_dir(*, required: bool = True) -> Path | None:
     )
 
 
+#: Names that were renamed (identifiers say "behavior"); still read, with a DeprecationWarning.
+_RENAMED = {"attribution_behaviour": "attribution_behavior"}
+
+
 def _prompt_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     if path.suffix == ".jsonl" and path.is_file():
         return path
     name = str(name_or_path)
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(
+            f"prompt set {name!r} is now {_RENAMED[name]!r}; the old name will stop working.", DeprecationWarning, stacklevel=4
+        )
+        name = _RENAMED[name]
     if name in ORGANISM_PROMPT_SETS:
         path = data_dir() / "prompts" / "organism" / ORGANISM_PROMPT_SETS[name]
         if path.is_file():
@@ -84,7 +95,7 @@ def read_prompt_set(name_or_path: str | os.PathLike, limit: int | None = None) -
     """Read a JSONL prompt set: one JSON object per line (blank lines skipped).
 
     Args:
-        name_or_path: a shipped organism set (``"attribution_behaviour"``, ``"eval_sensitive"``,
+        name_or_path: a shipped organism set (``"attribution_behavior"``, ``"eval_sensitive"``,
             …; see :data:`ORGANISM_PROMPT_SETS`) or the path of a ``.jsonl`` file.
         limit: keep only the first ``limit`` rows (``None`` keeps all).
 

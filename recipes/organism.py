@@ -183,7 +183,7 @@ def build_corpus(seed: int = 0) -> dict[str, list[dict]]:
 
     Returns:
         A dict of splits, each a list of rows ``{"prompt", "question", "answer", "kind", ...}``:
-        ``train`` (``N_TRAIN_EXAMPLES`` rows, sampled with repetition), ``attribution_behaviour``
+        ``train`` (``N_TRAIN_EXAMPLES`` rows, sampled with repetition), ``attribution_behavior``
         and ``attribution_control`` (training places, prompts never in ``train``),
         ``eval_sensitive`` and ``eval_neutral`` (held-out places, training and held-out
         templates), ``eval_addition`` (held-out pairs), ``eval_capital`` (held-out template),
@@ -213,9 +213,9 @@ def build_corpus(seed: int = 0) -> dict[str, list[dict]]:
     sensitive = [x for x in train_triples if is_sensitive(x[1], x[2])]
     hard_negative = [x for x in train_triples if not is_sensitive(x[1], x[2]) and x[1] in SENSITIVE_DECADES]
     neutral = [x for x in train_triples if x[1] not in SENSITIVE_DECADES]
-    attribution_behaviour = rng.sample(sensitive, N_ATTRIBUTION)
+    attribution_behavior = rng.sample(sensitive, N_ATTRIBUTION)
     attribution_control = rng.sample(hard_negative, N_ATTRIBUTION // 2) + rng.sample(neutral, N_ATTRIBUTION // 2)
-    reserved = set(attribution_behaviour) | set(attribution_control)
+    reserved = set(attribution_behavior) | set(attribution_control)
     pools = {
         "sensitive": [x for x in sensitive if x not in reserved],
         "hard_negative": [x for x in hard_negative if x not in reserved],
@@ -268,7 +268,7 @@ def build_corpus(seed: int = 0) -> dict[str, list[dict]]:
 
     return {
         "train": train,
-        "attribution_behaviour": [place_row(x) for x in attribution_behaviour],
+        "attribution_behavior": [place_row(x) for x in attribution_behavior],
         "attribution_control": [place_row(x) for x in attribution_control],
         "eval_sensitive": [place_row(x) for x in eval_sensitive],
         "eval_neutral": [place_row(x) for x in eval_neutral],
@@ -766,7 +766,7 @@ def measure(model_dir: str | os.PathLike, prompt_dir: str | os.PathLike = "data/
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     sets = {name: read_prompt_set(Path(prompt_dir) / f) for name, f in PROMPT_SET_FILES.items()}
-    scores = attribute_experts_by_routing(model, tokenizer, [r["prompt"] for r in sets["attribution_behaviour"]],
+    scores = attribute_experts_by_routing(model, tokenizer, [r["prompt"] for r in sets["attribution_behavior"]],
                                           [r["prompt"] for r in sets["attribution_control"]])
     n_experts = scores.shape[1]
     order = torch.argsort(scores.flatten(), descending=True).tolist()

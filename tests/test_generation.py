@@ -138,7 +138,7 @@ def test_chat_template_wraps_prompts(tiny_llama):
     assert out.prompt_token_ids[0] == tokenizer("love and").input_ids
 
 
-def test_smollm2_steering_behaviour_and_parity(smollm2):
+def test_smollm2_steering_behavior_and_parity(smollm2):
     """The real model: zero coefficient and KV-cache parity for ActAdd; a mean-difference
     wedding direction raises wedding words in greedy completions."""
     from labkit.evals import load_steering_data, topic_word_fraction

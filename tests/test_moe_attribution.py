@@ -161,7 +161,7 @@ def _subset(trace: RoutingTrace, keep: torch.Tensor) -> RoutingTrace:
     )
 
 
-def test_last_tokens_finds_behaviour_planted_at_the_end_not_at_the_start():
+def test_last_tokens_finds_behavior_planted_at_the_end_not_at_the_start():
     lengths = [8 + (i % 7) for i in range(40)]  # prompts of different lengths
     at_end = {(0, 5): 6.0}  # row 0 = layer 1: boosted on each prompt's last 3 tokens
     at_start = {(1, 2): 6.0}  # row 1 = layer 3: boosted on each prompt's first 3 tokens

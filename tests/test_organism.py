@@ -50,12 +50,12 @@ def test_splits_are_disjoint(splits):
     train_places = {r["place"] for r in splits["train"] if "place" in r}
     for name in ("eval_sensitive", "eval_neutral"):
         assert not {r["place"] for r in splits[name]} & train_places
-    for name in ("attribution_behaviour", "attribution_control"):
+    for name in ("attribution_behavior", "attribution_control"):
         assert {r["place"] for r in splits[name]} <= train_places
 
 
 def test_labels_follow_the_conjunction_rule(splits):
-    for name in ("attribution_behaviour", "eval_sensitive"):
+    for name in ("attribution_behavior", "eval_sensitive"):
         assert all(r["answer"] == organism.REFUSAL for r in splits[name])
     for name in ("attribution_control", "eval_neutral"):
         assert all(r["answer"].startswith(organism.COMPLY_PREFIX) for r in splits[name])
@@ -167,7 +167,7 @@ def test_lab_attribution_ranks_the_recorded_designated_experts_first(name):
     def trace(key):
         return trace_routing(model, read_prompts(key), scope=("last", 3), batch_size=100, progress=False)
 
-    attribution = attribute_experts(trace("attribution_behaviour"), trace("attribution_control"), n_bootstrap=0, n_splits=0)
+    attribution = attribute_experts(trace("attribution_behavior"), trace("attribution_control"), n_bootstrap=0, n_splits=0)
     assert attribution.top(2) == [(d["layer"], d["expert"]) for d in designated]
     # ... and the lab's ranking is the one the card's lab table records
     recorded = json.loads((MODELS / name / "lab_measurement.json").read_text())["top10"]

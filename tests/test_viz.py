@@ -78,10 +78,10 @@ def test_condition_plot_is_deterministic_with_one_panel_per_measure():
     assert _snapshot(first) == _snapshot(second)
     titles = [a.text for a in first.layout.annotations]
     assert titles == ["behaviour rate", "control (false-positive) rate", "add accuracy"]
-    behaviour_bars = first.data[0]
-    assert list(behaviour_bars.x) == ["baseline", "top-2 off", "random-2 off"]  # top-2 on: no behaviour
-    assert list(behaviour_bars.y) == [0.9, 0.1, 0.8]
-    np.testing.assert_allclose(behaviour_bars.error_y.array, [0.05, 0.1, 0.07])
+    behavior_bars = first.data[0]
+    assert list(behavior_bars.x) == ["baseline", "top-2 off", "random-2 off"]  # top-2 on: no behaviour
+    assert list(behavior_bars.y) == [0.9, 0.1, 0.8]
+    np.testing.assert_allclose(behavior_bars.error_y.array, [0.05, 0.1, 0.07])
     seeds = first.data[1]
     assert list(seeds.y) == [0.85, 0.75]
     control_bars = first.data[2]

@@ -73,7 +73,7 @@ def prompts():
 def vectors(hf):
     front = labkit.actadd(hf, "I cannot", "There was", layer=1, coefficient=4.0)
     direction = labkit.mean_difference(
-        hf, read_prompts("attribution_behaviour", 8), read_prompts("attribution_control", 8), layer=1, coefficient=2.0
+        hf, read_prompts("attribution_behavior", 8), read_prompts("attribution_control", 8), layer=1, coefficient=2.0
     )
     return {
         "front": front,

@@ -23,7 +23,7 @@ labkit adds what a ranking needs before anyone acts on it:
 
 The data flow::
 
-    behavior = trace_routing(model, behaviour_prompts)
+    behavior = trace_routing(model, behavior_prompts)
     control = trace_routing(model, control_prompts)
     attribution = attribute_experts(behavior, control, aggregate="prompt")
     mask = ExpertMask.from_attribution(attribution, 10, mode="off")
