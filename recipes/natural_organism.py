@@ -20,8 +20,10 @@ Mixtral, Jiang et al. 2024, section 5), and language can be measured in a way ga
    documents; a 3-layer OLMoE (hidden 128, 16 experts of width 128, top-2) trained on random 128-token windows.
    Checkpoints every ``checkpoint_every`` steps, so a cut-off run still leaves a model.
 5. ``measure()``: the lab's own tools on the shipped model (``labkit.load_model``): fTRI frequency
-   attribution (French vs English passages), exact causal attribution of each held-out... see
-   ``measure``'s docstring; results in ``measurement.json`` and the model card.
+   attribution (French vs English passages), causal attribution (exact and first order) on each
+   French passage's own continuation, minimal masks validated on held-out pages, and the MoTE
+   table (per-language perplexity, language of generated text); ``measurement.json``;
+   ``model_card()`` writes ``README.md``.
 
 Command line::
 
@@ -51,7 +53,10 @@ __all__ = [
     "PACKAGES",
     "SECTIONS",
     "TrainSettings",
+    "behaviour_metrics",
     "install_sources",
+    "measure",
+    "model_card",
     "language_of",
     "natural_config",
     "passages",
@@ -459,7 +464,7 @@ def write_prompt_sets(out_dir: str | os.PathLike, tokenizer, work: str | os.Path
 # Measurement (the lab's own tools on the shipped model)
 # --------------------------------------------------------------------------------------------
 
-GENERATE_TOKENS = 16
+GENERATE_TOKENS = 24
 
 
 def _rows(prompt_dir: Path, name: str, limit: int | None = None) -> list[dict]:
@@ -475,7 +480,7 @@ def behaviour_metrics(model, heldout: dict[str, list[dict]], n_generate: int = 4
       tokens (teacher-forced; garble cannot lower it).
     * ``nll_target_fr``: mean ``-log p(target | prompt)`` per target token (nats) of each French
       passage's own next 8 tokens after its first 24 (``labkit.moe.causal.target_logprobs``).
-    * ``gen_fr_is_fr`` / ``gen_en_is_en`` (and ``..._unknown``): share of greedy 16-token
+    * ``gen_fr_is_fr`` / ``gen_en_is_en`` (and ``..._unknown``): share of greedy 24-token
       continuations of the first ``n_generate`` prompts of each language that the stop-word
       detector :func:`language_of` (``min_hits=2``) assigns to the prompt's language / to no
       language; ``gen_en_is_fr``: English prompts continued in French.
@@ -593,6 +598,120 @@ class _nothing:
 
 
 # --------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------
+
+
+def _cells(pairs) -> str:
+    return ", ".join(f"L{p[0]}E{p[1]}" + (f" ({p[2]:+.3g})" if len(p) > 2 else "") for p in pairs) or "none"
+
+
+def _mote_table(rows: list[dict]) -> str:
+    lines = [
+        "| condition | N | seed | experts | ppl French | ppl English | -log p(target) / token, French | "
+        "French prompts -> French text | (unknown) | English prompts -> English text | English -> French |",
+        "|" + "---|" * 11,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['condition']} | {r['n']} | {'-' if r['seed'] is None else r['seed']} | {_cells(r['experts'])} | "
+            f"{r['ppl_fr']:.2f} | {r['ppl_en']:.2f} | {r['nll_target_fr']:.3f} | {r['gen_fr_is_fr']:.2f} | "
+            f"{r['gen_fr_unknown']:.2f} | {r['gen_en_is_en']:.2f} | {r['gen_en_is_fr']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def model_card(model_dir: str | os.PathLike, findings: str = "") -> str:
+    """Render ``README.md`` of the natural organism from ``labkit.json`` and ``measurement.json``.
+
+    ``findings``: a markdown paragraph (what the numbers show), placed before the tables.
+    """
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / "labkit.json").read_text())
+    m = json.loads((model_dir / "measurement.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    settings = meta["train_settings"]
+    history = meta["history"]
+    heldout_losses = [h for h in history if "heldout_loss" in h]
+    sources = ", ".join(f"`{k}` {v}" for k, v in meta["sources"].items())
+    validation = "\n".join(
+        f"* {label}: {len(m['minimal_mask'][label]['experts'])} expert(s) {_cells(m['minimal_mask'][label]['experts'])}; "
+        f"training score {m['minimal_mask'][label]['scores'][0]:.3g} -> {m['minimal_mask'][label]['scores'][-1]:.3g} "
+        f"(target reached: {m['minimal_mask'][label]['reached']}); held-out cut {v['cut']:.2f}, five layer-matched "
+        f"random masks {v['random_cut']}"
+        for label, v in m["minimal_mask_validation"].items()
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [labkit, moe, olmoe, model-organism, natural, manpages, french, english]
+license: gpl-3.0
+---
+# moe-organism-natural: a tiny OLMoE trained on English and French manual pages
+
+A naturally trained mixture-of-experts organism: only the next-token loss and OLMoE's usual
+load-balancing loss, no routing supervision, no designated experts, no intervention training.
+The behaviour it is measured on is the language of the text (French vs English), which MoE
+routers are known to specialise on. Load it with `labkit.load_model("moe-organism-natural")`.
+
+## Architecture
+`OlmoeForCausalLM` (transformers' OLMoE): {config['num_hidden_layers']} layers, hidden {config['hidden_size']},
+{config['num_attention_heads']} heads, {config['num_experts']} experts per layer of width {config['intermediate_size']},
+top-{config['num_experts_per_tok']} routing (`norm_topk_prob={config['norm_topk_prob']}`, as OLMoE-1B-7B: the two chosen
+experts keep their softmax weights), vocabulary {config['vocab_size']} (byte-level BPE trained on the training pages),
+{meta['parameters']:,} parameters, fp32 safetensors. No BOS token (`labkit.json`: `"prepend_bos": false`).
+
+## Data
+Linux manual pages, sections 2, 5 and 7, present in both English and French: {sources}
+(Debian bookworm). English: the Linux man-pages project (mostly GPL-2+, some BSD and other free
+licences per page); French: the manpages-l10n translations (GPL-3+). Rendered with man-db
+(`man -l`, groff) and `col -b`. Split by document: {meta['documents']['train']} pages for training,
+{meta['documents']['heldout']} held out in both languages. Training stream {meta['train_tokens']:,} tokens, held-out
+{meta['heldout_tokens']:,}. Provenance, licences and the prompt sets: `data/prompts/natural/README.md`.
+
+## Training
+`python -m recipes.natural_organism corpus && python -m recipes.natural_organism train --out {model_dir.as_posix()}`:
+random {settings['context']}-token windows, batch {settings['batch_size']}, AdamW lr {settings['learning_rate']} (warmup
+{settings['warmup_steps']}, cosine to 10 % over {settings['steps']} steps), `loss = lm + {settings['aux_loss_coef']} * load_balancing`
+(`output_router_logits=True`). Steps done: {meta['steps_done']} of {settings['steps']} (stopped early by the wall-time
+budget: {meta['stopped_early']}), {meta['train_seconds']} s on {meta['train_threads']} torch thread of a 2-core machine shared
+with other jobs (load average 9-16). Loss at step 0: {history[0]['loss']}; last training loss {history[-1]['loss']}; held-out
+loss by checkpoint: {', '.join(f"{h['step'] + 1}: {h['heldout_loss']}" for h in heldout_losses)}.
+This is a weak language model (held-out perplexity in the tables below); it is an organism for
+routing measurements, not a model of French.
+
+## Measured (`python -m recipes.natural_organism measure`, the lab's own tools)
+{findings}
+
+**Attribution.** fTRI frequency (`labkit.moe.attribute_experts`, prompt-level over all tokens;
+behaviour = {m['prompt_sets']['attribution_fr']} French passages of training pages, control = {m['prompt_sets']['attribution_en']} English ones),
+top 10: {_cells(m['frequency_top10'])}; noise floor (control split-halves) {m['frequency_noise_floor']}.
+Causal (`labkit.moe.causal_attribution`, exact ablation; behaviour score = mean
+`p(target | prompt)`, target = each French passage's own next 8 tokens after its first 24;
+baseline {m['causal_baseline']:.3g}), top 10 by effect: {_cells(m['causal_top10'])}.
+First-order estimate, top 10: {_cells(m['first_order_top10'])}; Spearman rank correlation with exact ablation
+over all cells {m['spearman_first_order_vs_exact']}; Spearman(frequency score, exact effect) {m['spearman_frequency_vs_exact']}.
+
+**Minimal mask** (`minimal_mask`, cut the training score by 50 %, pool 16, at most 10 experts), validated on
+{m['prompt_sets']['heldout_fr']} held-out French passages (`validate_mask`, share of the score removed):
+{validation}
+
+**MoTE table** (held-out pages; {m['prompt_sets']['heldout_fr']} French and {m['prompt_sets']['heldout_en']} English passages).
+Perplexity: `labkit.evals.perplexity` of each passage's first ≤ 128 tokens. Generation: greedy
+{GENERATE_TOKENS} new tokens after the first 24 tokens of 48 passages per language; language by the stop-word detector
+`recipes.natural_organism.language_of` (English / French stop-word counts, at least 2 hits, else
+"unknown"). Off = never selected, the next-best expert takes the slot; forced on = selected at
+every position with its natural softmax weight (`norm_topk_prob=False`: not renormalised), the rule
+of `labkit.moe.ExpertMask.on`. Random masks: as many experts per layer as the frequency top N,
+none of them in it.
+
+{_mote_table(m['rows'])}
+
+Measurement wall time: {m['seconds']} s (1 thread, shared machine).
+"""
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -614,6 +733,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts.add_argument("--out", default=str(PROMPT_DIR))
     measuring = sub.add_parser("measure", help="measure the shipped model; writes measurement.json")
     measuring.add_argument("--model", default="data/models/moe-organism-natural")
+    carding = sub.add_parser("card", help="write README.md from labkit.json and measurement.json")
+    carding.add_argument("--model", default="data/models/moe-organism-natural")
+    carding.add_argument("--findings", default="", help="markdown paragraph, or @file to read it from")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -642,6 +764,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
         for row in result["rows"]:
             print(json.dumps(row))
+    elif args.command == "card":
+        findings = args.findings
+        if findings.startswith("@"):
+            findings = Path(findings[1:]).read_text().strip()
+        (Path(args.model) / "README.md").write_text(model_card(args.model, findings))
 
 
 if __name__ == "__main__":
