@@ -55,6 +55,7 @@ __all__ = [
     "TrainSettings",
     "behaviour_metrics",
     "install_sources",
+    "logprob_ablation",
     "measure",
     "model_card",
     "language_of",
@@ -507,30 +508,70 @@ def behaviour_metrics(model, heldout: dict[str, list[dict]], n_generate: int = 4
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def logprob_ablation(model, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32):
+    """Exact ablation on the *log* score: mean ``log p(target | prompt)`` per target token (nats).
+
+    ``labkit.moe.causal_attribution`` scores the mean target *probability*; for 8-token passage
+    continuations of a small model most of those probabilities are tiny (< 1e-10) and a few
+    boilerplate passages are near 1, so their mean is carried by those few passages. This scores every expert switched off (one masked pass each)
+    on the mean per-token log-probability instead, which every passage moves. Returns a
+    ``CausalAttribution`` (``effect`` = baseline minus masked, in nats per token; positive: the
+    expert helps predict the French continuations), so it plugs into ``minimal_mask`` and
+    ``ExpertMask.from_attribution``.
+    """
+    import torch
+
+    from labkit.moe import CausalAttribution, ExpertMask, masked
+    from labkit.moe.causal import target_logprobs
+    from labkit.moe.families import find_routers
+
+    from labkit.models import lab_model
+
+    routers = find_routers(model)
+
+    def score() -> torch.Tensor:
+        return target_logprobs(model, prompts, targets, batch_size=batch_size) / TARGET_TOKENS
+
+    base = score()
+    per_prompt = torch.zeros(len(routers), routers[0].n_experts, len(prompts))
+    for r, router in enumerate(routers):
+        for e in range(router.n_experts):
+            with masked(model, ExpertMask.off([(router.layer, e)])):
+                per_prompt[r, e] = base - score()
+    return CausalAttribution(
+        effect=per_prompt.mean(-1), stderr=per_prompt.std(-1) / len(prompts) ** 0.5, baseline=float(base.mean()),
+        layers=tuple(r.layer for r in routers), n_prompts=len(prompts), method="ablation",
+        target="mean log p(target | prompt) per token", model_name=lab_model(model).name,
+    )
+
+
 def measure(model_name: str = "moe-organism-natural", prompt_dir: str | os.PathLike = PROMPT_DIR,
-            ns: Sequence[int] = (1, 2, 5, 10), random_seeds: Sequence[int] = (0, 1, 2), progress: bool = False) -> dict:
+            ns: Sequence[int] = (1, 2, 5, 10), random_seeds: Sequence[int] = (0,), n_causal: int = 32,
+            progress: bool = False) -> dict:
     """Measure the natural organism with the lab's tools; a JSON-ready dict (``measurement.json``).
 
     1. fTRI frequency attribution (MoTE 2025, section 3; ``labkit.moe.attribute_experts``,
        prompt-level, all tokens): behaviour = French passages of training pages, control = their
        English counterparts (``attribution_{fr,en}.jsonl``).
     2. Causal attribution (``labkit.moe.causal_attribution``): the effect of each expert switched
-       off on ``p(target | prompt)``, target = each French passage's own next 8 tokens after its
-       first 24; exact ablation and the first-order estimate, with their Spearman correlation.
-    3. Minimal mask (``minimal_mask``, fraction 0.5, pool 16, at most 10 experts) on the
-       attribution prompts, validated on held-out French passages against 5 layer-matched random
-       masks (``validate_mask``).
-    4. The MoTE table on held-out pages: for each N, the frequency ranking's top N off, the causal
-       ranking's top N off, layer-matched random N off (``ExpertMask.random(match_layers_of=...)``,
-       disjoint from the top N), and the frequency top N forced on; each row
-       :func:`behaviour_metrics`.
+       off on the mean ``p(target | prompt)`` over the first ``n_causal`` French attribution
+       passages, target = each passage's own next 8 tokens after its first 24; exact ablation and the first-order estimate, with their Spearman
+       correlation; and :func:`logprob_ablation`, the same on the mean log-probability.
+    3. Minimal masks (``minimal_mask``: cut the training score, mean ``p(target)``, by 50 %; pool 8,
+       at most 6 experts) from each ranking, validated on held-out French passages against 5
+       layer-matched random masks (``validate_mask``).
+    4. The MoTE table on held-out pages: for each N, the frequency ranking's top N off, the
+       log-probability causal ranking's top N off, layer-matched random N off
+       (``ExpertMask.random(match_layers_of=<frequency top N>)``, disjoint from it), and the
+       frequency top N forced on (at most ``top_k`` per layer: the frequency ranking's best N
+       under that cap); each row :func:`behaviour_metrics`.
     """
-    import torch
     from scipy.stats import spearmanr
 
     import labkit
     from labkit.moe import (ExpertMask, attribute_experts, causal_attribution, masked, minimal_mask, trace_routing,
                             validate_mask)
+    from labkit.moe.causal import target_logprobs
 
     prompt_dir = Path(prompt_dir)
     started = time.time()
@@ -539,23 +580,27 @@ def measure(model_name: str = "moe-organism-natural", prompt_dir: str | os.PathL
     heldout = {lang: _rows(prompt_dir, f"heldout_{lang}") for lang in LANGUAGES}
     traces = {lang: trace_routing(model, [r["text"] for r in attribution[lang]], progress=progress) for lang in LANGUAGES}
     frequency = attribute_experts(traces["fr"], traces["en"], aggregate="prompt", n_bootstrap=200, n_splits=50)
-    fr_prompts = [r["prompt"] for r in attribution["fr"]]
-    fr_targets = [r["target"] for r in attribution["fr"]]
+    fr_prompts = [r["prompt"] for r in attribution["fr"][:n_causal]]
+    fr_targets = [r["target"] for r in attribution["fr"][:n_causal]]
+    probabilities = target_logprobs(model, fr_prompts, fr_targets).exp()
     exact = causal_attribution(model, fr_prompts, fr_targets, progress=progress)
     first_order = causal_attribution(model, fr_prompts, fr_targets, method="first_order", progress=progress)
-    rho = float(spearmanr(exact.effect.flatten(), first_order.effect.flatten()).statistic)
-    rho_frequency = float(spearmanr(exact.effect.flatten(), frequency.score.flatten()).statistic)
+    logprob = logprob_ablation(model, fr_prompts, fr_targets)
+
+    def rho(a, b) -> float:
+        return round(float(spearmanr(a.flatten(), b.flatten()).statistic), 4)
+
     heldout_prompts = [r["prompt"] for r in heldout["fr"]]
     heldout_targets = [r["target"] for r in heldout["fr"]]
     searches, checks = {}, {}
-    for label, ranking in (("frequency", frequency), ("causal", exact)):
-        search = minimal_mask(model, fr_prompts, fr_targets, fraction=0.5, ranking=ranking, pool=16, max_experts=10,
+    for label, ranking in (("frequency", frequency), ("causal", exact), ("causal_logprob", logprob)):
+        search = minimal_mask(model, fr_prompts, fr_targets, fraction=0.5, ranking=ranking, pool=6, max_experts=4,
                               progress=progress)
-        searches[label] = {"experts": [list(x) for x in search.experts], "scores": [round(x, 6) for x in search.scores],
+        searches[label] = {"experts": [list(x) for x in search.experts], "scores": [float(f"{x:.4g}") for x in search.scores],
                            "reached": search.reached}
         if search.experts:
             check = validate_mask(model, search.mask, heldout_prompts, heldout_targets, n_random=5)
-            checks[label] = {"baseline": round(check.baseline, 6), "masked": round(check.masked, 6),
+            checks[label] = {"baseline": float(f"{check.baseline:.4g}"), "masked": float(f"{check.masked:.4g}"),
                              "cut": round(check.cut, 4), "random_cut": [round(c, 4) for c in check.random_cut]}
 
     def row(condition: str, n: int, seed, mask) -> dict:
@@ -564,26 +609,34 @@ def measure(model_name: str = "moe-organism-natural", prompt_dir: str | os.PathL
         experts = [] if mask is None else [list(x) for x in mask.experts()]
         return {"condition": condition, "n": n, "seed": seed, "experts": experts, **metrics}
 
+    top_k = int(model.labkit.twin.config.num_experts_per_tok)
     rows = [row("baseline", 0, None, None)]
     for n in ns:
         top = ExpertMask.from_attribution(frequency, n, model=model)
         rows.append(row("frequency_top_off", n, None, top))
-        rows.append(row("causal_top_off", n, None, ExpertMask.from_attribution(exact, n, model=model)))
+        rows.append(row("causal_top_off", n, None, ExpertMask.from_attribution(logprob, n, model=model)))
         for seed in random_seeds:
             rows.append(row("random_off", n, seed, ExpertMask.random(model, seed=seed, match_layers_of=top)))
-        rows.append(row("frequency_top_on", n, None, ExpertMask.from_attribution(frequency, n, mode="on", model=model)))
-    torch.set_grad_enabled(True)
+        forced = frequency.top(n, per_layer_cap=top_k)  # a token takes top_k experts: at most top_k forced per layer
+        rows.append(row("frequency_top_on", n, None, ExpertMask.on(forced, model=model)))
     return {
         "kind": "natural_organism_measurement", "version": 1, "model": model_name,
-        "prompt_sets": {k: len(v) for k, v in {**{f"attribution_{l}": attribution[l] for l in LANGUAGES},
-                                              **{f"heldout_{l}": heldout[l] for l in LANGUAGES}}.items()},
+        "prompt_sets": {**{k: len(v) for k, v in {**{f"attribution_{l}": attribution[l] for l in LANGUAGES},
+                                                 **{f"heldout_{l}": heldout[l] for l in LANGUAGES}}.items()},
+                        "causal_fr": len(fr_prompts)},
         "frequency_top10": [[l, e, round(float(frequency.score[l, e]), 4)] for l, e in frequency.top(10)],
         "frequency_noise_floor": round(float(frequency.noise_floor), 4),
-        "causal_top10": [[l, e, round(float(exact.effect[l, e]), 6)] for l, e in exact.top(10)],
-        "causal_baseline": round(exact.baseline, 6),
+        "causal_baseline": float(f"{exact.baseline:.4g}"),
+        "causal_top_passage_share": round(float(probabilities.max() / probabilities.sum()), 4),
+        "causal_top10": [[l, e, float(f"{float(exact.effect[i, e]):.4g}")] for l, e in exact.top(10)
+                         for i in [exact.layers.index(l)]],
         "first_order_top10": [list(x) for x in first_order.top(10)],
-        "spearman_first_order_vs_exact": round(rho, 4),
-        "spearman_frequency_vs_exact": round(rho_frequency, 4),
+        "logprob_baseline": round(logprob.baseline, 4),
+        "logprob_top10": [[l, e, round(float(logprob.effect[logprob.layers.index(l), e]), 4)] for l, e in logprob.top(10)],
+        "spearman_first_order_vs_exact": rho(exact.effect, first_order.effect),
+        "spearman_frequency_vs_exact": rho(exact.effect, frequency.score),
+        "spearman_frequency_vs_logprob": rho(logprob.effect, frequency.score),
+        "spearman_exact_vs_logprob": rho(exact.effect, logprob.effect),
         "minimal_mask": searches, "minimal_mask_validation": checks,
         "rows": rows, "seconds": round(time.time() - started),
     }
@@ -676,7 +729,8 @@ random {settings['context']}-token windows, batch {settings['batch_size']}, Adam
 (`output_router_logits=True`). Steps done: {meta['steps_done']} of {settings['steps']} (stopped early by the wall-time
 budget: {meta['stopped_early']}), {meta['train_seconds']} s on {meta['train_threads']} torch thread of a 2-core machine shared
 with other jobs (load average 9-16). Loss at step 0: {history[0]['loss']}; last training loss {history[-1]['loss']}; held-out
-loss by checkpoint: {', '.join(f"{h['step'] + 1}: {h['heldout_loss']}" for h in heldout_losses)}.
+loss (32 random {settings['context']}-token windows of the held-out pages) after step
+{', '.join(f"{min(meta['steps_done'], -(-(h['step'] + 1) // settings['checkpoint_every']) * settings['checkpoint_every'])}: {h['heldout_loss']}" for h in heldout_losses)}.
 This is a weak language model (held-out perplexity in the tables below); it is an organism for
 routing measurements, not a model of French.
 
@@ -687,12 +741,19 @@ routing measurements, not a model of French.
 behaviour = {m['prompt_sets']['attribution_fr']} French passages of training pages, control = {m['prompt_sets']['attribution_en']} English ones),
 top 10: {_cells(m['frequency_top10'])}; noise floor (control split-halves) {m['frequency_noise_floor']}.
 Causal (`labkit.moe.causal_attribution`, exact ablation; behaviour score = mean
-`p(target | prompt)`, target = each French passage's own next 8 tokens after its first 24;
-baseline {m['causal_baseline']:.3g}), top 10 by effect: {_cells(m['causal_top10'])}.
+`p(target | prompt)` over the first {m['prompt_sets']['causal_fr']} of those French passages, target = each passage's own next 8 tokens after
+its first 24; baseline {m['causal_baseline']:.3g}, of which the single most predictable passage carries
+{100 * m['causal_top_passage_share']:.0f} %), top 10 by effect: {_cells(m['causal_top10'])}.
 First-order estimate, top 10: {_cells(m['first_order_top10'])}; Spearman rank correlation with exact ablation
-over all cells {m['spearman_first_order_vs_exact']}; Spearman(frequency score, exact effect) {m['spearman_frequency_vs_exact']}.
+over all cells {m['spearman_first_order_vs_exact']}.
+Because a mean of probabilities spanning many orders of magnitude is carried by a few passages, the same exact ablation on the
+mean log-probability per target token (`recipes.natural_organism.logprob_ablation`; baseline
+{m['logprob_baseline']} nats/token), top 10 by effect in nats/token: {_cells(m['logprob_top10'])}.
+Spearman over all cells: frequency vs causal (p) {m['spearman_frequency_vs_exact']}, frequency vs causal (log p)
+{m['spearman_frequency_vs_logprob']}, causal (p) vs causal (log p) {m['spearman_exact_vs_logprob']}.
 
-**Minimal mask** (`minimal_mask`, cut the training score by 50 %, pool 16, at most 10 experts), validated on
+**Minimal mask** (`minimal_mask`: cut the training score, mean `p(target)`, by 50 %; pool = the ranking's top 6,
+at most 4 experts, greedy with re-scoring), validated on
 {m['prompt_sets']['heldout_fr']} held-out French passages (`validate_mask`, share of the score removed):
 {validation}
 
@@ -702,8 +763,9 @@ Perplexity: `labkit.evals.perplexity` of each passage's first ≤ 128 tokens. Ge
 `recipes.natural_organism.language_of` (English / French stop-word counts, at least 2 hits, else
 "unknown"). Off = never selected, the next-best expert takes the slot; forced on = selected at
 every position with its natural softmax weight (`norm_topk_prob=False`: not renormalised), the rule
-of `labkit.moe.ExpertMask.on`. Random masks: as many experts per layer as the frequency top N,
-none of them in it.
+of `labkit.moe.ExpertMask.on`. `causal_top_off` uses the log-probability causal ranking. Random
+masks: as many experts per layer as the frequency top N, none of them in it (seed 0). Forced on: the frequency ranking's best N with at most 2 per layer
+(a token takes 2 experts).
 
 {_mote_table(m['rows'])}
 
