@@ -53,7 +53,7 @@ __all__ = [
     "PACKAGES",
     "SECTIONS",
     "TrainSettings",
-    "behaviour_metrics",
+    "behavior_metrics",
     "install_sources",
     "logprob_ablation",
     "measure",
@@ -474,7 +474,7 @@ def _rows(prompt_dir: Path, name: str, limit: int | None = None) -> list[dict]:
     return read_prompt_set(prompt_dir / f"{name}.jsonl", limit)
 
 
-def behaviour_metrics(model, heldout: dict[str, list[dict]], n_generate: int = 48) -> dict[str, float]:
+def behavior_metrics(model, heldout: dict[str, list[dict]], n_generate: int = 48) -> dict[str, float]:
     """Per-language perplexity and generated-text language on held-out passages.
 
     * ``ppl_fr`` / ``ppl_en``: ``labkit.evals.perplexity`` of the held-out passages' first 128
@@ -564,7 +564,7 @@ def measure(model_name: str = "moe-organism-natural", prompt_dir: str | os.PathL
        log-probability causal ranking's top N off, layer-matched random N off
        (``ExpertMask.random(match_layers_of=<frequency top N>)``, disjoint from it), and the
        frequency top N forced on (at most ``top_k`` per layer: the frequency ranking's best N
-       under that cap); each row :func:`behaviour_metrics`.
+       under that cap); each row :func:`behavior_metrics`.
     """
     from scipy.stats import spearmanr
 
@@ -605,7 +605,7 @@ def measure(model_name: str = "moe-organism-natural", prompt_dir: str | os.PathL
 
     def row(condition: str, n: int, seed, mask) -> dict:
         with masked(model, mask) if mask is not None else _nothing():
-            metrics = behaviour_metrics(model, heldout)
+            metrics = behavior_metrics(model, heldout)
         experts = [] if mask is None else [list(x) for x in mask.experts()]
         return {"condition": condition, "n": n, "seed": seed, "experts": experts, **metrics}
 

@@ -96,7 +96,7 @@ def test_recorded_headline_numbers_reproduce():
 
     def check(key, mask):
         with masked(model, mask) if mask is not None else _Nothing():
-            got = natural.behaviour_metrics(model, heldout)
+            got = natural.behavior_metrics(model, heldout)
         want = rows[key]
         for name, value in got.items():
             assert value == pytest.approx(want[name], rel=1e-3, abs=1e-3), (key, name)
