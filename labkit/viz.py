@@ -489,3 +489,64 @@ def steerability_plot(slopes, *, title: str | None = None):
     fig.update_layout(title=title or "per-prompt steerability (below 0: anti-steerable)", height=420, width=900,
                       showlegend=False)
     return fig
+
+
+def minimal_mask_plot(rows, *, title: str | None = None):
+    """Held-out cut of each ranking's minimal mask, per organism, beside random masks of its shape.
+
+    One group of bars per organism (``rows[i]["organism"]``), one bar per ranking: the share of the
+    behaviour score the ranking's minimal mask removes on held-out prompts
+    (:attr:`labkit.moe.causal.MaskValidation.cut`), with the random masks' cuts as grey dots and
+    their mean as a hollow marker (MoTE §4's random control; :func:`labkit.moe.validate_mask`).
+
+    Args:
+        rows: dicts with ``organism``, ``ranking``, ``n_experts``, ``cut`` and ``random_cuts``
+            (a sequence of floats).
+        title: figure title.
+
+    Returns:
+        A ``plotly.graph_objects.Figure``.
+
+    Raises:
+        ValueError: no rows, or a row lacking one of the keys (named).
+    """
+    import plotly.graph_objects as go
+
+    rows = list(rows)
+    if not rows:
+        raise ValueError("minimal_mask_plot: no rows to plot.")
+    needed = ("organism", "ranking", "n_experts", "cut", "random_cuts")
+    for i, row in enumerate(rows):
+        missing = [k for k in needed if k not in row]
+        if missing:
+            raise ValueError(f"minimal_mask_plot: row {i} lacks {missing}; each row needs {list(needed)}.")
+    rankings = list(dict.fromkeys(row["ranking"] for row in rows))
+    figure = go.Figure()
+    for ranking in rankings:
+        mine = [row for row in rows if row["ranking"] == ranking]
+        figure.add_trace(
+            go.Bar(
+                name=ranking,
+                x=[row["organism"] for row in mine],
+                y=[row["cut"] for row in mine],
+                text=[f"{row['n_experts']} expert{'s' if row['n_experts'] != 1 else ''}" for row in mine],
+                textposition="outside",
+            )
+        )
+    figure.add_trace(
+        go.Scatter(
+            name="random masks (same shape)",
+            x=[row["organism"] for row in rows for _ in row["random_cuts"]],
+            y=[float(c) for row in rows for c in row["random_cuts"]],
+            mode="markers",
+            marker=dict(color="#7f7f7f", size=6, opacity=0.6),
+        )
+    )
+    figure.update_layout(
+        barmode="group",
+        title=title or "Minimal masks on held-out prompts: share of the behaviour removed",
+        yaxis_title="held-out cut (1 = behaviour score removed)",
+        yaxis_range=[min(-0.1, *(float(c) for row in rows for c in row["random_cuts"])), 1.1],
+        legend_title="ranking",
+    )
+    return figure

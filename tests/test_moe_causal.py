@@ -165,7 +165,7 @@ def test_save_load_round_trip(planted, tmp_path):
     result = causal_attribution(model, TRAIN[:2], target, layers=[1], progress=False)
     again = CausalAttribution.load(result.save(tmp_path / "causal"))
     assert torch.equal(again.effect, result.effect) and again.top(3) == result.top(3)
-    assert (again.layers, again.method, again.target) == (result.layers, result.method, result.target)
+    assert (again.layers, again.method, again.target, again.score) == (result.layers, result.method, result.target, "probability")
 
 
 def test_bad_input_is_refused_clearly(planted):
@@ -183,3 +183,21 @@ def test_bad_input_is_refused_clearly(planted):
     with pytest.raises(ValueError, match="the mask is empty"):
         validate_mask(model, ExpertMask(()), HELDOUT, target)
     assert count_hooks(model.labkit.twin) == 0
+
+
+def test_logprob_score_is_the_mean_per_token_log_probability_drop(planted):
+    """score="logprob": effect = mean over prompts of (log p without mask - log p with the expert
+    off) / target length, in nats; both methods rank the plant first."""
+    model, target = planted
+    n_tokens = len(model.labkit.tokenizer.encode(target, add_special_tokens=False))
+    exact = causal_attribution(model, TRAIN, target, score="logprob", layers=[1], progress=False)
+    base = target_logprobs(model, TRAIN, target)
+    with masked(model, ExpertMask.off([PLANTED])):
+        off = target_logprobs(model, TRAIN, target)
+    assert float(exact.effect[0, 3]) == pytest.approx(float(((base - off) / n_tokens).mean()), rel=1e-5)
+    assert exact.baseline == pytest.approx(float((base / n_tokens).mean()), rel=1e-5)
+    assert exact.top(1) == [PLANTED] and exact.score == "logprob"
+    estimate = causal_attribution(model, TRAIN, target, score="logprob", method="first_order", progress=False)
+    assert estimate.top(1) == [PLANTED]
+    with pytest.raises(ValueError, match="unknown score 'nats'; allowed: probability, logprob"):
+        causal_attribution(model, TRAIN, target, score="nats")

@@ -149,3 +149,24 @@ def test_steering_figures_are_deterministic_and_show_the_values():
         steerability_plot(slopes.drop(columns="slope"))
     with pytest.raises(ValueError, match="no steered rows"):
         sweep_heatmap(table[table.method == "unsteered"])
+
+
+def test_minimal_mask_plot_shows_each_rankings_cut_and_the_random_masks():
+    from labkit.viz import minimal_mask_plot
+
+    rows = [
+        {"organism": "planted", "ranking": "frequency", "n_experts": 1, "cut": 0.97, "random_cuts": [0.0, 0.01]},
+        {"organism": "planted", "ranking": "causal", "n_experts": 1, "cut": 0.97, "random_cuts": [0.0, 0.01]},
+        {"organism": "natural", "ranking": "frequency", "n_experts": 4, "cut": 0.47, "random_cuts": [0.56, -0.1]},
+        {"organism": "natural", "ranking": "causal", "n_experts": 1, "cut": 0.0, "random_cuts": [0.04]},
+    ]
+    figure = minimal_mask_plot(rows)
+    bars = {trace.name: trace for trace in figure.data if trace.type == "bar"}
+    assert list(bars) == ["frequency", "causal"]
+    assert list(bars["frequency"].x) == ["planted", "natural"] and list(bars["frequency"].y) == [0.97, 0.47]
+    assert list(bars["causal"].y) == [0.97, 0.0] and list(bars["frequency"].text) == ["1 expert", "4 experts"]
+    dots = [trace for trace in figure.data if trace.type == "scatter"][0]
+    assert list(dots.y) == [0.0, 0.01, 0.0, 0.01, 0.56, -0.1, 0.04]
+    assert figure.layout.yaxis.range[0] == -0.1
+    with pytest.raises(ValueError, match=r"row 0 lacks \['cut'\]"):
+        minimal_mask_plot([{"organism": "a", "ranking": "b", "n_experts": 1, "random_cuts": []}])

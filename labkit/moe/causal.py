@@ -132,6 +132,15 @@ def _batch_logprobs(hf_model, prompt_rows, target_rows, pad_id) -> Tensor:
     return torch.stack(out)
 
 
+Score = Literal["probability", "logprob"]
+SCORES = ("probability", "logprob")
+
+
+def _per_prompt_score(logprob: Tensor, n_tokens: Tensor, score: str) -> Tensor:
+    """``p(target | prompt)``, or the mean log-probability per target token (nats)."""
+    return logprob.exp() if score == "probability" else logprob / n_tokens
+
+
 def _logprobs(model, batches: _Batches) -> Tensor:
     hf_model = hf_of(model)
     with torch.no_grad():
@@ -187,8 +196,9 @@ class CausalAttribution:
 
     Attributes:
         effect: ``Float[Tensor, "layer expert"]``: ``score(no mask) - score(expert off)``, the
-            score being the mean target probability (positive: the expert carries the
-            behaviour). Rows follow ``layers`` (true layer numbers of the MoE layers).
+            score being the mean target probability, or the mean log-probability per target
+            token (``score="logprob"``, nats); positive: the expert carries the behaviour. Rows
+            follow ``layers`` (true layer numbers of the MoE layers).
         stderr: ``Float[Tensor, "layer expert"]``: standard error of ``effect`` over prompts.
         baseline: the unmasked score.
         layers: true layer index of each row.
@@ -196,6 +206,7 @@ class CausalAttribution:
         method: ``"ablation"`` (exact) or ``"first_order"`` (attribution patching).
         target: the target continuation(s), for the record.
         model_name: the model it was measured on.
+        score: ``"probability"`` or ``"logprob"``.
     """
 
     effect: Float[Tensor, "layer expert"]
@@ -206,6 +217,7 @@ class CausalAttribution:
     method: str
     target: str
     model_name: str
+    score: str = "probability"
 
     @property
     def n_experts(self) -> int:
@@ -239,7 +251,7 @@ class CausalAttribution:
 
     def __repr__(self) -> str:
         return (
-            f"CausalAttribution({self.method}, {len(self.layers)} layers x {self.n_experts} experts, "
+            f"CausalAttribution({self.method}, {self.score}, {len(self.layers)} layers x {self.n_experts} experts, "
             f"baseline {self.baseline:.4f} on {self.n_prompts} prompts, top {self.top(min(3, self.effect.numel()))})"
         )
 
@@ -257,8 +269,10 @@ class CausalAttribution:
             FileNotFoundError / ValueError: as :func:`labkit.storage.load`.
         """
         metadata, tensors = storage.load(path, kind=KIND, version=VERSION, caller="CausalAttribution.load", writer="CausalAttribution.save")
-        storage.require_keys(metadata, [f.name for f in fields(cls) if f.name not in ("effect", "stderr")], caller="CausalAttribution.load", source=repr(str(path)))
-        values = {f.name: metadata[f.name] for f in fields(cls) if f.name not in ("effect", "stderr")}
+        names = [f.name for f in fields(cls) if f.name not in ("effect", "stderr", "score")]
+        storage.require_keys(metadata, names, caller="CausalAttribution.load", source=repr(str(path)))
+        values = {name: metadata[name] for name in names}
+        values["score"] = metadata.get("score", "probability")
         values["layers"] = tuple(values["layers"])
         return cls(effect=tensors["effect"], stderr=tensors["stderr"], **values)
 
@@ -282,16 +296,17 @@ def _stderr(per_prompt: Tensor) -> Tensor:
     return per_prompt.std(dim=-1, unbiased=True) / math.sqrt(n) if n > 1 else torch.zeros(per_prompt.shape[:-1])
 
 
-def _ablation(model, batches: _Batches, routers: list[MoELayer], progress: bool) -> tuple[Tensor, Tensor, float]:
+def _ablation(model, batches: _Batches, routers: list[MoELayer], progress: bool, score: str) -> tuple[Tensor, Tensor, float]:
     from labkit.moe.masking import ExpertMask, masked
 
-    base = _logprobs(model, batches).exp()
+    n_tokens = torch.tensor([len(t) for t in batches.target_rows], dtype=torch.float32)
+    base = _per_prompt_score(_logprobs(model, batches), n_tokens, score)
     n_experts = routers[0].n_experts
     per_prompt = torch.zeros(len(routers), n_experts, len(batches))
     cells = [(r, e) for r in range(len(routers)) for e in range(n_experts)]
     for r, e in tqdm(cells, desc="causal ablation", unit="expert", disable=not progress):
         with masked(model, ExpertMask.off([(routers[r].layer, e)])):
-            per_prompt[r, e] = base - _logprobs(model, batches).exp()
+            per_prompt[r, e] = base - _per_prompt_score(_logprobs(model, batches), n_tokens, score)
     return per_prompt.mean(-1), _stderr(per_prompt), float(base.mean())
 
 
@@ -350,7 +365,7 @@ def _capture(routers: list[MoELayer], blocks: list[torch.nn.Module], family_name
             handle.remove()
 
 
-def _first_order(model, batches: _Batches, routers: list[MoELayer], progress: bool) -> tuple[Tensor, Tensor, float]:
+def _first_order(model, batches: _Batches, routers: list[MoELayer], progress: bool, score: str) -> tuple[Tensor, Tensor, float]:
     from labkit.moe.masking import active_selection
 
     family = family_of(model)
@@ -361,9 +376,10 @@ def _first_order(model, batches: _Batches, routers: list[MoELayer], progress: bo
     scores = []
     for start, prompt_rows, target_rows in tqdm(list(batches.chunks()), desc="causal first order", unit="batch", disable=not progress):
         with _capture(routers, blocks, family.name) as records, torch.enable_grad():
-            probability = _batch_logprobs(hf_model, prompt_rows, target_rows, batches.pad_id).exp()
-            probability.sum().backward()
-        scores.append(probability.detach().cpu())
+            n_tokens = torch.tensor([len(t) for t in target_rows], dtype=torch.float32, device=next(hf_model.parameters()).device)
+            values = _per_prompt_score(_batch_logprobs(hf_model, prompt_rows, target_rows, batches.pad_id), n_tokens, score)
+            values.sum().backward()  # rows do not interact, so each row's gradient is its own prompt's
+        scores.append(values.detach().cpu())
         width = max(len(p) + len(t) for p, t in zip(prompt_rows, target_rows))
         for r, (moe_layer, record) in enumerate(zip(routers, records)):
             grad = record["probe"].grad.reshape(-1, record["probe"].shape[-1])
@@ -401,6 +417,7 @@ def causal_attribution(
     targets: str | Sequence[str],
     *,
     method: Method = "ablation",
+    score: Score = "probability",
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
     chat: bool = False,
@@ -418,6 +435,11 @@ def causal_attribution(
         targets: the behaviour's continuation (``" I cannot"``), one string or one per prompt.
         method: ``"ablation"`` (exact; one masked pass per expert) or ``"first_order"``
             (attribution patching; one forward and backward pass per batch).
+        score: the behaviour score averaged over prompts: ``"probability"`` (``p(target |
+            prompt)``, in [0, 1]; right when the behaviour is near-deterministic, like a refusal)
+            or ``"logprob"`` (mean log-probability per target token, nats; every prompt counts,
+            right for open text, where a mean of probabilities is carried by the few most
+            predictable prompts).
         layers: restrict to these MoE layers (true layer numbers); default all.
         batch_size, chat, prepend_bos: as for :func:`target_logprobs`.
         progress: show a progress bar.
@@ -433,10 +455,12 @@ def causal_attribution(
     """
     if method not in METHODS:
         raise ValueError(f"causal_attribution: unknown method {method!r}; allowed: {', '.join(METHODS)}.")
+    if score not in SCORES:
+        raise ValueError(f"causal_attribution: unknown score {score!r}; allowed: {', '.join(SCORES)}.")
     batches = _encode(model, prompts, targets, caller="causal_attribution", chat=chat, prepend_bos=prepend_bos, batch_size=batch_size)
     routers = _layers_of(model, layers, "causal_attribution")
     estimate = _ablation if method == "ablation" else _first_order
-    effect, stderr, baseline = estimate(model, batches, routers, progress)
+    effect, stderr, baseline = estimate(model, batches, routers, progress, score)
     target = targets if isinstance(targets, str) else f"{len(list(targets))} per-prompt targets"
     return CausalAttribution(
         effect=effect.float(),
@@ -445,6 +469,7 @@ def causal_attribution(
         layers=tuple(r.layer for r in routers),
         n_prompts=len(batches),
         method=method,
+        score=score,
         target=target,
         model_name=lab_model(model).name,
     )
