@@ -123,10 +123,11 @@ def test_saved_metadata_states_every_number_of_the_vector(tmp_path):
                             positions="front", model_name="m", source={"method": "actadd"})
     expected = {"kind": "labkit.SteeringVector", "version": 1, "hook_name": "blocks.2.hook_resid_post",
                 "layer": 2, "coefficient": -1.5, "positions": "front", "model_name": "m", "d_model": 4,
-                "shape": [3, 4], "source": {"method": "actadd"}}
+                "shape": [3, 4], "source": {"method": "actadd"}, "operation": "add"}
     assert vector.metadata() == expected
-    json_path, tensor_path = vector.save(tmp_path / "new" / "dirs" / "v")  # missing parents are created
-    assert json.loads(json_path.read_text()) == expected
+    json_path = vector.save(tmp_path / "new" / "dirs" / "v")  # missing parents are created
+    tensor_path = json_path.with_suffix(".safetensors")
+    assert json.loads(json_path.read_text()) == {**expected, "tensors": ["activations"]}
     with safe_open(str(tensor_path), framework="pt") as f:  # the tensor file says what it is, too
         assert f.metadata() == {"kind": "labkit.SteeringVector", "version": "1"}
         assert torch.equal(f.get_tensor("activations"), vector.activations)
@@ -135,9 +136,13 @@ def test_saved_metadata_states_every_number_of_the_vector(tmp_path):
 def test_from_dict_refuses_another_kind_or_version():
     data = SteeringVector("blocks.0.hook_resid_pre", torch.ones(4)).to_dict()
     assert torch.equal(SteeringVector.from_dict(data).activations, torch.ones(4))
-    for bad in ({"version": 2}, {"kind": "labkit.ExpertMask"}):
-        with pytest.raises(ValueError, match="Not a labkit steering vector"):
-            SteeringVector.from_dict({**data, **bad})
+    refusals = {
+        "version": (2, r"SteeringVector.from_dict: the dict is labkit.SteeringVector version 2, newer than this labkit reads \(1\)"),
+        "kind": ("labkit.ExpertMask", r"the dict is of kind 'labkit.ExpertMask'; expected kind 'labkit.SteeringVector'. Load it with ExpertMask.load"),
+    }
+    for key, (value, message) in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            SteeringVector.from_dict({**data, key: value})
     # a hand-written dict may leave out the optional fields: unchecked model, empty provenance
     minimal = {k: data[k] for k in ("kind", "version", "hook_name", "activations", "coefficient", "positions")}
     loaded = SteeringVector.from_dict(minimal)
