@@ -578,12 +578,18 @@ def encode_prompts(
             ``chat=True`` without a chat template.
         TypeError: a prompt that is not a string; a model not made by labkit.
     """
+    return encode_with(lab_model(model).encode, prompts, caller=caller, chat=chat, prepend_bos=prepend_bos, hint=hint)
+
+
+def encode_with(
+    encode, prompts, *, caller: str, chat: bool = False, prepend_bos: bool | None = None, hint: str = ""
+) -> tuple[list[str], list[list[int]]]:
+    """:func:`encode_prompts` with any ``encode(prompt, chat=, prepend_bos=)`` (e.g. the vLLM handle's)."""
     prompts = check_prompts(prompts, caller=caller, hint=hint)
-    record = lab_model(model)
     rows = []
     for i, prompt in enumerate(prompts):
         try:
-            ids = record.encode(prompt, chat=chat, prepend_bos=prepend_bos)
+            ids = encode(prompt, chat=chat, prepend_bos=prepend_bos)
         except ValueError as error:
             raise ValueError(f"{caller}: {error}") from None
         if not ids:

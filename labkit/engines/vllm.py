@@ -166,19 +166,9 @@ class VLLMModel:
         )
 
     def _encode_all(self, prompts, *, caller: str, chat: bool, prepend_bos: bool | None) -> tuple[list[str], list[list[int]]]:
-        from labkit.models import check_prompts
+        from labkit.models import encode_with
 
-        prompts = check_prompts(prompts, caller=caller)
-        rows = []
-        for i, prompt in enumerate(prompts):
-            try:
-                ids = self.encode(prompt, chat=chat, prepend_bos=prepend_bos)
-            except ValueError as error:
-                raise ValueError(f"{caller}: {error}") from None
-            if not ids:
-                raise ValueError(f"{caller}: prompt {i} ({prompt!r}) tokenises to no tokens.")
-            rows.append(ids)
-        return prompts, rows
+        return encode_with(self.encode, prompts, caller=caller, chat=chat, prepend_bos=prepend_bos)
 
     def _check_context(self, lengths: Sequence[int], new_tokens: int, caller: str) -> None:
         n_ctx = self.cfg.n_ctx
