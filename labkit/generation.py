@@ -181,8 +181,8 @@ def generate(
         ValueError: an empty prompt or prompt list, ``max_new_tokens < 1``, a temperature /
             top_p out of range, ``chat=True`` without a chat template, a prompt that (with
             ``max_new_tokens``) exceeds the context window, an unknown keyword argument, a
-            steering vector that does not fit the model, or ``steering_per_row`` whose length
-            is not the number of prompts.
+            steering vector that does not fit the model, ``steering_per_row`` whose length
+            is not the number of prompts, or both ``steering_per_row`` and ``steering_per_prompt``.
 
     Example:
         >>> out = generate(model, ["The weather today is"], max_new_tokens=8)  # doctest: +SKIP
@@ -190,9 +190,16 @@ def generate(
     """
     from labkit.engines import is_engine_model
 
+    if steering_per_row is not None and steering_per_prompt is not None:
+        raise ValueError(
+            "generate: give steering_per_row= (one batch) or steering_per_prompt=, not both; each is one "
+            "entry per prompt."
+        )
     if is_engine_model(model):
+        # every engine request carries its own interventions: per row and per prompt are the same
+        per_prompt = steering_per_row if steering_per_row is not None else steering_per_prompt
         return model.generate(
-            prompts, steering=steering, steering_per_prompt=steering_per_prompt, max_new_tokens=max_new_tokens,
+            prompts, steering=steering, steering_per_prompt=per_prompt, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, chat=chat, prepend_bos=prepend_bos,
             streamer=streamer, use_cache=use_cache, **generate_kwargs,
         )

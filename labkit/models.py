@@ -489,12 +489,29 @@ def hf_model_of(model) -> torch.nn.Module:
 
 
 def tokenizer_of(model):
-    """labkit's tokenizer for a model (left padding, pad token set).
+    """labkit's tokenizer for a model (left padding, pad token set); a bridge or an engine handle.
 
     Raises:
         TypeError: the model was not made by labkit.
     """
+    from labkit.engines import is_engine_model
+
+    if is_engine_model(model):
+        return model.tokenizer
     return lab_model(model).tokenizer
+
+
+def model_name_of(model) -> str:
+    """The canonical name labkit records for a model (a bridge or an engine handle).
+
+    Raises:
+        TypeError: the model was not made by labkit.
+    """
+    from labkit.engines import is_engine_model
+
+    if is_engine_model(model):
+        return model.name
+    return lab_model(model).name
 
 
 def encode_prompt(
@@ -578,7 +595,10 @@ def encode_prompts(
             ``chat=True`` without a chat template.
         TypeError: a prompt that is not a string; a model not made by labkit.
     """
-    return encode_with(lab_model(model).encode, prompts, caller=caller, chat=chat, prepend_bos=prepend_bos, hint=hint)
+    from labkit.engines import is_engine_model
+
+    encode = model.encode if is_engine_model(model) else lab_model(model).encode
+    return encode_with(encode, prompts, caller=caller, chat=chat, prepend_bos=prepend_bos, hint=hint)
 
 
 def encode_with(

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from labkit import storage
 from labkit.hooks import attach, intervene, resolve_hook
-from labkit.models import check_prompts, encode_prompts, lab_model, left_pad, same_model, tokenizer_of
+from labkit.models import check_prompts, encode_prompts, lab_model, left_pad, model_name_of, same_model, tokenizer_of
 
 __all__ = [
     "POSITIONS",
@@ -334,6 +334,11 @@ def _check_layer(model, layer: Any, where: str) -> int:
 
 
 def _check_hook_point(model, hook_name: str, where: str) -> None:
+    from labkit.engines import is_engine_model
+
+    if is_engine_model(model):
+        model.hook_layer(hook_name, where)
+        return
     layer = _layer_of(hook_name)
     if layer is not None:
         _check_layer(model, layer, f"{where} {hook_name!r}")
@@ -370,13 +375,18 @@ def residual_activations(
     """Activations at one hook point for each token sequence (left-padded batch, pads dropped).
 
     Args:
-        model: a labkit bridge.
+        model: a labkit bridge, or a vLLM handle (``load_model(..., engine="vllm")``; residual
+            hook points only, recorded inside the workers).
         token_ids: one list of token ids per sequence.
         hook_name: e.g. ``"blocks.6.hook_resid_pre"``.
 
     Returns:
         One ``(len(seq), d_model)`` float tensor per sequence (on the CPU).
     """
+    from labkit.engines import is_engine_model
+
+    if is_engine_model(model):  # recorded inside the vLLM workers
+        return model.residual_activations(token_ids, hook_name)
     tokenizer = tokenizer_of(model)
     device = next(lab_model(model).twin.parameters()).device
     input_ids, mask, position_ids = left_pad(token_ids, tokenizer.pad_token_id, device)
@@ -459,7 +469,7 @@ def actadd(
         activations=act_plus - act_minus,
         coefficient=coefficient,
         positions="front",
-        model_name=lab_model(model).name,
+        model_name=model_name_of(model),
         source={
             "method": "actadd",
             "plus": plus,
@@ -526,7 +536,7 @@ def mean_difference(
         activations=acts_positive.mean(0) - acts_negative.mean(0),
         coefficient=coefficient,
         positions=positions,
-        model_name=lab_model(model).name,
+        model_name=model_name_of(model),
         source={
             "method": "mean_difference",
             "token": token,
@@ -646,7 +656,7 @@ def pca_direction(
         activations=_scaled_to_separation(vh[0], acts_positive.double(), acts_negative.double()).float(),
         coefficient=coefficient,
         positions=positions,
-        model_name=lab_model(model).name,
+        model_name=model_name_of(model),
         source={
             "method": "pca",
             "token": token,
@@ -764,7 +774,7 @@ def probe_direction(
         activations=_scaled_to_separation(weights, acts_positive.double(), acts_negative.double()).float(),
         coefficient=coefficient,
         positions=positions,
-        model_name=lab_model(model).name,
+        model_name=model_name_of(model),
         source={
             "method": "probe",
             "token": token,
@@ -840,7 +850,7 @@ def directional_ablation(
             activations=tensor.float(),
             coefficient=coefficient,
             positions=positions,
-            model_name=lab_model(model).name,
+            model_name=model_name_of(model),
             source=source,
             operation="ablate",
         )
@@ -1104,6 +1114,11 @@ def steered(model, *vectors: SteeringVector, rows: Sequence[Any] | None = None) 
     from labkit.engines import is_engine_model
 
     if is_engine_model(model):
+        if rows is not None:
+            raise ValueError(
+                "steered(rows=...): the vLLM engine schedules its own batches, so batch rows are not "
+                "prompts there; pass one entry per prompt to labkit.generate(..., steering_per_row=...)."
+            )
         with model.steered(*vectors) as handle:
             yield handle
         return

@@ -60,8 +60,19 @@ def _text_box(title: str, text: str, css_class: str, body_html: str | None = Non
 
 
 def _labkit_generate(model, prompt: str, *, steering=None, streamer=None, **settings) -> str:
+    from labkit.engines import is_engine_model
     from labkit.generation import generate
 
+    if streamer is not None and is_engine_model(model):
+        # An engine (vLLM) returns whole completions: replay the tokens into the streamer, so the
+        # panel shows the same text and counts the same tokens (the first token arrives with the
+        # last; the status line's "first token" is then the whole generation's time).
+        out = generate(model, [prompt], steering=steering, **settings)
+        streamer.put(out.prompt_token_ids[0])
+        for token_id in out.token_ids[0]:
+            streamer.put([token_id])
+        streamer.end()
+        return out.texts[0]
     return generate(model, [prompt], steering=steering, streamer=streamer, **settings).texts[0]
 
 

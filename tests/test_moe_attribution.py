@@ -425,3 +425,39 @@ def test_statistics_equal_an_independent_scipy_computation(uneven_pair, metric, 
         maxima.append(np.abs(split).max())
     assert result.noise_floor == pytest.approx(float(np.quantile(maxima, 1 - alpha)), rel=1e-12)
     assert 0 < result.noise_floor < np.abs(score).max()
+
+
+def test_two_proportion_z_test_equals_scipy_chi_square(uneven_pair):
+    """test='z': the pooled two-proportion z test on token counts; its p equals the 2x2 chi-square
+    test without continuity correction (chi2 = z^2), computed here by scipy."""
+    from scipy.stats import chi2_contingency
+
+    behavior, control = uneven_pair
+    result = attribute_experts(behavior, control, aggregate="token", test="z", n_bootstrap=0, n_splits=4)
+    assert result.test == "z"
+    sel_b, _ = _per_token_values(behavior)
+    sel_c, _ = _per_token_values(control)
+    n_b, n_c = sel_b.shape[1], sel_c.shape[1]
+    p = np.ones(result.score.shape)
+    for layer in range(p.shape[0]):
+        for expert in range(p.shape[1]):
+            a, c = sel_b[layer, :, expert].sum(), sel_c[layer, :, expert].sum()
+            if 0 < a + c < n_b + n_c:  # a column of zeros: no variance, p = 1 (z = 0)
+                p[layer, expert] = chi2_contingency([[a, n_b - a], [c, n_c - c]], correction=False).pvalue
+    np.testing.assert_allclose(result.p_value.numpy(), p, rtol=1e-9, atol=1e-12)
+    assert result.p_value.min() < 1e-3 and (result.p_value == 1).sum() < result.p_value.numel()
+
+
+def test_summary_reports_the_ranked_cells_and_their_statistics(uneven_pair):
+    behavior, control = uneven_pair
+    result = attribute_experts(behavior, control, n_bootstrap=50, n_splits=20, seed=0)
+    lines = result.summary(3).splitlines()
+    assert len(lines) == 2 + 3
+    assert f"{behavior.n_prompts} behaviour / {control.n_prompts} control prompts" in lines[0]
+    assert f"noise floor" in lines[1] and f"{result.noise_floor:.4f}" in lines[1]
+    assert f"significant (q < {result.alpha}): {len(result.significant())}" in lines[1]
+    top = result.to_frame().head(3)
+    for line, row in zip(lines[2:], top.itertuples()):
+        assert line.split()[:2] == [f"L{row.layer}", f"E{row.expert}"]
+        assert f"score {row.score:+.4f}" in line and f"q={row.q_value:.2g}" in line
+        assert line.endswith("  *") == bool(row.significant and row.above_noise_floor)

@@ -127,8 +127,15 @@ def test_mixed_batch_equals_rows_run_alone_on_hf(hf, engine, prompts, vectors):
     for i, (prompt, entry) in enumerate(zip(prompts, per_prompt)):
         alone = labkit.generate(hf, [prompt], steering=entry, max_new_tokens=N)
         assert b.token_ids[i] == alone.token_ids[0], f"prompt {i}"
-    # the HF path's own steering_per_prompt gives the same rows
+    # the HF path's own steering_per_prompt and one-batch steering_per_row give the same rows, and so
+    # does steering_per_row on the engine (never dropped: that would return unsteered text)
     assert labkit.generate(hf, prompts, steering_per_prompt=per_prompt, max_new_tokens=N).token_ids == b.token_ids
+    assert labkit.generate(hf, prompts, steering_per_row=per_prompt, max_new_tokens=N).token_ids == b.token_ids
+    assert labkit.generate(engine, prompts, steering_per_row=per_prompt, max_new_tokens=N).token_ids == b.token_ids
+    with pytest.raises(ValueError, match="steering_per_row"), labkit.steered(engine, rows=per_prompt):
+        pass
+    with pytest.raises(ValueError, match="not both"):
+        labkit.generate(engine, prompts, steering_per_row=per_prompt, steering_per_prompt=per_prompt)
 
 
 def _masks(hf):
@@ -244,6 +251,83 @@ def test_bad_input_same_messages_as_hf(hf, engine, vectors):
         labkit.models.hf_model_of(engine)  # caching, lenses, widgets need activations in this process
     with pytest.raises(ValueError, match="context window is 64 tokens"):
         labkit.generate(engine, ["Q: hi A:"], max_new_tokens=80)
+
+
+def test_vectors_built_on_the_engine_equal_hf(hf, engine, prompts):
+    """actadd / mean_difference / PCA read the residual stream inside the vLLM workers."""
+    a = labkit.actadd(hf, "I cannot", "There was", layer=1, coefficient=4.0)
+    b = labkit.actadd(engine, "I cannot", "There was", layer=1, coefficient=4.0)
+    assert (b.hook_name, b.positions, b.model_name, b.source) == (a.hook_name, a.positions, a.model_name, a.source)
+    torch.testing.assert_close(b.activations, a.activations, rtol=1e-4, atol=1e-4)
+    positive, negative = read_prompts("attribution_behavior", 6), read_prompts("attribution_control", 6)
+    for method, kwargs in ((labkit.mean_difference, {}), (labkit.pca_direction, {"token": "mean"})):
+        for layer, hook_point in ((2, "hook_resid_pre"), (0, "hook_resid_post")):
+            on_hf = method(hf, positive, negative, layer=layer, hook_point=hook_point, **kwargs)
+            on_engine = method(engine, positive, negative, layer=layer, hook_point=hook_point, **kwargs)
+            assert on_engine.hook_name == on_hf.hook_name
+            torch.testing.assert_close(on_engine.activations, on_hf.activations, rtol=1e-4, atol=1e-4)
+    # the engine's vector steers the engine as the HF vector steers HF; a repeat reads every token again
+    steered = labkit.generate(engine, prompts, steering=b, max_new_tokens=N).token_ids
+    assert steered == labkit.generate(hf, prompts, steering=a, max_new_tokens=N).token_ids
+    assert torch.equal(labkit.actadd(engine, "I cannot", "There was", layer=1).activations, b.activations)
+    # the last block's output is not a decoder layer's input: refused, like other hook points
+    last = engine.cfg.n_layers - 1
+    with pytest.raises(ValueError, match=f"blocks.{last}.hook_resid_post' is not supported on the vLLM engine"):
+        labkit.actadd(engine, "I cannot", "There was", layer=last, hook_point="hook_resid_post")
+    with pytest.raises(ValueError) as on_engine:
+        labkit.actadd(engine, "I cannot", "There was", layer=9)
+    with pytest.raises(ValueError) as on_hf:
+        labkit.actadd(hf, "I cannot", "There was", layer=9)
+    assert str(on_engine.value) == str(on_hf.value)
+
+
+def test_directional_ablation_refused_not_added(hf, engine, vectors):
+    """The engine hooks decoder-layer inputs only; ablation also needs hook_resid_mid: refuse, never add."""
+    ablation = labkit.directional_ablation(hf, vectors["all"])
+    with pytest.raises(ValueError, match="operation='ablate'"):
+        labkit.generate(engine, ["Q: hi A:"], steering=ablation, max_new_tokens=2)
+    resid_pre_only = [v for v in ablation if v.hook_name.endswith("hook_resid_pre")]
+    with pytest.raises(ValueError, match="operation='ablate'"):
+        labkit.generate(engine, ["Q: hi A:"], steering=resid_pre_only, max_new_tokens=2)
+
+
+def test_widget_panels_on_the_engine_equal_hf(hf, engine, prompts):
+    """Notebook 05's panels run on the vLLM handle unchanged: same texts, tokens and rates as HF."""
+    from labkit.evals import RefusalDetector
+    from labkit.moe import attribute_experts
+    from labkit.widgets import ExpertPanel, SteeringPanel
+
+    settings = dict(default_prompt=prompts[5], default_plus="I cannot", default_minus="There was", default_layer=1,
+                    default_coefficient=4.0, max_new_tokens=N, temperature=0.0)
+    shown = {}
+    for name, model in (("hf", hf), ("vllm", engine)):
+        panel = SteeringPanel(model, **settings)
+        try:
+            assert panel.wait(300), f"{name}: the steering panel did not finish"
+            assert panel.error.value == "", panel.error.value
+            steering = (panel.steered_text, panel.baseline_text, panel.last_timing["tokens"])
+            panel.coefficient.value = -4.0
+            assert panel.wait(300) and panel.error.value == ""
+            steering += (panel.steered_text, tuple(panel.sweep([0.0, 2.0, 4.0]).values()))
+        finally:
+            panel.close()
+        behavior = trace_routing(model, read_prompts("attribution_behavior", 8), scope=("last", 3), **({"progress": False} if name == "hf" else {}))
+        control = trace_routing(model, read_prompts("attribution_control", 8), scope=("last", 3), **({"progress": False} if name == "hf" else {}))
+        attribution = attribute_experts(behavior, control)
+        experts = ExpertPanel(model, attribution, eval_prompts=prompts, detector=RefusalDetector(), max_new_tokens=N)
+        try:
+            assert experts.wait(300) and experts.error.value == "", experts.error.value
+            before = (experts.baseline_text, experts.masked_text, experts.baseline_rate, experts.masked_rate)
+            experts.switch_off_top(2)
+            assert experts.wait(300) and experts.error.value == "", experts.error.value
+            after = (experts.masked_text, experts.masked_rate, experts.mask)
+        finally:
+            experts.close()
+        shown[name] = (steering, attribution.top(4), before, after)
+    assert shown["vllm"] == shown["hf"]
+    steering, top, before, after = shown["hf"]
+    assert steering[1] not in (steering[0], steering[3]) or steering[0] != steering[3], "the steering must change the panel"
+    assert after[0] != before[1] or after[1] != before[3], "switching off the top experts must change the panel"
 
 
 def test_tensor_parallel_2_equals_1(engine):

@@ -31,7 +31,12 @@ Guarantees and refusals:
 * Refused with a clear error: speculative decoding, a vLLM outside :data:`TESTED_VLLM`, a
   monolithic MoE kernel (it routes inside the kernel), expert masks under data- or
   expert-parallel dispatch, MoE families other than OLMoE, hook points other than
-  ``blocks.{L}.hook_resid_pre`` / ``hook_resid_post``.
+  ``blocks.{L}.hook_resid_pre`` / ``hook_resid_post``, directional ablation (``operation="ablate"``
+  also projects at ``hook_resid_mid`` inside each block).
+
+Vectors are built on the engine too: :meth:`VLLMModel.residual_activations` records the residual
+stream entering a decoder layer inside the workers, so ``actadd`` / ``mean_difference`` /
+``pca_direction`` / ``probe_direction`` take the engine handle, and so do both widget panels.
 """
 
 from __future__ import annotations
@@ -189,7 +194,6 @@ class VLLMModel:
         (``L < n_layers - 1``) is the same tensor as ``blocks.{L+1}.hook_resid_pre``.
         """
         from labkit.models import same_model
-        from labkit.steering import _check_layer, _layer_of
 
         if vector.model_name and not same_model(vector.model_name, self.name):
             raise ValueError(
@@ -202,19 +206,95 @@ class VLLMModel:
                 f"{vector!r} has width d_model={vector.d_model}, but model {self.name!r} has "
                 f"d_model={self.cfg.d_model}; a vector only applies to a model of its own width."
             )
-        layer = _layer_of(vector.hook_name)
+        if vector.operation != "add":
+            raise ValueError(
+                f"{vector!r}: operation={vector.operation!r} is not supported on the vLLM engine, which adds "
+                "vectors to decoder-layer inputs only; directional ablation also projects at "
+                "hook_resid_mid inside each block. Run it with engine='hf' (the default)."
+            )
+        return self.hook_layer(vector.hook_name, "SteeringVector")
+
+    def hook_layer(self, hook_name: str, where: str) -> int:
+        """The vLLM decoder layer whose input is the residual stream at ``hook_name``.
+
+        Raises:
+            ValueError: a layer out of range (the HF path's message), or a hook point other than
+                ``blocks.{L}.hook_resid_pre`` / ``blocks.{L}.hook_resid_post`` (``L < n_layers - 1``).
+        """
+        from labkit.steering import _check_layer, _layer_of
+
+        layer = _layer_of(hook_name)
         if layer is not None:
-            _check_layer(self, layer, f"SteeringVector {vector.hook_name!r}")
-        point = vector.hook_name.split(".", 2)[-1] if layer is not None else vector.hook_name
+            _check_layer(self, layer, f"{where} {hook_name!r}")
+        point = hook_name.split(".", 2)[-1] if layer is not None else hook_name
         if point == "hook_resid_pre":
             return layer
         if point == "hook_resid_post" and layer < self.cfg.n_layers - 1:
             return layer + 1
         raise ValueError(
-            f"SteeringVector: hook point {vector.hook_name!r} is not supported on the vLLM engine; it "
+            f"{where}: hook point {hook_name!r} is not supported on the vLLM engine; it reads and "
             "steers the residual stream between decoder layers: blocks.{L}.hook_resid_pre, or "
             f"blocks.{{L}}.hook_resid_post for L < {self.cfg.n_layers - 1}."
         )
+
+    def residual_activations(self, token_ids: Sequence[Sequence[int]], hook_name: str) -> list[torch.Tensor]:
+        """``labkit.steering.residual_activations`` on this engine: the residual stream at one hook point.
+
+        Each sequence runs as one prefill request (``max_tokens=1``) with its own cache salt (a
+        cached token would not run the layer) under the open steering contexts; the workers record
+        the stream entering the decoder layer (``hidden_states + residual``, what TransformerLens
+        calls ``blocks.{L}.hook_resid_pre``) and return it as safetensors bytes. ``actadd``,
+        ``mean_difference``, ``pca_direction`` and ``probe_direction`` build their vectors through it.
+
+        Args:
+            token_ids: one list of token ids per sequence.
+            hook_name: ``blocks.{L}.hook_resid_pre`` or ``blocks.{L}.hook_resid_post``.
+
+        Returns:
+            One ``(len(seq), d_model)`` float32 tensor per sequence (on the CPU).
+
+        Raises:
+            ValueError: an unsupported hook point, an empty sequence, a sequence longer than the
+                context window.
+            RuntimeError: the workers recorded other positions than the sequence's (a token
+                skipped the layer).
+        """
+        from safetensors.torch import load as load_safetensors
+        from vllm import SamplingParams
+
+        from labkit.moe.trace import _check_token_ids
+
+        layer = self.hook_layer(hook_name, "residual_activations")
+        rows = [list(map(int, ids)) for ids in token_ids]
+        if not rows or any(not row for row in rows):
+            raise ValueError("residual_activations: need at least one non-empty token sequence.")
+        _check_token_ids(rows, int(self.config.vocab_size))
+        self._check_context([len(r) for r in rows], 0, "residual_activations")
+        vectors = [v for group in self._steering for v in group]
+        mask = self._merged_mask([])
+        nonce = uuid.uuid4().hex
+        specs = [self._spec(vectors, mask, capture=(layer,), nonce=f"{nonce}.{i}") for i in range(len(rows))]
+        keys = [spec[0] for spec in specs]
+        try:
+            self._run(rows, specs, lambda extra: SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra))
+            blobs = self.llm.collective_rpc("labkit_collect_residuals", args=(json.dumps(keys),))
+        finally:
+            self.llm.collective_rpc("labkit_release", args=(json.dumps(keys),))
+        arrays: dict[str, torch.Tensor] = {}
+        for blob in blobs:  # the rank that holds the layer (every rank under tensor parallelism)
+            if blob:
+                arrays.update(load_safetensors(blob))
+        out = []
+        for i, row in enumerate(rows):
+            positions = arrays.get(f"{i}.position.{layer}")
+            if positions is None or not torch.equal(positions, torch.arange(len(row))):
+                raise RuntimeError(
+                    f"residual_activations: the vLLM workers recorded positions "
+                    f"{None if positions is None else positions.tolist()} for sequence {i}, expected "
+                    f"0..{len(row) - 1}; a token skipped layer {layer} (prefix cache?)."
+                )
+            out.append(arrays[f"{i}.resid_pre.{layer}"])
+        return out
 
     @contextlib.contextmanager
     def steered(self, *vectors) -> Iterator["VLLMModel"]:
@@ -319,11 +399,13 @@ class VLLMModel:
 
     # -- specs on the workers ----------------------------------------------------------------
 
-    def _spec(self, vectors: list, mask: Mapping[int, Any], *, trace: bool = False, nonce: str = "") -> tuple[str, str, bytes] | None:
+    def _spec(
+        self, vectors: list, mask: Mapping[int, Any], *, trace: bool = False, capture: Sequence[int] = (), nonce: str = ""
+    ) -> tuple[str, str, bytes] | None:
         """``(key, spec_json, tensors)`` for one request's interventions, or ``None`` for none."""
         from safetensors.torch import save as save_safetensors
 
-        if not vectors and not mask and not trace:
+        if not vectors and not mask and not trace and not capture:
             return None
         steering, tensors = [], {}
         for i, vector in enumerate(vectors):
@@ -337,6 +419,7 @@ class VLLMModel:
             "steering": steering,
             "mask": {str(layer): entry for layer, entry in mask.items()},
             "trace": bool(trace),
+            "capture": sorted(int(layer) for layer in capture),
             "nonce": nonce,
         }
         spec_json = json.dumps(spec, sort_keys=True)
@@ -610,8 +693,8 @@ class VLLMModel:
 
 
 def trace_keys_pending(specs) -> bool:
-    """Traced specs are released by the caller after their records are collected."""
-    return any(spec is not None and json.loads(spec[1]).get("trace") for spec in specs)
+    """Traced and capturing specs are released by the caller after their records are collected."""
+    return any(spec is not None and (json.loads(spec[1]).get("trace") or json.loads(spec[1]).get("capture")) for spec in specs)
 
 
 def load_vllm(

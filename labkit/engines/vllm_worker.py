@@ -60,6 +60,7 @@ class _Spec:
     steering: dict[int, list[tuple[str, Tensor]]] = field(default_factory=dict)  # layer -> [(positions, tensor)]
     masks: dict[int, Any] = field(default_factory=dict)  # layer -> labkit Selection
     trace: bool = False
+    capture: tuple[int, ...] = ()  # layers whose input residual stream (hook_resid_pre) to record
 
 
 class _BatchView:
@@ -98,6 +99,7 @@ class _Plan:
         self.steering: dict[int, Tensor] = {}  # layer -> (tokens, d_model) addition
         self.masks: dict[int, list[tuple[Tensor, Any]]] = {}  # layer -> [(token rows, Selection)]
         self.traced: list[tuple[str, Tensor, Tensor]] = []  # (key, token rows, positions)
+        self.captured: dict[int, list[tuple[str, Tensor, Tensor]]] = {}  # layer -> [(key, token rows, positions)]
 
 
 class LabkitWorkerExtension:
@@ -138,6 +140,7 @@ class LabkitWorkerExtension:
             "plan": _Plan(),
             "view": _BatchView(runner),
             "traces": {},
+            "captures": {},
             "settings": settings,
             "handles": [],
         }
@@ -198,7 +201,7 @@ class LabkitWorkerExtension:
         arrays = load_safetensors(tensors) if tensors else {}
         device = next(self.model_runner.model.parameters()).device
         dtype = next(self.model_runner.model.parameters()).dtype
-        parsed = _Spec(trace=bool(spec.get("trace")))
+        parsed = _Spec(trace=bool(spec.get("trace")), capture=tuple(int(layer) for layer in spec.get("capture", [])))
         for item in spec.get("steering", []):
             tensor = arrays[item["tensor"]].to(device=device, dtype=dtype)
             parsed.steering.setdefault(int(item["layer"]), []).append((item["positions"], tensor))
@@ -224,7 +227,29 @@ class LabkitWorkerExtension:
         for key in json.loads(keys_json):
             count += state["specs"].pop(key, None) is not None
             state["traces"].pop(key, None)
+            state["captures"].pop(key, None)
         return count
+
+    def labkit_collect_residuals(self, keys_json: str) -> bytes:
+        """Captured residual streams of capturing requests as one safetensors blob.
+
+        For the ``i``-th key and each captured layer ``L`` this rank holds: ``{i}.position.L``
+        ``[token]`` and ``{i}.resid_pre.L`` ``[token d_model]`` (float32), sorted by position (a
+        position recorded twice keeps its last record). Under tensor parallelism every rank holds
+        the full (all-reduced) residual stream; under pipeline parallelism each rank returns its
+        own layers.
+        """
+        from safetensors.torch import save as save_safetensors
+
+        out: dict[str, Tensor] = {}
+        for i, key in enumerate(json.loads(keys_json)):
+            for layer, parts in self._labkit["captures"].get(key, {}).items():
+                positions = torch.cat([p for p, _ in parts])
+                last = {int(p): j for j, p in enumerate(positions.tolist())}
+                order = torch.tensor([last[p] for p in sorted(last)], dtype=torch.long)
+                out[f"{i}.position.{layer}"] = positions[order]
+                out[f"{i}.resid_pre.{layer}"] = torch.cat([a for _, a in parts])[order].float()
+        return save_safetensors({k: v.contiguous().cpu() for k, v in out.items()}) if out else b""
 
     def labkit_collect_traces(self, keys_json: str) -> bytes:
         """Routing records of traced requests as one safetensors blob (tokens sorted by position).
@@ -296,16 +321,33 @@ class LabkitWorkerExtension:
             if spec.trace:
                 keep = pos < prompt_length
                 plan.traced.append((key, rows[keep], pos[keep]))
+            for layer in spec.capture:
+                keep = pos < prompt_length
+                plan.captured.setdefault(layer, []).append((key, rows[keep], pos[keep]))
         return None
 
     def _labkit_steer_hook(self, index: int):
         def hook(_module, args):
-            delta = self._labkit["plan"].steering.get(index)
-            if delta is None:
+            plan = self._labkit["plan"]
+            delta = plan.steering.get(index)
+            captured = plan.captured.get(index)
+            if delta is None and not captured:
                 return None
             positions, hidden_states, *rest = args
             n = hidden_states.shape[0]
-            return (positions, hidden_states + delta[:n].to(hidden_states.dtype), *rest)
+            if delta is not None:
+                hidden_states = hidden_states + delta[:n].to(hidden_states.dtype)
+            if captured:
+                # the residual stream entering this layer (TransformerLens hook_resid_pre)
+                residual = rest[0] if rest else None
+                stream = hidden_states if residual is None else hidden_states + residual
+                for key, rows, pos in captured:
+                    here = rows < n
+                    records = self._labkit["captures"].setdefault(key, {}).setdefault(index, [])
+                    records.append((pos[here].cpu(), stream[rows[here]].float().cpu()))
+            if delta is None:
+                return None
+            return (positions, hidden_states, *rest)
 
         return hook
 
