@@ -14,6 +14,7 @@ import re as _re
 from collections.abc import Iterable as _Iterable
 from collections.abc import Sequence as _Sequence
 from dataclasses import dataclass as _dataclass
+from dataclasses import field as _field
 from pathlib import Path as _Path
 
 from labkit.datasets import data_dir
@@ -123,16 +124,19 @@ class SteeringData:
         neutral_prompts: sentence openings to complete under steering.
         heldout_texts: neutral paragraphs for the perplexity (off-target) check.
         contrast_pairs: ``{topic: (positives, negatives)}`` for :func:`labkit.mean_difference`.
+        topic_texts: ``{topic: (paragraph, ...)}``, on-topic paragraphs: their perplexity under a
+            topic vector falls where the vector adds the topic (Turner et al. 2023, §4).
     """
 
     topic_words: dict[str, tuple[str, ...]]
     neutral_prompts: tuple[str, ...]
     heldout_texts: tuple[str, ...]
     contrast_pairs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+    topic_texts: dict[str, tuple[str, ...]] = _field(default_factory=dict)
 
 
 def load_steering_data(directory: str | _Path | None = None) -> SteeringData:
-    """Load ``topic_words.json``, ``neutral_prompts.jsonl``, ``heldout_neutral.jsonl``, ``contrast_pairs.jsonl``.
+    """Load ``topic_words.json``, ``neutral_prompts.jsonl``, ``heldout_neutral.jsonl``, ``contrast_pairs.jsonl``, ``topic_texts.jsonl``.
 
     Args:
         directory: defaults to ``data/steering`` of the data folder (:func:`labkit.datasets.data_dir`).
@@ -159,11 +163,17 @@ def load_steering_data(directory: str | _Path | None = None) -> SteeringData:
             positives, negatives = pairs.setdefault(row["topic"], ([], []))
             positives.append(row["positive"])
             negatives.append(row["negative"])
+    topic_texts: dict[str, list[str]] = {}
+    for line in read("topic_texts.jsonl").splitlines():
+        if line.strip():
+            row = _json.loads(line)
+            topic_texts.setdefault(row["topic"], []).append(row["text"])
     return SteeringData(
         topic_words=topics,
         neutral_prompts=jsonl("neutral_prompts.jsonl", "prompt"),
         heldout_texts=jsonl("heldout_neutral.jsonl", "text"),
         contrast_pairs={k: (tuple(p), tuple(n)) for k, (p, n) in pairs.items()},
+        topic_texts={k: tuple(v) for k, v in topic_texts.items()},
     )
 
 
@@ -192,8 +202,7 @@ def steering_perplexities(
     """
     import torch
 
-    from labkit.models import encode_prompts, lab_model, left_pad
-    from labkit.steering import steered
+    from labkit.models import encode_prompts
 
     settings = list(settings)
     if not settings:
@@ -204,24 +213,113 @@ def steering_perplexities(
     for i, ids in enumerate(encoded):
         if len(ids) < 2:
             raise ValueError(f"steering_perplexities: text {i} ({texts[i]!r}) has {len(ids)} token(s); need ≥ 2.")
+    nll = [0.0] * len(settings)
+    count = [0] * len(settings)
+    for chunk, ids, mask, logits in _forward_settings(model, encoded, settings, batch_size):
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        token_nll = -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        keep = (mask[:, :-1] * mask[:, 1:]).bool()
+        for row, k in enumerate(chunk):
+            nll[k] += float(token_nll[row][keep[row]].sum())
+            count[k] += int(keep[row].sum())
+    return [_math.exp(n / c) for n, c in zip(nll, count)]
+
+
+def _forward_settings(model, encoded, settings, batch_size):
+    """One plain (no KV cache) forward over every (setting, sequence) row, in shared batches.
+
+    Yields ``(settings of the rows, input ids, attention mask, logits)`` per batch of left-padded
+    rows; each row runs under its own setting (``labkit.steered(model, rows=...)``).
+    """
+    import torch
+
+    from labkit.models import lab_model, left_pad
+    from labkit.steering import steered
+
     record = lab_model(model)
     device = next(record.twin.parameters()).device
     rows = [(k, ids) for k in range(len(settings)) for ids in encoded]
-    nll = [0.0] * len(settings)
-    count = [0] * len(settings)
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             ids, mask, positions = left_pad([r[1] for r in chunk], record.tokenizer.pad_token_id, device)
             with steered(model, rows=[settings[k] for k, _ in chunk]):
                 logits = record.twin(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            token_nll = -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            keep = (mask[:, :-1] * mask[:, 1:]).bool()
-            for row, (k, _ids) in enumerate(chunk):
-                nll[k] += float(token_nll[row][keep[row]].sum())
-                count[k] += int(keep[row].sum())
-    return [_math.exp(n / c) for n, c in zip(nll, count)]
+            yield [k for k, _ in chunk], ids, mask, logits
+
+
+def topic_token_ids(tokenizer, topic_words: _Iterable[str]) -> list[int]:
+    """Token ids that begin a topic word after a space (``" wedding"``, ``" Wedding"``), sorted.
+
+    The first token of each word's word-initial forms, as the tokenizer splits ``" " + word`` and
+    ``" " + Word``: the tokens through which the next word can be a topic word.
+
+    Raises:
+        ValueError: no topic words.
+    """
+    words = [w for w in topic_words if w.strip()]
+    if not words:
+        raise ValueError("topic_token_ids: topic_words is empty; give the topic's words.")
+    ids = set()
+    for word in words:
+        for form in (" " + word, " " + word[:1].upper() + word[1:]):
+            encoded = tokenizer(form, add_special_tokens=False).input_ids
+            if encoded:
+                ids.add(int(encoded[0]))
+    return sorted(ids)
+
+
+def topic_probability(
+    model,
+    prompts: _Sequence[str],
+    topic_words: _Iterable[str],
+    settings: _Sequence,
+    *,
+    batch_size: int = 64,
+    prepend_bos: bool | None = None,
+) -> list[float]:
+    """Probability that the next word is a topic word, per steering setting (deterministic).
+
+    For each prompt, the model's next-token distribution after the prompt (under the setting's
+    steering, as in a prompt pass) puts some probability on tokens that begin a topic word
+    (:func:`topic_token_ids`); this is its mean over prompts. It is the expectation, at the first
+    new token, of what the topic-word fraction of Turner et al. 2023 (§4) counts in samples:
+    no sampling noise, so a sweep over layer × coefficient can tell a 1.5× effect from none with
+    a handful of prompts, where sampled fractions of a few hundred words cannot. All settings
+    share batches (``labkit.steered(model, rows=...)``).
+
+    Args:
+        model: a labkit bridge.
+        prompts: neutral prompts (non-empty strings).
+        topic_words: the topic's words.
+        settings: one entry per setting: a ``SteeringVector``, a list of them, or ``None``.
+        batch_size: rows per forward pass.
+        prepend_bos: override the model's BOS rule (``None`` keeps it).
+
+    Returns:
+        One probability in ``[0, 1]`` per setting, in order.
+
+    Raises:
+        ValueError: no prompts, settings or topic words; ``batch_size < 1``; what
+            :func:`labkit.steered` raises for a vector that does not fit.
+    """
+    import torch
+
+    from labkit.models import encode_prompts, tokenizer_of
+
+    settings = list(settings)
+    if not settings:
+        raise ValueError("topic_probability: settings is empty; give at least one (None = unsteered).")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"topic_probability: batch_size must be a positive int, got {batch_size!r}.")
+    ids = torch.tensor(topic_token_ids(tokenizer_of(model), topic_words))
+    prompts, encoded = encode_prompts(model, prompts, caller="topic_probability", prepend_bos=prepend_bos)
+    total = [0.0] * len(settings)
+    for chunk, _ids, _mask, logits in _forward_settings(model, encoded, settings, batch_size):
+        mass = torch.softmax(logits[:, -1].float(), dim=-1)[:, ids.to(logits.device)].sum(-1)
+        for row, k in enumerate(chunk):
+            total[k] += float(mass[row])
+    return [t / len(encoded) for t in total]
 
 
 def steerability(per_prompt) -> "pandas.DataFrame":

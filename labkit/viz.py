@@ -410,6 +410,55 @@ def sweep_heatmap(table, *, title: str | None = None):
     return fig
 
 
+def topic_sweep_heatmaps(grids, *, title: str | None = None):
+    """Layer × coefficient heatmaps of several topics: topic-probability ratio and perplexity ratio.
+
+    One row per topic; left, how many times more likely the next word is a topic word than
+    unsteered (:func:`labkit.evals.topic_probability`, steered / unsteered; colour on a log2
+    scale, green up, purple down); right, held-out perplexity steered / unsteered (the
+    off-target cost). A setting that holds is green on the left and pale on the right.
+
+    Args:
+        grids: ``{topic: table}``, each table with columns ``layer, coefficient, ratio,
+            perplexity_ratio`` (one row per cell).
+        title: figure title.
+
+    Returns:
+        A ``plotly.graph_objects.Figure`` (cells hold the ratios as text).
+
+    Raises:
+        ValueError: no grids, or a table without those columns.
+    """
+    import numpy as np
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if not grids:
+        raise ValueError("topic_sweep_heatmaps: grids is empty; give {topic: table}.")
+    for topic, table in grids.items():
+        _check_columns(table, {"layer", "coefficient", "ratio", "perplexity_ratio"}, f"topic_sweep_heatmaps[{topic!r}]")
+    topics = list(grids)
+    subtitles = [f"{topic}: {name}" for topic in topics for name in ("topic probability, x unsteered", "perplexity, x unsteered")]
+    fig = make_subplots(rows=len(topics), cols=2, subplot_titles=subtitles, horizontal_spacing=0.12,
+                        vertical_spacing=0.5 / len(topics))
+    for row, topic in enumerate(topics, start=1):
+        table = grids[topic]
+        layers, coefficients = sorted(set(table.layer)), sorted(set(table.coefficient))
+        for col, measure, scale, mid in ((1, "ratio", "PRGn", 0.0), (2, "perplexity_ratio", "Reds", None)):
+            grid = table.pivot_table(index="layer", columns="coefficient", values=measure).reindex(
+                index=layers, columns=coefficients).to_numpy()
+            z = np.log2(grid) if measure == "ratio" else grid
+            fig.add_trace(go.Heatmap(
+                z=z, x=[f"c={c:g}" for c in coefficients], y=[f"L{layer}" for layer in layers],
+                text=[[("" if math.isnan(v) else f"{v:.2f}") for v in line] for line in grid], texttemplate="%{text}",
+                colorscale=scale, zmid=mid, showscale=False,
+                hovertemplate=f"{topic} %{{y}} %{{x}}<br>{measure} %{{text}}<extra></extra>",
+            ), row, col)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title or "where the vector acts: layer x coefficient", height=330 * len(topics), width=900)
+    return fig
+
+
 def steering_tradeoff(table, *, title: str | None = None):
     """Topic fraction against held-out perplexity, one line per method over its coefficients.
 

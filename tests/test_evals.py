@@ -58,6 +58,11 @@ def test_steering_data_loads():
     positives, negatives = data.contrast_pairs["wedding"]
     assert len(positives) == len(negatives) >= 4
     assert evals.topic_word_fraction(data.heldout_texts, data.topic_words["wedding"]) == 0.0
+    # on-topic paragraphs: each is about its topic, by the topic's own word list
+    for topic in ("wedding", "love", "hate"):
+        texts = data.topic_texts[topic]
+        assert len(texts) >= 6
+        assert all(evals.topic_word_fraction(t, data.topic_words[topic]) >= 0.05 for t in texts), topic
 
 
 def test_topic_steering_sweep_table(tiny_llama):
@@ -112,3 +117,44 @@ def test_perplexity_bad_input(tiny_llama):
         perplexity(tiny_llama, [])
     with pytest.raises(ValueError, match="perplexity: text 0 .* need ≥ 2"):
         perplexity(tiny_llama, ["a"], prepend_bos=False)
+
+
+def test_topic_token_ids_are_the_word_initial_first_tokens(tiny_tokenizer):
+    ids = evals.topic_token_ids(tiny_tokenizer, ["cat", "dog"])
+    expected = sorted({tiny_tokenizer(form, add_special_tokens=False).input_ids[0]
+                       for form in (" cat", " Cat", " dog", " Dog")})
+    assert ids == expected
+    with pytest.raises(ValueError, match="topic_words is empty"):
+        evals.topic_token_ids(tiny_tokenizer, [])
+
+
+def test_topic_probability_equals_a_direct_softmax_per_setting(tiny_llama):
+    """Shared batches give each setting's own next-token topic mass (checked one setting and one
+    prompt at a time by hand); a zero coefficient is the unsteered value exactly."""
+    from labkit.models import lab_model
+    from labkit.steering import SteeringVector, steered
+
+    prompts = ["the cat sat on the", "a dog ran", "the bird"]
+    words = ["cat", "dog", "mat"]
+    torch.manual_seed(0)
+    direction = SteeringVector("blocks.1.hook_resid_pre", torch.randn(32), coefficient=3.0, positions="all", model_name="tiny-llama")
+    front = labkit.actadd(tiny_llama, " cat", " ", layer=0, coefficient=4.0)
+    settings = [None, direction, front, [direction, front], direction.with_coefficient(0.0)]
+    got = evals.topic_probability(tiny_llama, prompts, words, settings, batch_size=4)
+    ids = torch.tensor(evals.topic_token_ids(tokenizer_of(tiny_llama), words))
+    twin = lab_model(tiny_llama).twin
+    for k, setting in enumerate(settings):
+        vectors = [] if setting is None else (setting if isinstance(setting, list) else [setting])
+        masses = []
+        for prompt in prompts:
+            row = torch.tensor([lab_model(tiny_llama).encode(prompt)])
+            with steered(tiny_llama, *vectors), torch.no_grad():
+                logits = twin(input_ids=row, use_cache=False).logits[0, -1].float()
+            masses.append(float(torch.softmax(logits, -1)[ids].sum()))
+        assert got[k] == pytest.approx(sum(masses) / len(prompts), rel=1e-5, abs=1e-9), k
+    assert got[4] == got[0]
+    assert len(set(got[:4])) == 4 and got[2] != pytest.approx(got[0], rel=1e-3), got  # every setting moved the mass
+    with pytest.raises(ValueError, match="settings is empty"):
+        evals.topic_probability(tiny_llama, prompts, words, [])
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        evals.topic_probability(tiny_llama, prompts, words, [None], batch_size=0)

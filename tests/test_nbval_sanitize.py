@@ -51,3 +51,12 @@ def test_every_nbval_marker_is_one_nbval_reads():
                 if line.strip().startswith("#") and comment.upper().startswith("NBVAL") and comment not in comment_markers:
                     wrong.append(f"{path.name} cell {index}: {line.strip()!r}")
     assert not wrong, "put the marker alone on its line:\n" + "\n".join(wrong)
+
+
+def test_no_notebook_stores_widget_state():
+    """Executing a notebook with live panels saves every widget's state (plotly.js included: 5 MB for
+    notebook 07) in its metadata; the state is useless offline and must be stripped before commit."""
+    import json
+
+    stored = [p.name for p in sorted((REPO / "notebooks").glob("*.ipynb")) if "widgets" in json.loads(p.read_text())["metadata"]]
+    assert not stored, f"strip metadata['widgets'] from {stored}"

@@ -151,6 +151,30 @@ def test_steering_figures_are_deterministic_and_show_the_values():
         sweep_heatmap(table[table.method == "unsteered"])
 
 
+def test_topic_sweep_heatmaps_show_both_ratios_per_topic():
+    import math
+
+    import pandas as pd
+
+    from labkit.viz import topic_sweep_heatmaps
+
+    grid = pd.DataFrame({"layer": [1, 1, 6, 6], "coefficient": [2.0, 4.0, 2.0, 4.0], "ratio": [1.5, 4.0, 0.5, 1.0],
+                         "perplexity_ratio": [1.1, 2.5, 1.0, 1.3]})
+    fig = topic_sweep_heatmaps({"wedding": grid, "love": grid.assign(ratio=2.0)})
+    assert fig.to_dict() == topic_sweep_heatmaps({"wedding": grid, "love": grid.assign(ratio=2.0)}).to_dict()
+    ratio, perplexity, love_ratio, _ = fig.data
+    assert list(ratio.y) == ["L1", "L6"] and list(ratio.x) == ["c=2", "c=4"]
+    assert ratio.z[0][1] == pytest.approx(2.0) and ratio.text[0][1] == "4.00"  # log2 colour, ratio as text
+    assert ratio.z[1][0] == pytest.approx(-1.0) and ratio.zmid == 0
+    assert perplexity.z[0][1] == pytest.approx(2.5) and perplexity.text[1][1] == "1.30"
+    assert all(math.isclose(v, 1.0) for line in love_ratio.z for v in line)
+    assert [a.text for a in fig.layout.annotations][:2] == ["wedding: topic probability, x unsteered", "wedding: perplexity, x unsteered"]
+    with pytest.raises(ValueError, match="needs columns"):
+        topic_sweep_heatmaps({"wedding": grid.drop(columns="ratio")})
+    with pytest.raises(ValueError, match="grids is empty"):
+        topic_sweep_heatmaps({})
+
+
 def test_minimal_mask_plot_shows_each_rankings_cut_and_the_random_masks():
     from labkit.viz import minimal_mask_plot
 
