@@ -78,6 +78,26 @@ def test_seeds_make_sampling_reproducible(tiny_llama, vectors):
     state = torch.random.get_rng_state()
     labkit.generate(tiny_llama, PROMPTS, **sampled)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    # temperature > 0 really samples: another seed draws other tokens, and neither is the greedy run
+    greedy = labkit.generate(tiny_llama, PROMPTS, max_new_tokens=10).token_ids
+    draws = [labkit.generate(tiny_llama, PROMPTS, max_new_tokens=10, temperature=1.0, seed=s).token_ids for s in (123, 124)]
+    assert draws[0] != draws[1] and greedy not in draws
+
+
+def test_steering_per_prompt_follows_the_generation_settings(tiny_llama, vectors):
+    """Per-prompt steering (grouped batches) is each prompt's solo run, under every setting."""
+    entries = [vectors["front"], None, [vectors["all"], vectors["generated"]]]
+    for settings in (dict(max_new_tokens=3), dict(max_new_tokens=9), dict(max_new_tokens=5, temperature=1.0, seed=4)):
+        out = labkit.generate(tiny_llama, PROMPTS, steering_per_prompt=entries, **settings)
+        assert out.prompts == PROMPTS and all(len(ids) <= settings["max_new_tokens"] for ids in out.token_ids)
+        if "temperature" not in settings:
+            alone = [labkit.generate(tiny_llama, [p], steering=e, **settings).token_ids[0] for p, e in zip(PROMPTS, entries)]
+            assert out.token_ids == alone
+            assert max(len(ids) for ids in out.token_ids) == settings["max_new_tokens"]
+    with pytest.raises(ValueError, match="not both"):
+        labkit.generate(tiny_llama, PROMPTS, steering_per_prompt=entries, steering_per_row=entries)
+    with pytest.raises(ValueError, match="prompt 1"):
+        labkit.generate(tiny_llama, ["ok", ""], steering_per_prompt=[None, None])
 
 
 def test_generate_runs_inside_other_twin_contexts(tiny_llama):

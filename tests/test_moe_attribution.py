@@ -461,3 +461,27 @@ def test_summary_reports_the_ranked_cells_and_their_statistics(uneven_pair):
         assert line.split()[:2] == [f"L{row.layer}", f"E{row.expert}"]
         assert f"score {row.score:+.4f}" in line and f"q={row.q_value:.2g}" in line
         assert line.endswith("  *") == bool(row.significant and row.above_noise_floor)
+
+
+def test_to_frame_holds_every_cell_with_its_statistics(uneven_pair):
+    behavior, control = uneven_pair
+    result = attribute_experts(behavior, control, n_bootstrap=50, n_splits=20, seed=0)
+    frame = result.to_frame()
+    assert list(frame.columns) == ["layer", "expert", "score", "ci_low", "ci_high", "p_value", "q_value", "significant",
+                                   "above_noise_floor", "behavior_count", "control_count", "behavior_rate", "control_rate"]
+    assert len(frame) == len(result.layers) * result.n_experts
+    for row in frame.itertuples():
+        i, e = list(result.layers).index(row.layer), row.expert
+        assert row.score == pytest.approx(float(result.score[i, e]))
+        assert row.behavior_count == int(result.behavior_counts[i, e]) and row.control_count == int(result.control_counts[i, e])
+        assert row.control_rate == pytest.approx(float(result.control_rate[i, e]))
+        assert row.q_value == pytest.approx(float(result.q_value[i, e])) and row.significant == bool(result.q_value[i, e] < result.alpha)
+    assert [(r.layer, r.expert) for r in frame.head(3).itertuples()] == result.top(3)
+
+
+def test_default_noise_floor_is_100_split_halves(uneven_pair):
+    """The default a user reads in every report: 100 splits, seed 0 (as documented)."""
+    behavior, control = uneven_pair
+    default = attribute_experts(behavior, control, n_bootstrap=0)
+    assert default.noise_floor == attribute_experts(behavior, control, n_bootstrap=0, n_splits=100, seed=0).noise_floor
+    assert default.noise_floor != attribute_experts(behavior, control, n_bootstrap=0, n_splits=101, seed=0).noise_floor
