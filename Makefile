@@ -99,7 +99,8 @@ MUTMUT := OMP_NUM_THREADS=1 nice -n 15 $(VENV)/bin/mutmut run --max-children $(M
 mutate: install
 	@if [ -n "$(SAMPLE)" ]; then \
 		{ $(MUTMUT) "labkit.no_module_has_this_name.*" >/dev/null 2>&1 || $(PY) tests/mutation_scores.py --sample 1 >/dev/null; } && \
-		$(MUTMUT) $$($(PY) tests/mutation_scores.py --sample $(SAMPLE)); \
+		names=$$($(PY) tests/mutation_scores.py --sample $(SAMPLE)) && [ -n "$$names" ] && \
+		$(MUTMUT) $$names; \
 	else $(MUTMUT) $(MUTANTS); fi
 	$(PY) tests/mutation_scores.py --survivors
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # --- steering metrics (ActAdd evaluation: topic frequency, perplexity) ---------------------
 
+import copy as _copy
 import json as _json
 import math as _math
 import re as _re
@@ -248,25 +249,34 @@ def _forward_settings(model, encoded, settings, batch_size):
             yield [k for k, _ in chunk], ids, mask, logits
 
 
-def topic_token_ids(tokenizer, topic_words: _Iterable[str]) -> list[int]:
-    """Token ids that begin a topic word after a space (``" wedding"``, ``" Wedding"``), sorted.
+def topic_token_sequences(tokenizer, topic_words: _Iterable[str]) -> list[tuple[int, ...]]:
+    """The token sequences that spell a topic word after a space, sorted; none begins another.
 
-    The first token of each word's word-initial forms, as the tokenizer splits ``" " + word`` and
-    ``" " + Word``: the tokens through which the next word can be a topic word.
+    Each word's word-initial forms ``" " + word`` and ``" " + Word``, as the tokenizer splits
+    them: ``" wedding"`` may be one token and ``" Wedding"`` two (``ĠWed``, ``ding``). A form
+    whose tokens begin with another form's tokens is dropped (the shorter form's probability
+    already contains it), so the sequences are disjoint events and their probabilities add.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        topic_words: the topic's words.
+
+    Returns:
+        Sorted tuples of token ids, one per kept form (at least one token each).
 
     Raises:
         ValueError: no topic words.
     """
-    words = [w for w in topic_words if w.strip()]
+    words = [w.strip() for w in topic_words if w.strip()]
     if not words:
-        raise ValueError("topic_token_ids: topic_words is empty; give the topic's words.")
-    ids = set()
+        raise ValueError("topic_token_sequences: topic_words is empty; give the topic's words.")
+    forms = set()
     for word in words:
         for form in (" " + word, " " + word[:1].upper() + word[1:]):
-            encoded = tokenizer(form, add_special_tokens=False).input_ids
+            encoded = tuple(int(t) for t in tokenizer(form, add_special_tokens=False).input_ids)
             if encoded:
-                ids.add(int(encoded[0]))
-    return sorted(ids)
+                forms.add(encoded)
+    return sorted(f for f in forms if not any(len(g) < len(f) and f[: len(g)] == g for g in forms))
 
 
 def topic_probability(
@@ -275,25 +285,31 @@ def topic_probability(
     topic_words: _Iterable[str],
     settings: _Sequence,
     *,
-    batch_size: int = 64,
+    batch_size: int = 256,
     prepend_bos: bool | None = None,
 ) -> list[float]:
     """Probability that the next word is a topic word, per steering setting (deterministic).
 
-    For each prompt, the model's next-token distribution after the prompt (under the setting's
-    steering, as in a prompt pass) puts some probability on tokens that begin a topic word
-    (:func:`topic_token_ids`); this is its mean over prompts. It is the expectation, at the first
-    new token, of what the topic-word fraction of Turner et al. 2023 (§4) counts in samples:
-    no sampling noise, so a sweep over layer × coefficient can tell a 1.5× effect from none with
-    a handful of prompts, where sampled fractions of a few hundred words cannot. All settings
-    share batches (``labkit.steered(model, rows=...)``).
+    For each prompt, the probability (under the setting's steering) that the tokens after the
+    prompt spell one of the topic's word forms (:func:`topic_token_sequences`): for a form of
+    tokens ``t_1 … t_n``, ``∏_j P(t_j | prompt, t_<j)``, summed over the forms, then averaged
+    over prompts. Multi-token forms are scored through their tokens, with steering applied to
+    ``t_<j`` as in generation (they are generated positions: ``positions="prompt"`` does not
+    reach them, ``"generated"`` does), so a word the tokenizer splits counts as that word, never
+    as its first fragment. It is the expectation, at the next word, of what the topic-word
+    fraction of Turner et al. 2023 (§4) counts in samples: no sampling noise, so a sweep over
+    layer × coefficient can tell a 1.5× effect from none with a handful of prompts, where
+    sampled fractions of a few hundred words cannot. A form is counted whatever follows it
+    (``" wed"`` followed by ``"nesday"`` would count), a small overcount where a form is also
+    the start of other words. All settings share batches (``labkit.steered(model, rows=...)``).
 
     Args:
         model: a labkit bridge.
         prompts: neutral prompts (non-empty strings).
         topic_words: the topic's words.
         settings: one entry per setting: a ``SteeringVector``, a list of them, or ``None``.
-        batch_size: rows per forward pass.
+        batch_size: rows per forward pass of the forms' later tokens (one row per setting,
+            prompt and distinct multi-token prefix; the prompt pass takes ``batch_size // prefixes``).
         prepend_bos: override the model's BOS rule (``None`` keeps it).
 
     Returns:
@@ -305,20 +321,59 @@ def topic_probability(
     """
     import torch
 
-    from labkit.models import encode_prompts, tokenizer_of
+    from labkit.models import encode_prompts, lab_model, left_pad, tokenizer_of
+    from labkit.steering import steered
 
     settings = list(settings)
     if not settings:
         raise ValueError("topic_probability: settings is empty; give at least one (None = unsteered).")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"topic_probability: batch_size must be a positive int, got {batch_size!r}.")
-    ids = torch.tensor(topic_token_ids(tokenizer_of(model), topic_words))
+    sequences = topic_token_sequences(tokenizer_of(model), topic_words)
     prompts, encoded = encode_prompts(model, prompts, caller="topic_probability", prepend_bos=prepend_bos)
+    # The prompt runs once per (setting, prompt) with a KV cache; the cache is then repeated for
+    # each distinct multi-token prefix, whose tokens run as generated positions after it.
+    finals: dict[tuple[int, ...], list[int]] = {}
+    for seq in sequences:
+        finals.setdefault(seq[:-1], []).append(seq[-1])
+    prefixes = sorted((p for p in finals if p), key=lambda p: (len(p), p))
+    rows = [(k, i) for k in range(len(settings)) for i in range(len(encoded))]
+    step = max(1, batch_size // max(1, len(prefixes)))
+    record = lab_model(model)
+    device = next(record.twin.parameters()).device
+    pad = record.tokenizer.pad_token_id
     total = [0.0] * len(settings)
-    for chunk, _ids, _mask, logits in _forward_settings(model, encoded, settings, batch_size):
-        mass = torch.softmax(logits[:, -1].float(), dim=-1)[:, ids.to(logits.device)].sum(-1)
-        for row, k in enumerate(chunk):
-            total[k] += float(mass[row])
+    with torch.no_grad():
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            row_settings = [settings[k] for k, _ in chunk]
+            ids, mask, positions = left_pad([encoded[i] for _, i in chunk], pad, device)
+            width = int(ids.shape[1])  # every prompt ends here; prefix tokens are generated positions
+            with steered(model, rows=row_settings), record.generating(width):
+                out = record.twin(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                  use_cache=bool(prefixes), logits_to_keep=1)
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (rows, vocab)
+            for row, (k, _) in enumerate(chunk):
+                if () in finals:
+                    total[k] += float(first[row, finals[()]].exp().sum())
+            if not prefixes:
+                continue
+            for length in sorted({len(p) for p in prefixes}):  # one tail width per pass, no padding
+                group = [p for p in prefixes if len(p) == length]
+                n = len(group)
+                cache = _copy.deepcopy(out.past_key_values)
+                cache.reorder_cache(torch.arange(len(chunk), device=device).repeat_interleave(n))
+                tail = torch.tensor([p for _ in chunk for p in group], dtype=torch.long, device=device)
+                tail_positions = mask.sum(-1).repeat_interleave(n)[:, None] + torch.arange(length, device=device)
+                with steered(model, rows=[s for s in row_settings for _ in range(n)]), record.generating(width):
+                    later = record.twin(input_ids=tail, attention_mask=torch.cat([mask.repeat_interleave(n, 0), torch.ones_like(tail)], 1),
+                                        position_ids=tail_positions, past_key_values=cache, use_cache=True).logits
+                later = torch.log_softmax(later.float(), dim=-1)  # (rows × prefixes, length, vocab)
+                for row, (k, _) in enumerate(chunk):
+                    for j, p in enumerate(group):
+                        r = row * n + j
+                        logp = float(first[row, p[0]]) + sum(float(later[r, m - 1, p[m]]) for m in range(1, length))
+                        total[k] += float((logp + later[r, length - 1, finals[p]]).exp().sum())
     return [t / len(encoded) for t in total]
 
 

@@ -198,6 +198,13 @@ def generate(
     if is_engine_model(model):
         # every engine request carries its own interventions: per row and per prompt are the same
         per_prompt = steering_per_row if steering_per_row is not None else steering_per_prompt
+        if steering_per_row is not None:
+            count = 1 if isinstance(prompts, str) else len(prompts)
+            if isinstance(steering_per_row, (str, bytes)) or len(steering_per_row) != count:
+                raise ValueError(
+                    f"generate: steering_per_row needs one entry (a vector, a list of vectors or None) per "
+                    f"prompt: {count} prompts, got {steering_per_row!r:.80}."
+                )
         return model.generate(
             prompts, steering=steering, steering_per_prompt=per_prompt, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, chat=chat, prepend_bos=prepend_bos,

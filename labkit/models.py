@@ -462,8 +462,10 @@ def lab_model(model) -> LabModel:
     if record is None and isinstance(getattr(type(model), "labkit_engine", None), str):
         raise TypeError(
             f"{model!r} runs on the {type(model).labkit_engine} engine, which serves labkit.generate, "
-            "labkit.steered, labkit.moe.masked, labkit.moe.trace_routing and compare_conditions; this "
-            "function needs the model's activations in this process: load it with engine='hf' (the default)."
+            "labkit.steered, labkit.moe.masked, labkit.moe.trace_routing, compare_conditions, the "
+            "vector builders (actadd, mean_difference, pca_direction, probe_direction) and both widget "
+            "panels; this function needs the model's logits or hooks in this process: load it with "
+            "engine='hf' (the default)."
         )
     if record is None:
         raise TypeError(

@@ -60,7 +60,11 @@ def main(argv: list[str]) -> int:
         print("No mutmut results under mutants/; run `make mutate` first.", file=sys.stderr)
         return 1
     if "--sample" in argv:
-        n = int(argv[argv.index("--sample") + 1])
+        value = argv[argv.index("--sample") + 1 :][:1]
+        if not value or not value[0].isdigit() or int(value[0]) < 1:
+            print(f"--sample needs a positive number of mutants per module, got {value or 'nothing'}.", file=sys.stderr)
+            return 2
+        n = int(value[0])
         print(" ".join(sample(metas, n)))
         return 0
     columns = ["killed", "timeout", "survived", "no tests", "not checked", "other"]

@@ -182,3 +182,18 @@ def test_bad_budget_or_dtype(tiny_llama, kwargs, match):
 def test_non_string_prompt_is_a_type_error(tiny_llama):
     with pytest.raises(TypeError, match="prompt 1 must be a str, got int"):
         cache_activations(tiny_llama, ["x", 3], HOOKS, progress=False)
+
+
+def test_sizes_in_messages_are_in_binary_units():
+    """The byte counts budget errors and reprs print (a survivor of the mutation run: ×1024)."""
+    from labkit.cache import _human
+
+    assert [_human(n) for n in (0, 1023, 1024, 1536, 5 * 1024**2, 3 * 1024**3, 2 * 1024**4, 5 * 1024**5)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 MiB", "3.0 GiB", "2.0 TiB", "5120.0 TiB"]
+
+
+def test_cache_records_the_model_it_came_from(tiny_llama, tmp_path):
+    from labkit.models import model_name_of
+
+    cache = cache_activations(tiny_llama, PROMPTS[:2], HOOKS[:1], out_dir=tmp_path / "a", progress=False)
+    assert cache.model_name == model_name_of(tiny_llama) and ActivationCache.load(tmp_path / "a").model_name == cache.model_name

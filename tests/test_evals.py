@@ -119,41 +119,70 @@ def test_perplexity_bad_input(tiny_llama):
         perplexity(tiny_llama, ["a"], prepend_bos=False)
 
 
-def test_topic_token_ids_are_the_word_initial_first_tokens(tiny_tokenizer):
-    ids = evals.topic_token_ids(tiny_tokenizer, ["cat", "dog"])
-    expected = sorted({tiny_tokenizer(form, add_special_tokens=False).input_ids[0]
-                       for form in (" cat", " Cat", " dog", " Dog")})
-    assert ids == expected
+def test_topic_token_sequences_spell_each_form_and_drop_those_a_shorter_form_begins(tiny_tokenizer):
+    def enc(form):
+        return tuple(tiny_tokenizer(form, add_special_tokens=False).input_ids)
+
+    got = evals.topic_token_sequences(tiny_tokenizer, ["cat", "catalog", "mat"])
+    # " cat" is two tokens (Ġc, at) and " Cat" three: kept whole, never as the fragment Ġc alone.
+    assert len(enc(" cat")) == 2 and len(enc(" Cat")) == 3 and len(enc(" mat")) == 1
+    assert got == sorted({enc(" cat"), enc(" Cat"), enc(" mat"), enc(" Mat")})
+    # " catalog" begins with " cat"'s tokens: the shorter form's probability already holds it.
+    assert enc(" catalog")[:2] == enc(" cat") and enc(" catalog") not in got
+    assert (enc(" cat")[0],) not in got
     with pytest.raises(ValueError, match="topic_words is empty"):
-        evals.topic_token_ids(tiny_tokenizer, [])
+        evals.topic_token_sequences(tiny_tokenizer, [" "])
 
 
-def test_topic_probability_equals_a_direct_softmax_per_setting(tiny_llama):
-    """Shared batches give each setting's own next-token topic mass (checked one setting and one
-    prompt at a time by hand); a zero coefficient is the unsteered value exactly."""
+def test_topic_probability_is_the_chain_probability_of_each_word_under_its_steering(tiny_llama):
+    """Shared batches give each setting's probability that the next word is a topic word: for
+    every form, the product of its tokens' probabilities, checked one setting, prompt and form at
+    a time by stepping a KV cache by hand (so the form's later tokens are generated positions:
+    a ``"prompt"`` vector misses them, ``"generated"`` reaches them); a zero coefficient gives the
+    unsteered value (to the rounding of other batch neighbours); a split word is not counted through its first fragment."""
     from labkit.models import lab_model
     from labkit.steering import SteeringVector, steered
 
     prompts = ["the cat sat on the", "a dog ran", "the bird"]
-    words = ["cat", "dog", "mat"]
+    words = ["cat", "dog", "mat", "wedding"]
     torch.manual_seed(0)
-    direction = SteeringVector("blocks.1.hook_resid_pre", torch.randn(32), coefficient=3.0, positions="all", model_name="tiny-llama")
+    vectors = {
+        positions: SteeringVector("blocks.1.hook_resid_pre", torch.randn(32), coefficient=3.0,
+                                  positions=positions, model_name="tiny-llama")
+        for positions in ("all", "prompt", "generated")
+    }
     front = labkit.actadd(tiny_llama, " cat", " ", layer=0, coefficient=4.0)
-    settings = [None, direction, front, [direction, front], direction.with_coefficient(0.0)]
-    got = evals.topic_probability(tiny_llama, prompts, words, settings, batch_size=4)
-    ids = torch.tensor(evals.topic_token_ids(tokenizer_of(tiny_llama), words))
-    twin = lab_model(tiny_llama).twin
+    settings = [None, vectors["all"], vectors["prompt"], vectors["generated"], front,
+                [vectors["generated"], front], vectors["all"].with_coefficient(0.0)]
+    got = evals.topic_probability(tiny_llama, prompts, words, settings, batch_size=5)
+    forms = evals.topic_token_sequences(tokenizer_of(tiny_llama), words)
+    assert any(len(f) > 1 for f in forms) and any(len(f) == 1 for f in forms)
+    record = lab_model(tiny_llama)
+    twin = record.twin
+
+    def by_hand(setting, prompt, form):
+        applied = [] if setting is None else (setting if isinstance(setting, list) else [setting])
+        with steered(tiny_llama, *applied), torch.no_grad():
+            out = twin(input_ids=torch.tensor([record.encode(prompt)]), use_cache=True)
+            probability = 1.0
+            for j, token in enumerate(form):
+                probability *= float(torch.softmax(out.logits[0, -1].float(), -1)[token])
+                if j + 1 < len(form):
+                    out = twin(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        return probability
+
     for k, setting in enumerate(settings):
-        vectors = [] if setting is None else (setting if isinstance(setting, list) else [setting])
-        masses = []
-        for prompt in prompts:
-            row = torch.tensor([lab_model(tiny_llama).encode(prompt)])
-            with steered(tiny_llama, *vectors), torch.no_grad():
-                logits = twin(input_ids=row, use_cache=False).logits[0, -1].float()
-            masses.append(float(torch.softmax(logits, -1)[ids].sum()))
-        assert got[k] == pytest.approx(sum(masses) / len(prompts), rel=1e-5, abs=1e-9), k
-    assert got[4] == got[0]
-    assert len(set(got[:4])) == 4 and got[2] != pytest.approx(got[0], rel=1e-3), got  # every setting moved the mass
+        expected = sum(by_hand(setting, prompt, form) for prompt in prompts for form in forms) / len(prompts)
+        assert got[k] == pytest.approx(expected, rel=1e-4, abs=1e-12), k
+    assert got[6] == pytest.approx(got[0], rel=1e-6)  # other batch neighbours, same values
+    assert evals.topic_probability(tiny_llama, prompts, words, settings, batch_size=10_000) == pytest.approx(got, rel=1e-5)
+    assert len(set(got[:6])) == 6, got  # every setting moved the probability, each its own way
+    # The old first-fragment count: " wedding" (Ġw, ed, ding) counted as every word starting Ġw.
+    with torch.no_grad():
+        first = torch.softmax(twin(input_ids=torch.tensor([record.encode(prompts[0])])).logits[0, -1].float(), -1)
+    only = evals.topic_probability(tiny_llama, prompts[:1], ["wedding"], [None])[0]
+    fragment = sum(float(first[f[0]]) for f in evals.topic_token_sequences(tokenizer_of(tiny_llama), ["wedding"]))
+    assert 0 < only < fragment / 10
     with pytest.raises(ValueError, match="settings is empty"):
         evals.topic_probability(tiny_llama, prompts, words, [])
     with pytest.raises(ValueError, match="batch_size must be a positive int"):

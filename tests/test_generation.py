@@ -202,3 +202,73 @@ def test_vector_applies_to_the_same_model_under_another_spelling(tiny_llama):
     assert not same_model("smollm2-135m-instruct", "moe-organism")
     relabelled = dataclasses.replace(vector, model_name=vector.model_name.upper())
     relabelled.check_compatible(tiny_llama)
+
+
+# --- from the mutation survivors (issue 15): settings the per-prompt path must pass on ---------
+
+
+def test_steering_per_prompt_keeps_the_shared_steering_and_every_setting(tiny_llama, vectors):
+    """``steering=`` beside ``steering_per_prompt=`` applies to every prompt; ``chat``, ``seed``
+    and extra Hugging Face keywords reach each prompt's group (solo runs compared exactly)."""
+    tokenizer = labkit.models.tokenizer_of(tiny_llama)
+    entries = [None, vectors["front"], vectors["generated"]]
+    shared = vectors["all"]
+    out = labkit.generate(tiny_llama, PROMPTS, steering=shared, steering_per_prompt=entries, max_new_tokens=6)
+    alone = [labkit.generate(tiny_llama, [p], steering=[shared] + ([e] if e else []), max_new_tokens=6).token_ids[0]
+             for p, e in zip(PROMPTS, entries)]
+    assert out.token_ids == alone
+    assert out.token_ids != labkit.generate(tiny_llama, PROMPTS, steering_per_prompt=entries, max_new_tokens=6).token_ids
+    sampled = dict(max_new_tokens=6, temperature=1.0, seed=7)
+    out = labkit.generate(tiny_llama, PROMPTS, steering_per_prompt=[None] * 3, **sampled)
+    assert out.token_ids == labkit.generate(tiny_llama, PROMPTS, **sampled).token_ids
+    assert out.token_ids != labkit.generate(tiny_llama, PROMPTS, steering_per_prompt=[None] * 3, **{**sampled, "seed": 8}).token_ids
+    penalised = dict(max_new_tokens=8, repetition_penalty=5.0)
+    out = labkit.generate(tiny_llama, PROMPTS, steering_per_prompt=entries, **penalised)
+    alone = [labkit.generate(tiny_llama, [p], steering=e, **penalised).token_ids[0] for p, e in zip(PROMPTS, entries)]
+    assert out.token_ids == alone
+    assert out.token_ids != labkit.generate(tiny_llama, PROMPTS, steering_per_prompt=entries, max_new_tokens=8).token_ids
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} and{% endfor %}"
+    try:
+        out = labkit.generate(tiny_llama, ["love"], steering_per_prompt=[vectors["front"]], chat=True, max_new_tokens=2)
+    finally:
+        tokenizer.chat_template = None
+    assert out.prompt_token_ids[0] == tokenizer("love and").input_ids
+
+
+def test_temperature_is_passed_to_the_sampler(tiny_llama):
+    """A near-zero temperature samples the greedy tokens (temperature 1 does not: see above)."""
+    greedy = labkit.generate(tiny_llama, PROMPTS, max_new_tokens=10).token_ids
+    for seed in (123, 124):
+        assert labkit.generate(tiny_llama, PROMPTS, max_new_tokens=10, temperature=1e-4, seed=seed).token_ids == greedy
+
+
+def test_completion_text_drops_special_tokens_and_stops_at_the_generation_configs_eos(tiny_llama):
+    """Generation stops at the generation config's EOS (kept in ``token_ids``, not in the text)."""
+    from labkit.generation import eos_token_ids
+
+    hf = hf_model_of(tiny_llama)
+    tokenizer = labkit.models.tokenizer_of(tiny_llama)
+    free = labkit.generate(tiny_llama, PROMPTS[:1], max_new_tokens=8).token_ids[0]
+    stop = free[2]  # make the third greedy token an EOS of the generation config only
+    before = hf.generation_config.eos_token_id
+    hf.generation_config.eos_token_id = [before, stop] if before is not None else [stop]
+    try:
+        assert stop in eos_token_ids(hf, tokenizer) and stop != tokenizer.eos_token_id
+        out = labkit.generate(tiny_llama, PROMPTS[:1], max_new_tokens=8)
+    finally:
+        hf.generation_config.eos_token_id = before
+    assert out.token_ids[0] == free[: free.index(stop) + 1]
+    eos = tokenizer.eos_token_id
+    hf.generation_config.eos_token_id = [eos]
+    try:
+        # a prompt ending where the model is made to emit EOS first: its text must not show it
+        out = labkit.generate(tiny_llama, PROMPTS[:1], max_new_tokens=4,
+                              suppress_tokens=[t for t in range(len(tokenizer)) if t != eos])
+    finally:
+        hf.generation_config.eos_token_id = before
+    assert out.token_ids[0] == [eos] and out.texts[0] == "" and tokenizer.decode([eos]) != ""
+
+
+def test_unknown_keywords_are_named_with_their_nearest_setting(tiny_llama):
+    with pytest.raises(ValueError, match=r"'temprature' \(did you mean 'temperature'\?\), 'top_kk' \(did you mean 'top_k'\?\)"):
+        labkit.generate(tiny_llama, "love", temprature=1.0, top_kk=3)

@@ -136,6 +136,8 @@ def test_mixed_batch_equals_rows_run_alone_on_hf(hf, engine, prompts, vectors):
         pass
     with pytest.raises(ValueError, match="not both"):
         labkit.generate(engine, prompts, steering_per_row=per_prompt, steering_per_prompt=per_prompt)
+    with pytest.raises(ValueError, match=rf"steering_per_row needs one entry .* per prompt: {len(prompts)} prompts"):
+        labkit.generate(engine, prompts, steering_per_row=list(per_prompt)[:1], max_new_tokens=N)
 
 
 def _masks(hf):
