@@ -195,5 +195,7 @@ def test_sizes_in_messages_are_in_binary_units():
 def test_cache_records_the_model_it_came_from(tiny_llama, tmp_path):
     from labkit.models import model_name_of
 
-    cache = cache_activations(tiny_llama, PROMPTS[:2], HOOKS[:1], out_dir=tmp_path / "a", progress=False)
-    assert cache.model_name == model_name_of(tiny_llama) and ActivationCache.load(tmp_path / "a").model_name == cache.model_name
+    streamed = cache_activations(tiny_llama, PROMPTS[:2], HOOKS[:1], out_dir=tmp_path / "a", progress=False)
+    in_memory = cache_activations(tiny_llama, PROMPTS[:2], HOOKS[:1], progress=False)
+    assert in_memory.model_name == streamed.model_name == model_name_of(tiny_llama) == "tiny-llama"
+    assert ActivationCache.load(tmp_path / "a").model_name == "tiny-llama"

@@ -474,3 +474,25 @@ def test_from_dict_and_load_errors(tmp_path):
     (tmp_path / "blob.json").write_bytes(bytes([0xFF, 0xFE, 0x00, 0x81]))
     with pytest.raises(ValueError, match=r"blob.json' is binary, not JSON"):
         ExpertMask.load(tmp_path / "blob.json")
+
+
+def test_deepseek_group_capacity_counts_the_worst_groups_a_token_may_get():
+    """top_k=4 in topk_group=2 of 4 groups of 2: with groups left at 2, 1, 1, 1 selectable experts,
+    the worst two groups a token may be given hold 2 + 1 = 3 < 4 experts: refused (a mutation
+    survivor summed all three one-expert groups and let it through)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.moe_fixtures import tiny_moe_config
+
+    config = tiny_moe_config("deepseek_v3", _tokenizer())
+    config.num_experts_per_tok = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match=r"hold only 3 selectable experts, fewer than top_k=4"):
+        with pytest.warns(UserWarning, match="keep a single expert"):
+            with masked(model, ExpertMask.off([(1, 2), (1, 4), (1, 6)])):
+                pass
+    with pytest.warns(UserWarning, match=r"groups \[1\] keep a single expert"):
+        with masked(model, ExpertMask.off([(1, 2)])):  # groups 2, 1, 2, 2: the worst two hold 4
+            pass
+    assert count_hooks(model) == 0
