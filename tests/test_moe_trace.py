@@ -267,3 +267,19 @@ def test_from_dict_requires_kind_and_fields():
         RoutingTrace.from_dict({**trace.to_dict(), "version": 9})
     with pytest.raises(ValueError, match="holds a list, expected a dict"):
         RoutingTrace.from_dict([1])
+
+
+def test_trace_names_its_model_and_generates_32_tokens_by_default():
+    """Provenance and the documented default answer length (survivors of the mutation run)."""
+    model, tokenizer = hf("olmoe"), _tokenizer()
+    before = model.config.name_or_path
+    model.config.name_or_path = "org/tiny-olmoe"
+    try:
+        generated = trace_routing(model, ["war and peace"], tokenizer=tokenizer, scope="generated", progress=False)
+    finally:
+        model.config.name_or_path = before
+    assert generated.model_name == "org/tiny-olmoe"
+    ids = tokenizer("war and peace", return_tensors="pt").input_ids  # no EOS within 40 tokens
+    with torch.no_grad():
+        answer = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.token_ids.tolist() == answer[0, ids.shape[1]:].tolist() and len(generated.token_ids) == 32
