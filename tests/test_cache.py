@@ -199,3 +199,14 @@ def test_cache_records_the_model_it_came_from(tiny_llama, tmp_path):
     in_memory = cache_activations(tiny_llama, PROMPTS[:2], HOOKS[:1], progress=False)
     assert in_memory.model_name == streamed.model_name == model_name_of(tiny_llama) == "tiny-llama"
     assert ActivationCache.load(tmp_path / "a").model_name == "tiny-llama"
+
+
+def test_in_memory_budget_counts_the_whole_cache_and_an_empty_out_dir_is_used(tiny_llama, tmp_path):
+    """Survivors of the mutation run: ``shard_bytes`` limits what streaming holds, not what an
+    in-memory cache holds; an existing empty directory is written into."""
+    total = estimate_cache_bytes(tiny_llama, PROMPTS, HOOKS)
+    with pytest.raises(MemoryBudgetError):
+        cache_activations(tiny_llama, PROMPTS, HOOKS, shard_bytes=1, max_bytes=total - 1, progress=False)
+    (tmp_path / "empty").mkdir()
+    cache = cache_activations(tiny_llama, PROMPTS, HOOKS, out_dir=tmp_path / "empty", progress=False)
+    assert cache.prompts == tuple(PROMPTS) and any((tmp_path / "empty").glob("shard-*.safetensors"))

@@ -96,6 +96,14 @@ def test_plain_greedy_equals_hf(hf, engine, prompts):
     assert b.texts == a.texts
 
 
+def test_sampling_seed_reaches_the_engine(engine, prompts):
+    """labkit.generate passes ``seed`` on: the same seed draws the same tokens, another seed others."""
+    sampled = dict(max_new_tokens=N, temperature=1.0)
+    a = labkit.generate(engine, prompts, seed=5, **sampled).token_ids
+    assert labkit.generate(engine, prompts, seed=5, **sampled).token_ids == a
+    assert labkit.generate(engine, prompts, seed=6, **sampled).token_ids != a
+
+
 def test_stock_vllm_routing_is_replaced_by_the_family_math(engine):
     """Stock vLLM's OLMoE routes with renormalize=False; the organism has norm_topk_prob=true."""
     assert engine.config.norm_topk_prob is True
