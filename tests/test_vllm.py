@@ -270,7 +270,7 @@ def test_bad_input_same_messages_as_hf(hf, engine, vectors):
 
 
 def test_vectors_built_on_the_engine_equal_hf(hf, engine, prompts):
-    """actadd / mean_difference / PCA read the residual stream inside the vLLM workers."""
+    """actadd / mean_difference / PCA / probe read the residual stream inside the vLLM workers."""
     a = labkit.actadd(hf, "I cannot", "There was", layer=1, coefficient=4.0)
     b = labkit.actadd(engine, "I cannot", "There was", layer=1, coefficient=4.0)
     assert (b.hook_name, b.positions, b.model_name, b.source) == (a.hook_name, a.positions, a.model_name, a.source)
@@ -282,6 +282,12 @@ def test_vectors_built_on_the_engine_equal_hf(hf, engine, prompts):
             on_engine = method(engine, positive, negative, layer=layer, hook_point=hook_point, **kwargs)
             assert on_engine.hook_name == on_hf.hook_name
             torch.testing.assert_close(on_engine.activations, on_hf.activations, rtol=1e-4, atol=1e-4)
+    # the probe is fitted on activations equal to 1e-4, so its direction is compared by angle and norm
+    on_hf = labkit.probe_direction(hf, positive, negative, layer=2, token="mean")
+    on_engine = labkit.probe_direction(engine, positive, negative, layer=2, token="mean")
+    assert on_engine.hook_name == on_hf.hook_name and on_engine.source["train_accuracy"] == on_hf.source["train_accuracy"]
+    cosine = torch.nn.functional.cosine_similarity(on_engine.activations.flatten(), on_hf.activations.flatten(), dim=0)
+    assert cosine > 0.9999 and on_engine.activations.norm() == pytest.approx(float(on_hf.activations.norm()), rel=1e-3)
     # the engine's vector steers the engine as the HF vector steers HF; a repeat reads every token again
     steered = labkit.generate(engine, prompts, steering=b, max_new_tokens=N).token_ids
     assert steered == labkit.generate(hf, prompts, steering=a, max_new_tokens=N).token_ids
