@@ -196,17 +196,9 @@ def generate(
             "entry per prompt."
         )
     if is_engine_model(model):
-        # every engine request carries its own interventions: per row and per prompt are the same
-        per_prompt = steering_per_row if steering_per_row is not None else steering_per_prompt
-        if steering_per_row is not None:
-            count = 1 if isinstance(prompts, str) else len(prompts)
-            if isinstance(steering_per_row, (str, bytes)) or len(steering_per_row) != count:
-                raise ValueError(
-                    f"generate: steering_per_row needs one entry (a vector, a list of vectors or None) per "
-                    f"prompt: {count} prompts, got {steering_per_row!r:.80}."
-                )
         return model.generate(
-            prompts, steering=steering, steering_per_prompt=per_prompt, max_new_tokens=max_new_tokens,
+            prompts, steering=steering, steering_per_prompt=steering_per_prompt,
+            steering_per_row=steering_per_row, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, chat=chat, prepend_bos=prepend_bos,
             streamer=streamer, use_cache=use_cache, **generate_kwargs,
         )
@@ -283,17 +275,26 @@ def generate(
     return Generation(prompts=prompts, texts=texts, token_ids=new_ids, prompt_token_ids=encoded)
 
 
+def _check_per_prompt(entries, n_prompts: int, *, name: str) -> None:
+    """Refuse per-prompt steering (``name`` as the caller spelled it) that is not one entry per prompt.
+
+    Raises:
+        ValueError: ``entries`` is a string, not a sequence, or not ``n_prompts`` long.
+    """
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence) or len(entries) != n_prompts:
+        raise ValueError(
+            f"generate: {name} needs one entry (a vector, a list of vectors or None) per prompt: "
+            f"{n_prompts} prompts, got {entries!r:.80}."
+        )
+
+
 def _generate_per_prompt(model, prompts, steering, per_prompt, **options) -> Generation:
     """HF path of ``steering_per_prompt``: one :func:`generate` call per distinct entry, in order."""
     from labkit.models import check_prompts
     from labkit.steering import _flatten
 
     prompts = check_prompts(prompts, caller="generate")
-    if isinstance(per_prompt, (str, bytes)) or not isinstance(per_prompt, Sequence) or len(per_prompt) != len(prompts):
-        raise ValueError(
-            f"generate: steering_per_prompt needs one entry (a vector, a list of vectors or None) per prompt: "
-            f"{len(prompts)} prompts, got {per_prompt!r:.80}."
-        )
+    _check_per_prompt(per_prompt, len(prompts), name="steering_per_prompt")
     groups: dict[tuple[int, ...], list[int]] = {}
     entries = [_flatten([entry]) for entry in per_prompt]
     for i, entry in enumerate(entries):

@@ -461,6 +461,7 @@ class VLLMModel:
         *,
         steering=None,
         steering_per_prompt=None,
+        steering_per_row=None,
         mask=None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
@@ -475,6 +476,9 @@ class VLLMModel:
     ):
         """``labkit.generate`` on this engine (see there); ``mask=`` masks this call only.
 
+        Every request carries its own interventions, so ``steering_per_row`` and
+        ``steering_per_prompt`` are the same here (``labkit.generate`` refuses both at once).
+
         Greedy outputs equal the HF path's token for token (float32); sampled outputs follow
         vLLM's sampler (same seed → same text on vLLM, not the same text as the HF path).
 
@@ -485,7 +489,7 @@ class VLLMModel:
         """
         from vllm import SamplingParams
 
-        from labkit.generation import Generation, _check_number, _trim
+        from labkit.generation import Generation, _check_number, _trim, _check_per_prompt
         from labkit.steering import _flatten
 
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -513,13 +517,11 @@ class VLLMModel:
         if seed is not None and temperature > 0:
             self._check_seeded_sampling(rows)
         common = [v for group in self._steering for v in group] + _flatten([steering])
-        if steering_per_prompt is not None:
-            if isinstance(steering_per_prompt, (str, bytes)) or len(steering_per_prompt) != len(rows):
-                raise ValueError(
-                    f"generate: steering_per_prompt needs one entry (a vector, a list of vectors or None) per "
-                    f"prompt: {len(rows)} prompts, got {steering_per_prompt!r:.80}."
-                )
-            per_prompt = [_flatten([entry]) for entry in steering_per_prompt]
+        name, entries = (("steering_per_row", steering_per_row) if steering_per_row is not None
+                         else ("steering_per_prompt", steering_per_prompt))
+        if entries is not None:
+            _check_per_prompt(entries, len(rows), name=name)
+            per_prompt = [_flatten([entry]) for entry in entries]
         else:
             per_prompt = [[] for _ in rows]
         merged_mask = self._merged_mask([] if mask is None else [self._mask_layers(mask)])
