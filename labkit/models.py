@@ -691,30 +691,12 @@ def same_model(a: str | None, b: str | None) -> bool:
     return ca == cb or Path(ca).name.lower() == Path(cb).name.lower()
 
 
-def check_prompts(prompts, *, caller: str, hint: str = "") -> list[str]:
-    """Validate a prompt or list of prompts; return them as a list.
+def check_prompts(prompts, *, caller: str, hint: str = "", argument: str = "prompts") -> list[str]:
+    """Validate a prompt or list of prompts; return them as a list: :func:`labkit.checks.check_prompts`
+    (the one rule: a bare string is one prompt; ``None`` / a number is a ``TypeError``)."""
+    from labkit.checks import check_prompts as rule
 
-    Args:
-        prompts: a string or a non-empty sequence of non-empty strings.
-        caller: the function name (and argument) for messages, e.g. ``"generate"``.
-        hint: appended to the empty-prompt message (e.g. ActAdd's ``' '`` convention).
-
-    Raises:
-        ValueError: no prompts, or an empty string.
-        TypeError: an item that is not a string.
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"{caller}: need a prompt or a non-empty list of prompts, got {prompts!r}.")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"{caller}: prompt {i} must be a str, got {type(prompt).__name__}: {prompt!r}.")
-        if prompt == "":
-            raise ValueError(
-                f"{caller}: prompt {i} is empty (''); give at least one character (e.g. ' ')." + hint
-            )
-    return list(prompts)
+    return rule(prompts, caller=caller, argument=argument, hint=hint)
 
 
 def left_pad(rows, pad_id: int, device: str | torch.device | None = None):

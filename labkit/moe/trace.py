@@ -347,8 +347,10 @@ def trace_routing(
     """
     from tqdm.auto import tqdm
 
+    from labkit.checks import check_prompts
     from labkit.engines import is_engine_model
 
+    prompts = check_prompts(prompts, caller="trace_routing", token_ids=True)
     if is_engine_model(model):
         return model.trace_routing(
             prompts, batch_size=batch_size, scope=scope, max_new_tokens=max_new_tokens,
@@ -362,11 +364,6 @@ def trace_routing(
         isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
     ):
         raise ValueError(f"trace_routing: max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}.")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("trace_routing: prompts is empty; pass at least one prompt.")
 
     hf_model = hf_of(model)
     routers = find_routers(model)
