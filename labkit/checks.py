@@ -9,12 +9,15 @@ This module imports nothing from labkit (every other module may import it).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_names", "check_out_dir", "check_prompt", "check_prompts"]
+__all__ = [
+    "check_names", "check_out_dir", "check_path", "check_positive_int", "check_prompt", "check_prompts", "named_errors",
+]
 
 
 def _describe(value: Any) -> str:
@@ -146,3 +149,41 @@ def check_names(names: Any, *, caller: str, argument: str) -> list[str]:
         if not isinstance(name, str):
             raise TypeError(f"{caller}: {argument}[{i}] must be a str, got {_describe(name)}.")
     return names
+
+
+@contextlib.contextmanager
+def named_errors(caller: str) -> Iterator[None]:
+    """Prefix a ``TypeError`` / ``ValueError`` raised by a shared validator inside the block with
+    ``"{caller}: "`` (unless it already names ``caller``), so the user reads which entry point
+    refused the input. Use it around argument validation only, never around a forward pass."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        if type(error) not in (TypeError, ValueError) or str(error).startswith(caller):
+            raise
+        raise type(error)(f"{caller}: {error}") from None
+
+
+def check_path(path: Any, *, caller: str, argument: str = "path") -> Path:
+    """A ``str`` / ``os.PathLike`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        TypeError: anything else (``None``, a number, bytes, ...).
+        ValueError: the empty string.
+    """
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{caller}: {argument} must be a path (str or os.PathLike), got {_describe(path)}.")
+    if str(path) == "":
+        raise ValueError(f"{caller}: {argument} is the empty string; give a file or directory path.")
+    return Path(path)
+
+
+def check_positive_int(value: Any, *, caller: str, argument: str) -> int:
+    """``value`` if it is an int ≥ 1 (``bool`` is refused).
+
+    Raises:
+        ValueError: not an int, or < 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{caller}: {argument} must be a positive int, got {value!r}.")
+    return value

@@ -123,6 +123,10 @@ def generate_token_ids(
     return [_trim(row.tolist(), eos_ids, pad_id) for row in sequences[:, width:].cpu()]
 
 
+#: The smallest sampling temperature accepted (found by the property test: 1e-300 made NaN probabilities).
+MIN_TEMPERATURE = 1e-5
+
+
 def generate(
     model,
     prompts: str | Sequence[str],
@@ -179,7 +183,7 @@ def generate(
 
     Raises:
         ValueError: an empty prompt or prompt list, ``max_new_tokens < 1``, a temperature /
-            top_p out of range, ``chat=True`` without a chat template, a prompt that (with
+            top_p out of range (a temperature in (0, 1e-5) too), ``chat=True`` without a chat template, a prompt that (with
             ``max_new_tokens``) exceeds the context window, an unknown keyword argument, a
             steering vector that does not fit the model, ``steering_per_row`` whose length
             is not the number of prompts, or both ``steering_per_row`` and ``steering_per_prompt``.
@@ -213,6 +217,11 @@ def generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}.")
     temperature = _check_number("temperature", temperature, 0.0, math.inf)
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"generate: temperature={temperature!r} is below {MIN_TEMPERATURE:g}: logits / temperature overflow "
+            "float32 (inf, then NaN probabilities). Use temperature=0 for greedy decoding."
+        )
     top_p = _check_number("top_p", top_p, 0.0, 1.0, low_open=True)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"generate: top_k must be an int ≥ 0 (0 = no limit), got {top_k!r}.")
