@@ -1,23 +1,107 @@
-"""Public validators every layer of labkit reuses: one rule per kind of input, in one place.
+"""The public validators every layer of labkit reuses: numbers, prompts, layers, scopes, token ids.
 
-Each validator raises labkit's own ``TypeError`` / ``ValueError`` whose message names the
-function (``caller``), the argument, what was received and what is allowed, so a bad input fails
-at the entry point instead of deep inside tokenisation or a forward pass.
-
-This module imports nothing from labkit (every other module may import it).
+The bottom layer of the package (it imports nothing from labkit): the Hugging Face path, the
+vLLM engine and the analysis functions all check their arguments here, so a bad argument gets the
+same message on every backend. Each function raises ``TypeError`` / ``ValueError`` naming the
+argument, what it received and what is allowed; none of them touches a model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "check_names", "check_out_dir", "check_path", "check_positive_int", "check_prompt", "check_prompts", "named_errors",
+    "check_coefficient",
+    "check_names",
+    "check_out_dir",
+    "check_path",
+    "check_prompt",
+    "check_context_lengths",
+    "check_layer",
+    "check_number",
+    "check_per_prompt",
+    "check_positive_int",
+    "check_prompts",
+    "check_scope",
+    "check_token_ids",
+    "layer_of",
+    "named_errors",
 ]
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False, caller: str = "generate") -> float:
+    """A finite real number in ``[low, high]`` (``(low, high]`` with ``low_open``), as a float.
+
+    Raises:
+        ValueError: not a finite real number (bools refused), or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{caller}: {name} must be a finite number, got {value!r}.")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{caller}: {name}={value!r} out of range; allowed {bracket}{low}, {high}].")
+    return float(value)
+
+
+def check_positive_int(name: str, value: Any, *, caller: str, low: int = 1) -> int:
+    """An int ``>= low`` (bools refused).
+
+    Raises:
+        ValueError: not an int, or below ``low``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < low:
+        raise ValueError(f"{caller}: {name} must be an int ≥ {low}, got {value!r}.")
+    return int(value)
+
+
+def check_coefficient(coefficient: Any, where: str) -> float:
+    """A steering coefficient: a finite real number (unitless multiplier of the vector).
+
+    Raises:
+        TypeError: not a real number (bools refused).
+        ValueError: infinite or NaN.
+    """
+    if isinstance(coefficient, bool) or not isinstance(coefficient, numbers.Real):
+        raise TypeError(
+            f"{where}: coefficient must be a finite real number, got "
+            f"{type(coefficient).__name__} {coefficient!r}."
+        )
+    if not math.isfinite(float(coefficient)):
+        raise ValueError(
+            f"{where}: coefficient must be finite, got {coefficient!r}. Use a finite number such "
+            "as 4.0 (0 = no steering)."
+        )
+    return float(coefficient)
+
+
+def layer_of(hook_name: str) -> int | None:
+    """The block index of a TransformerLens hook name (``"blocks.6.hook_resid_pre"`` → 6), else ``None``."""
+    parts = hook_name.split(".")
+    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def check_layer(layer: Any, n_layers: int, where: str) -> int:
+    """A layer index in ``0..n_layers-1``.
+
+    Raises:
+        TypeError: not an int (bools refused).
+        ValueError: out of range.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise TypeError(f"{where}: layer must be an int in 0..{n_layers - 1}, got {layer!r}.")
+    if not 0 <= int(layer) < n_layers:
+        raise ValueError(
+            f"{where}: layer {layer} out of range; model has {n_layers} layers (0..{n_layers - 1})."
+        )
+    return int(layer)
 
 
 def _describe(value: Any) -> str:
@@ -103,6 +187,79 @@ def check_prompt(prompt: Any, *, caller: str, argument: str, hint: str = "") -> 
     return check_prompts(prompt, caller=caller, argument=argument, hint=hint)[0]
 
 
+def check_context_lengths(lengths: Sequence[int], n_ctx: int | None, *, new_tokens: int = 0, caller: str = "labkit") -> None:
+    """Refuse prompts that do not fit a context window of ``n_ctx`` tokens (``None``: no limit).
+
+    Raises:
+        ValueError: a prompt (plus ``new_tokens``) is longer than the window; the message names
+            the prompt, its length and the window.
+    """
+    if n_ctx is None:
+        return
+    for i, length in enumerate(lengths):
+        if length + new_tokens > n_ctx:
+            extra = f" + {new_tokens} new tokens" if new_tokens else ""
+            raise ValueError(
+                f"{caller}: prompt {i} is {length} tokens{extra}; the model's context window is "
+                f"{n_ctx} tokens. Shorten the prompt" + (" or lower max_new_tokens." if new_tokens else ".")
+            )
+
+
+def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int | None, *, caller: str = "trace_routing") -> None:
+    """Refuse token ids outside ``0..vocab_size-1`` (torch would raise a bare IndexError).
+
+    Raises:
+        ValueError: an id below 0 or at / above ``vocab_size``.
+    """
+    for i, row in enumerate(rows):
+        bad = [t for t in row if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            allowed = f"0..{vocab_size - 1}" if vocab_size is not None else "≥ 0"
+            raise ValueError(
+                f"{caller}: prompt {i} has token id {bad[0]} outside the model's vocabulary "
+                f"({allowed}; {len(bad)} such id(s) in this prompt). Pass ids from this model's tokenizer, "
+                "or pass text."
+            )
+
+
+def check_scope(scope: Any, *, caller: str = "trace_routing") -> tuple[str, int]:
+    """A routing-trace scope: ``"all"``, ``"generated"`` or ``("last", k)``; returns ``(kind, k)``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if scope in ("all", "generated"):
+        return scope, 0
+    if (
+        isinstance(scope, tuple)
+        and len(scope) == 2
+        and scope[0] == "last"
+        and isinstance(scope[1], int)
+        and not isinstance(scope[1], bool)
+        and scope[1] >= 1
+    ):
+        return "last", scope[1]
+    raise ValueError(f"{caller}: scope {scope!r} is not allowed; use 'all', 'generated', or ('last', k) with k ≥ 1.")
+
+
+def check_per_prompt(entries: Any, n_prompts: int, *, name: str, caller: str = "generate") -> None:
+    """Refuse per-prompt steering (``name`` as the caller spelled it) that is not one entry per prompt.
+
+    Raises:
+        ValueError: ``entries`` is a string, not a sequence, or not ``n_prompts`` long.
+    """
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+        raise TypeError(
+            f"{caller}: {name} must be a list with one entry per prompt, got {type(entries).__name__} "
+            f"{entries!r:.80}; for one vector on every prompt use steering=."
+        )
+    if len(entries) != n_prompts:
+        raise ValueError(
+            f"{caller}: {name} has {len(entries)} entries for {n_prompts} prompts; {name} needs one entry "
+            f"(a vector, a list of vectors or None) per prompt: {n_prompts} prompts."
+        )
+
+
 def check_out_dir(out_dir: Any, *, caller: str, argument: str = "out_dir") -> tuple[Path, bool]:
     """Validate a directory to write into: ``(path, existed)``; nothing is created here.
 
@@ -151,19 +308,6 @@ def check_names(names: Any, *, caller: str, argument: str) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
-def named_errors(caller: str) -> Iterator[None]:
-    """Prefix a ``TypeError`` / ``ValueError`` raised by a shared validator inside the block with
-    ``"{caller}: "`` (unless it already names ``caller``), so the user reads which entry point
-    refused the input. Use it around argument validation only, never around a forward pass."""
-    try:
-        yield
-    except (TypeError, ValueError) as error:
-        if type(error) not in (TypeError, ValueError) or str(error).startswith(caller):
-            raise
-        raise type(error)(f"{caller}: {error}") from None
-
-
 def check_path(path: Any, *, caller: str, argument: str = "path") -> Path:
     """A ``str`` / ``os.PathLike`` as a :class:`~pathlib.Path`.
 
@@ -178,12 +322,14 @@ def check_path(path: Any, *, caller: str, argument: str = "path") -> Path:
     return Path(path)
 
 
-def check_positive_int(value: Any, *, caller: str, argument: str) -> int:
-    """``value`` if it is an int ≥ 1 (``bool`` is refused).
-
-    Raises:
-        ValueError: not an int, or < 1.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{caller}: {argument} must be a positive int, got {value!r}.")
-    return value
+@contextlib.contextmanager
+def named_errors(caller: str) -> Iterator[None]:
+    """Prefix a ``TypeError`` / ``ValueError`` raised by a shared validator inside the block with
+    ``"{caller}: "`` (unless it already names ``caller``), so the user reads which entry point
+    refused the input. Use it around argument validation only, never around a forward pass."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        if type(error) not in (TypeError, ValueError) or str(error).startswith(caller):
+            raise
+        raise type(error)(f"{caller}: {error}") from None

@@ -99,7 +99,7 @@ def perplexity(
 
     from labkit.checks import check_positive_int
 
-    check_positive_int(batch_size, caller="perplexity", argument="batch_size")
+    check_positive_int("batch_size", batch_size, caller="perplexity")
     texts, encoded = encode_prompts(model, texts, caller="perplexity", prepend_bos=prepend_bos)
     check_context(model, [len(ids) for ids in encoded], caller="perplexity")
     record = lab_model(model)

@@ -30,8 +30,6 @@ row bit-for-bit the arithmetic of its solo run.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,15 +40,17 @@ from jaxtyping import Float
 from torch import Tensor
 
 from labkit import storage
-from labkit.hooks import attach, intervene, resolve_hook
-from labkit.checks import check_prompt
-from labkit.models import check_context, check_prompts, encode_prompts, lab_model, left_pad, model_name_of, same_model, tokenizer_of
+from labkit.backends import backend_of
+from labkit.checks import check_coefficient, check_layer, check_prompt, check_prompts, layer_of
+from labkit.interventions import POSITIONS
+from labkit.models import check_context, encode_prompts, model_name_of, tokenizer_of
 
 __all__ = [
     "POSITIONS",
     "SteeringVector",
     "actadd",
     "directional_ablation",
+    "flatten_vectors",
     "logistic_regression",
     "mean_difference",
     "pca_direction",
@@ -60,7 +60,6 @@ __all__ = [
 ]
 
 Positions = Literal["front", "all", "prompt", "generated"]
-POSITIONS: tuple[str, ...] = ("front", "all", "prompt", "generated")
 Operation = Literal["add", "ablate"]
 OPERATIONS: tuple[str, ...] = ("add", "ablate")
 KIND = "labkit.SteeringVector"
@@ -70,27 +69,6 @@ VERSION = 1
 # --------------------------------------------------------------------------------------------
 # The data type
 # --------------------------------------------------------------------------------------------
-
-
-def _check_coefficient(coefficient: Any, where: str) -> float:
-    if isinstance(coefficient, bool) or not isinstance(coefficient, numbers.Real):
-        raise TypeError(
-            f"{where}: coefficient must be a finite real number, got "
-            f"{type(coefficient).__name__} {coefficient!r}."
-        )
-    if not math.isfinite(float(coefficient)):
-        raise ValueError(
-            f"{where}: coefficient must be finite, got {coefficient!r}. Use a finite number such "
-            "as 4.0 (0 = no steering)."
-        )
-    return float(coefficient)
-
-
-def _layer_of(hook_name: str) -> int | None:
-    parts = hook_name.split(".")
-    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
-        return int(parts[1])
-    return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +131,7 @@ class SteeringVector:
                 f"{tuple(acts.shape)}); every entry must be finite. Recompute the vector, e.g. "
                 "check the prompts ran without overflow."
             )
-        object.__setattr__(self, "coefficient", _check_coefficient(self.coefficient, "SteeringVector"))
+        object.__setattr__(self, "coefficient", check_coefficient(self.coefficient, "SteeringVector"))
         if self.positions not in POSITIONS:
             raise ValueError(
                 f"SteeringVector: positions={self.positions!r} is not allowed; use one of "
@@ -200,7 +178,7 @@ class SteeringVector:
     @property
     def layer(self) -> int | None:
         """Block index parsed from :attr:`hook_name` (``None`` for non-block hook points)."""
-        return _layer_of(self.hook_name)
+        return layer_of(self.hook_name)
 
     @property
     def steering_vector(self) -> Float[Tensor, "..."]:
@@ -296,61 +274,21 @@ class SteeringVector:
     # -- checks against a model ----------------------------------------------------------------
 
     def check_compatible(self, model) -> None:
-        """Raise unless this vector can be applied to ``model``.
+        """Raise unless this vector can be applied to ``model`` (any backend).
 
         Raises:
             ValueError: another model name, another width, a layer out of range, or a hook
-                point that does not map onto a module of the twin.
+                point the backend cannot steer at.
         """
-        from labkit.engines import is_engine_model
-
-        if is_engine_model(model):
-            model.check_vector(self)
-            return
-        record = lab_model(model)
-        if self.model_name and not same_model(self.model_name, record.name):
-            raise ValueError(
-                f"{self!r} was made for model {self.model_name!r} and refuses to apply to "
-                f"{record.name!r}. Recompute it on this model, or, if the two really are the same "
-                f"weights, relabel it: dataclasses.replace(vector, model_name={record.name!r})."
-            )
-        d_model = int(model.cfg.d_model)
-        if self.d_model != d_model:
-            raise ValueError(
-                f"{self!r} has width d_model={self.d_model}, but model {record.name!r} has "
-                f"d_model={d_model}; a vector only applies to a model of its own width."
-            )
-        _check_hook_point(model, self.hook_name, "SteeringVector")
+        backend_of(model).check_vector(self)
 
 
 def _check_layer(model, layer: Any, where: str) -> int:
-    n_layers = int(model.cfg.n_layers)
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-        raise TypeError(f"{where}: layer must be an int in 0..{n_layers - 1}, got {layer!r}.")
-    if not 0 <= int(layer) < n_layers:
-        raise ValueError(
-            f"{where}: layer {layer} out of range; model has {n_layers} layers (0..{n_layers - 1})."
-        )
-    return int(layer)
+    return check_layer(layer, backend_of(model).n_layers, where)
 
 
 def _check_hook_point(model, hook_name: str, where: str) -> None:
-    from labkit.engines import is_engine_model
-
-    if is_engine_model(model):
-        model.hook_layer(hook_name, where)
-        return
-    layer = _layer_of(hook_name)
-    if layer is not None:
-        _check_layer(model, layer, f"{where} {hook_name!r}")
-    site = resolve_hook(model, hook_name)
-    if not site.on_twin:
-        raise ValueError(
-            f"{where}: hook point {hook_name!r} exists only inside the TransformerLens bridge; "
-            "steering runs on the plain twin and supports hook points that are a module's "
-            "input or output: blocks.{L}.hook_resid_pre / hook_resid_mid / hook_resid_post / "
-            "hook_attn_out / hook_mlp_out, hook_embed."
-        )
+    backend_of(model).check_hook_point(hook_name, where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,23 +326,7 @@ def residual_activations(
     Returns:
         One ``(len(seq), d_model)`` float tensor per sequence (on the CPU).
     """
-    from labkit.engines import is_engine_model
-
-    if is_engine_model(model):  # recorded inside the vLLM workers
-        return model.residual_activations(token_ids, hook_name)
-    tokenizer = tokenizer_of(model)
-    device = next(lab_model(model).twin.parameters()).device
-    input_ids, mask, position_ids = left_pad(token_ids, tokenizer.pad_token_id, device)
-    width = input_ids.shape[1]
-    captured: list[Tensor] = []
-
-    def capture(activation: Tensor, _site) -> None:
-        captured.append(activation.detach())
-
-    with attach(model, {hook_name: capture}) as runner:
-        runner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-    acts = captured[0].float().cpu()
-    return [acts[row, width - len(ids):] for row, ids in enumerate(token_ids)]
+    return backend_of(model).residual_activations(token_ids, hook_name)
 
 
 def actadd(
@@ -456,7 +378,7 @@ def actadd(
     where = "actadd"
     plus = check_prompt(plus, caller=where, argument="plus", hint=_SPACE_HINT)
     minus = check_prompt(minus, caller=where, argument="minus", hint=_SPACE_HINT)
-    coefficient = _check_coefficient(coefficient, where)
+    coefficient = check_coefficient(coefficient, where)
     layer = _check_layer(model, layer, where)
     hook_name = f"blocks.{layer}.{hook_point}"
     _check_hook_point(model, hook_name, where)
@@ -558,7 +480,7 @@ def _contrast_setup(model, positive_prompts, negative_prompts, layer, coefficien
     """Validate the arguments every contrast-pair method shares; returns prompts, c, hook name."""
     positive = _check_prompts(positive_prompts, where, "positive_prompts")
     negative = _check_prompts(negative_prompts, where, "negative_prompts")
-    coefficient = _check_coefficient(coefficient, where)
+    coefficient = check_coefficient(coefficient, where)
     layer = _check_layer(model, layer, where)
     if positions not in ("all", "prompt", "generated"):
         raise ValueError(
@@ -832,7 +754,7 @@ def directional_ablation(
         >>> labkit.generate(model, prompts, steering=directional_ablation(model, refusal))  # doctest: +SKIP
     """
     where = "directional_ablation"
-    coefficient = _check_coefficient(coefficient, where)
+    coefficient = check_coefficient(coefficient, where)
     if isinstance(direction, SteeringVector):
         if direction.n_positions is not None:
             raise ValueError(
@@ -870,178 +792,7 @@ def directional_ablation(
 # Applying vectors
 # --------------------------------------------------------------------------------------------
 
-class _CallState:
-    """Per forward call (twin or bridge): real-token mask, cache length, prompt length.
-
-    The prompt length is the one ``labkit.generate`` declares (:meth:`LabModel.generating`);
-    otherwise a call without a KV cache is all prompt, and a call that extends a KV cache
-    (a decode step of ``bridge.generate`` or Hugging Face ``generate``) is generated tokens
-    after the prompt of the last cache-less call.
-    """
-
-    def __init__(self, record) -> None:
-        self.record = record
-        self.mask: Tensor | None = None  # (batch, past + new), 1 = real token
-        self.past = 0
-        self.prompt = 0
-        self.last_prompt = 0
-        self.front_start: Tensor | None = None  # (batch,) first real token of each row
-
-    def observe(self, args: tuple, kwargs: dict) -> None:
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
-        batch, new = int(inputs.shape[0]), int(inputs.shape[1])
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if isinstance(mask, Tensor) and mask.ndim == 2:
-            past = int(mask.shape[1]) - new
-        else:
-            cache = kwargs.get("past_key_values")
-            past = int(cache.get_seq_length()) if cache is not None else 0
-            mask = torch.ones(batch, past + new, dtype=torch.long, device=inputs.device)
-        total = past + new
-        declared = self.record.prompt_length
-        if declared is not None:
-            prompt = declared
-        elif past == 0:
-            prompt = self.last_prompt = total
-        else:
-            prompt = self.last_prompt
-        self.mask, self.past, self.prompt = mask.bool(), past, min(prompt, total)
-        self.front_start = self.mask[:, : self.prompt].int().argmax(dim=1)
-
-
-class _Adder:
-    """The hook function of one vector per batch row: applies each row's vector where it applies.
-
-    ``broadcast=True``: ``vectors`` holds one vector, applied to every row (:func:`steered`).
-    ``broadcast=False``: one entry per batch row (``None`` = nothing for that row), the
-    one-batch sweep (``steered(model, rows=...)``). Both run the same arithmetic on per-row
-    tensors (a broadcast vector is an expanded view), so a row of a batched sweep gets exactly
-    the floating-point values its solo run gets: ``x + v * keep`` (rows without a vector add an
-    exact zero) and ``x - ((c · (x·r̂)) · r̂) · keep`` for ablation.
-    """
-
-    def __init__(self, vectors: Sequence[SteeringVector | None], state: _CallState, *, broadcast: bool) -> None:
-        self.vectors = list(vectors)
-        self.state = state
-        self.broadcast = broadcast
-        self._cache: dict[tuple, Any] = {}
-
-    def _rows(self, batch: int) -> list[SteeringVector | None]:
-        if self.broadcast:
-            return self.vectors * batch
-        if len(self.vectors) != batch:
-            raise ValueError(
-                f"steered(rows=...): {len(self.vectors)} row settings were given, but the model ran "
-                f"a batch of {batch} rows; give exactly one entry (a vector, a list, or None) per "
-                "batch row, in the order of the batch."
-            )
-        return self.vectors
-
-    def _tables(self, batch: int, like: Tensor, key: tuple) -> Any:
-        """Per-row tensors of the rows whose vector has ``key = (positions, operation)``."""
-        cache_key = (key, batch, like.dtype, like.device)
-        if cache_key in self._cache:
-            return self._cache[cache_key]
-        rows = self._rows(batch)
-        chosen = [v if v is not None and (v.positions, v.operation) == key else None for v in rows]
-        if not any(v is not None for v in chosen):
-            self._cache[cache_key] = None
-            return None
-        d_model = like.shape[-1]
-        positions, operation = key
-
-        def cast(t: Tensor) -> Tensor:
-            return t.to(device=like.device, dtype=like.dtype)
-
-        if self.broadcast:
-            (vector,) = self.vectors
-            if operation == "ablate":
-                unit = cast(vector.activations / vector.activations.norm())
-                scale = cast(torch.tensor(vector.coefficient))
-                table = (unit.expand(batch, 1, d_model), scale.expand(batch, 1, 1))
-            elif positions == "front":
-                value = cast(vector.steering_vector)
-                lengths = torch.full((batch,), value.shape[0], device=like.device)
-                table = (value.expand(batch, *value.shape), lengths)
-            else:
-                table = cast(vector.steering_vector).expand(batch, 1, d_model)
-        elif operation == "ablate":
-            unit = torch.zeros(batch, 1, d_model)
-            scale = torch.zeros(batch, 1, 1)
-            for row, vector in enumerate(chosen):
-                if vector is not None:
-                    unit[row, 0] = vector.activations / vector.activations.norm()
-                    scale[row] = vector.coefficient
-            table = (cast(unit), cast(scale))
-        elif positions == "front":
-            width = max(v.n_positions for v in chosen if v is not None)
-            value = torch.zeros(batch, width, d_model)
-            lengths = torch.zeros(batch, dtype=torch.long)
-            for row, vector in enumerate(chosen):
-                if vector is not None:
-                    value[row, : vector.n_positions] = vector.steering_vector
-                    lengths[row] = vector.n_positions
-            table = (cast(value), lengths.to(like.device))
-        else:
-            value = torch.zeros(batch, 1, d_model)
-            for row, vector in enumerate(chosen):
-                if vector is not None:
-                    value[row, 0] = vector.steering_vector
-            table = cast(value)
-        self._cache[cache_key] = table
-        return table
-
-    def __call__(self, activation: Tensor, _site) -> Tensor | None:
-        state = self.state
-        if activation.ndim != 3 or state.mask is None:
-            return None
-        batch, new = int(activation.shape[0]), int(activation.shape[1])
-        rows = self._rows(batch)
-        keys = sorted({(v.positions, v.operation) for v in rows if v is not None})
-        past, prompt = state.past, state.prompt
-        device = activation.device
-        absolute = torch.arange(past, past + new, device=device)  # (new,)
-        real = state.mask[:, past : past + new].to(device)  # (batch, new)
-        in_prompt = (absolute < prompt).unsqueeze(0)  # (1, new)
-        out, changed = activation, False
-        for key in keys:
-            positions, operation = key
-            if positions in ("front", "prompt") and past >= prompt:
-                continue  # decode step with the KV cache: the cache already carries the prompt's steering
-            table = self._tables(batch, activation, key)
-            if table is None:
-                continue
-            if positions == "all":
-                keep = real
-            elif positions == "prompt":
-                keep = real & in_prompt
-            elif positions == "generated":
-                keep = real & ~in_prompt
-            else:  # "front": row b gets vec[j] at absolute position front_start[b] + j, inside the prompt
-                value, lengths = table
-                offset = absolute.unsqueeze(0) - state.front_start.to(device).unsqueeze(1)  # (batch, new)
-                keep = real & (offset >= 0) & (offset < lengths.unsqueeze(1)) & in_prompt
-                if not bool(keep.any()):
-                    continue
-                index = offset.clamp(0, value.shape[1] - 1)
-                added = value[torch.arange(batch, device=device).unsqueeze(1), index]  # (batch, new, d_model)
-                out = out + added * keep.unsqueeze(-1).to(activation.dtype)
-                changed = True
-                continue
-            weight = keep.unsqueeze(-1).to(activation.dtype)  # (batch, new, 1)
-            if operation == "ablate":
-                unit, scale = table  # (batch, 1, d_model), (batch, 1, 1)
-                projection = (out * unit).sum(dim=-1, keepdim=True)  # (batch, new, 1)
-                out = out - ((scale * projection) * unit) * weight
-            else:
-                out = out + table * weight
-            changed = True
-        return out if changed else None
-
-
-def _flatten(vectors: Iterable[Any], where: str = "steered") -> list[SteeringVector]:
+def flatten_vectors(vectors: Iterable[Any], where: str = "steered") -> list[SteeringVector]:
     flat: list[SteeringVector] = []
     for item in vectors:
         if item is None:
@@ -1049,35 +800,13 @@ def _flatten(vectors: Iterable[Any], where: str = "steered") -> list[SteeringVec
         if isinstance(item, SteeringVector):
             flat.append(item)
         elif isinstance(item, (list, tuple)):
-            flat.extend(_flatten(item, where))
+            flat.extend(flatten_vectors(item, where))
         else:
             raise TypeError(
                 f"{where}: expected SteeringVector objects, got {type(item).__name__} {item!r}. "
                 "Build vectors with labkit.actadd(...) or labkit.mean_difference(...)."
             )
     return flat
-
-
-def _row_hooks(rows: Sequence[Any], state: _CallState) -> list[tuple[str, _Adder]]:
-    """One adder per (hook point, k-th vector of a row at that hook point), in row order.
-
-    Row ``b`` of the batch gets its ``k``-th vector at a hook point from the ``k``-th adder of
-    that hook point, so the additions at one hook point happen in the order the row lists them —
-    the order its solo run applies them in (bit-identical results)."""
-    if isinstance(rows, (str, bytes, SteeringVector)) or not isinstance(rows, Sequence):
-        raise TypeError(
-            f"steered: rows must be a list with one entry per batch row (a SteeringVector, a list "
-            f"of them, or None), got {type(rows).__name__}."
-        )
-    per_row = [_flatten([entry], "steered(rows=...)") for entry in rows]
-    groups: dict[tuple[str, int], list[SteeringVector | None]] = {}
-    for row, vectors in enumerate(per_row):
-        seen: dict[str, int] = {}
-        for vector in vectors:
-            k = seen.get(vector.hook_name, 0)
-            seen[vector.hook_name] = k + 1
-            groups.setdefault((vector.hook_name, k), [None] * len(per_row))[row] = vector
-    return [(hook_name, _Adder(group, state, broadcast=False)) for (hook_name, _k), group in groups.items()]
 
 
 @contextlib.contextmanager
@@ -1118,26 +847,14 @@ def steered(model, *vectors: SteeringVector, rows: Sequence[Any] | None = None) 
         >>> with steered(model, actadd(model, "Love", "Hate", layer=6, coefficient=5)):  # doctest: +SKIP
         ...     labkit.generate(model, "I think dogs are").texts
     """
-    from labkit.engines import is_engine_model
-
-    if is_engine_model(model):
-        if rows is not None:
-            raise ValueError(
-                "steered(rows=...): the vLLM engine schedules its own batches, so batch rows are not "
-                "prompts there; pass one entry per prompt to labkit.generate(..., steering_per_row=...)."
+    flat = flatten_vectors(vectors)
+    per_row = None
+    if rows is not None:
+        if isinstance(rows, (str, bytes, SteeringVector)) or not isinstance(rows, Sequence):
+            raise TypeError(
+                f"steered: rows must be a list with one entry per batch row (a SteeringVector, a list "
+                f"of them, or None), got {type(rows).__name__}."
             )
-        with model.steered(*vectors) as handle:
-            yield handle
-        return
-    flat = _flatten(vectors)
-    state = _CallState(lab_model(model))
-    row_hooks = _row_hooks(rows, state) if rows is not None else []
-    for vector in flat + [v for _name, adder in row_hooks for v in adder.vectors if v is not None]:
-        vector.check_compatible(model)
-    record = lab_model(model)
-    if not flat and not row_hooks:
-        yield record.twin
-        return
-    hooks = [(vector.hook_name, _Adder([vector], state, broadcast=True)) for vector in flat] + row_hooks
-    with intervene(model, hooks, observe=state.observe, caller="steered"):
-        yield record.twin
+        per_row = [flatten_vectors([entry], "steered(rows=...)") for entry in rows]
+    with backend_of(model).steered(flat, rows=per_row) as handle:
+        yield handle

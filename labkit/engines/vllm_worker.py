@@ -36,31 +36,21 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LabkitWorkerExtension", "SPEC_KIND", "SPEC_VERSION", "EXTRA_ARGS_KEY"]
+from labkit.interventions import InterventionSpec, steering_positions
+from labkit.moe.routers import FAMILIES
 
-SPEC_KIND = "labkit.vllm.Intervention"
-SPEC_VERSION = 1
+__all__ = ["LabkitWorkerExtension", "EXTRA_ARGS_KEY", "ROUTED_FAMILIES"]
+
 EXTRA_ARGS_KEY = "labkit"
 # Families whose vLLM MoE block feeds `mlp.gate` logits to `mlp.experts` (a FusedMoE runner) and
 # whose labkit route function needs only top_k / norm_topk_prob from the config.
 ROUTED_FAMILIES = ("olmoe",)
-
-
-@dataclass
-class _Spec:
-    """One registered intervention, parsed on the worker."""
-
-    steering: dict[int, list[tuple[str, Tensor]]] = field(default_factory=dict)  # layer -> [(positions, tensor)]
-    masks: dict[int, Any] = field(default_factory=dict)  # layer -> labkit Selection
-    trace: bool = False
-    capture: tuple[int, ...] = ()  # layers whose input residual stream (hook_resid_pre) to record
 
 
 class _BatchView:
@@ -187,37 +177,12 @@ class LabkitWorkerExtension:
     # -- registry ----------------------------------------------------------------------------
 
     def labkit_register(self, key: str, spec_json: str, tensors: bytes) -> str:
-        """Store one intervention under its content key (JSON spec + safetensors bytes)."""
-        from safetensors.torch import load as load_safetensors
-
-        from labkit.moe.families import Selection
-
+        """Store one intervention under its content key (an :class:`InterventionSpec` on the wire)."""
         state = self._labkit
         if key in state["specs"]:
             return key
-        spec = json.loads(spec_json)
-        if spec.get("kind") != SPEC_KIND or spec.get("version") != SPEC_VERSION:
-            raise ValueError(f"labkit: not a {SPEC_KIND} v{SPEC_VERSION}: {spec.get('kind')!r}.")
-        arrays = load_safetensors(tensors) if tensors else {}
-        device = next(self.model_runner.model.parameters()).device
-        dtype = next(self.model_runner.model.parameters()).dtype
-        parsed = _Spec(trace=bool(spec.get("trace")), capture=tuple(int(layer) for layer in spec.get("capture", [])))
-        for item in spec.get("steering", []):
-            tensor = arrays[item["tensor"]].to(device=device, dtype=dtype)
-            parsed.steering.setdefault(int(item["layer"]), []).append((item["positions"], tensor))
-        n_experts = int(state["settings"].get("n_experts") or 0)
-        for layer, edit in (spec.get("mask") or {}).items():
-            off = torch.zeros(n_experts, dtype=torch.bool)
-            on = torch.zeros(n_experts, dtype=torch.bool)
-            off[edit.get("off", [])] = True
-            on[edit.get("on", [])] = True
-            bias = None
-            if edit.get("bias"):
-                bias = torch.zeros(n_experts, dtype=torch.float32)
-                for expert, value in edit["bias"].items():
-                    bias[int(expert)] = float(value)
-            parsed.masks[int(layer)] = Selection(off=off.to(device), on=on.to(device), bias=None if bias is None else bias.to(device))
-        state["specs"][key] = parsed
+        parameter = next(self.model_runner.model.parameters())
+        state["specs"][key] = InterventionSpec.from_wire(spec_json, tensors, device=parameter.device, dtype=parameter.dtype)
         return key
 
     def labkit_release(self, keys_json: str) -> int:
@@ -291,31 +256,22 @@ class LabkitWorkerExtension:
                 continue
             rows = torch.arange(start, end, device=positions.device)
             pos = positions[start:end]
-            for layer, vectors in spec.steering.items():
-                for mode, tensor in vectors:
-                    if mode == "front":
-                        keep = pos < min(int(tensor.shape[0]), prompt_length)
-                        if not bool(keep.any()):
-                            continue
-                        addition = tensor[pos[keep]]
-                        target = rows[keep]
-                    else:
-                        if mode == "all":
-                            keep = torch.ones_like(pos, dtype=torch.bool)
-                        elif mode == "prompt":
-                            keep = pos < prompt_length
-                        else:  # generated
-                            keep = pos >= prompt_length
-                        if not bool(keep.any()):
-                            continue
-                        target = rows[keep]
-                        addition = tensor.expand(int(target.shape[0]), -1)
-                    delta = plan.steering.get(layer)
-                    if delta is None:
-                        delta = plan.steering[layer] = torch.zeros(
-                            n_tokens, tensor.shape[-1], dtype=tensor.dtype, device=tensor.device
-                        )
-                    delta.index_add_(0, target, addition)
+            for entry in spec.steering:
+                tensor = entry.tensor
+                keep, offset = steering_positions(entry.positions, pos, prompt_length, front_length=int(tensor.shape[0]))
+                if not bool(keep.any()):
+                    continue
+                target = rows[keep]
+                if entry.positions == "front":  # token at position p gets row p of the ActAdd vector
+                    addition = tensor[offset[keep]]
+                else:
+                    addition = tensor.expand(int(target.shape[0]), -1)
+                delta = plan.steering.get(entry.layer)
+                if delta is None:
+                    delta = plan.steering[entry.layer] = torch.zeros(
+                        n_tokens, tensor.shape[-1], dtype=tensor.dtype, device=tensor.device
+                    )
+                delta.index_add_(0, target, addition)
             for layer, selection in spec.masks.items():
                 plan.masks.setdefault(layer, []).append((rows, selection))
             if spec.trace:
@@ -353,8 +309,6 @@ class LabkitWorkerExtension:
 
     def _labkit_route(self, index: int, _stock):
         """The exact family routing (with per-request masks and traces) for MoE layer ``index``."""
-        from labkit.moe.families import FAMILIES
-
         settings = self._labkit["settings"]
         family = FAMILIES[settings["model_type"]]
         router = SimpleNamespace(
