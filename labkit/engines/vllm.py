@@ -138,7 +138,7 @@ class VLLMModel(Backend):
         self.name = name
         self.llm = llm
         self.tokenizer = tokenizer
-        self.config = config
+        self._config = config
         self.tensor_parallel_size = int(tensor_parallel_size)
         prepends, appends = tokenizer_bos_eos(tokenizer)
         self.generation_config = generation_config
@@ -157,6 +157,12 @@ class VLLMModel(Backend):
         self.last_cached_tokens: list[int | None] = []
 
     # -- model facts -------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Any:
+        """The model's Hugging Face config (``Backend.config`` reads a module tree; the engine
+        keeps the config it was started with)."""
+        return self._config
 
     @property
     def skeleton(self) -> torch.nn.Module:
