@@ -382,9 +382,15 @@ def cache_activations(
         An :class:`ActivationCache`; ``cache[name]`` is ``Float[Tensor, "row *shape"]``.
 
     Raises:
+        TypeError: ``prompts`` / ``hook_names`` that are ``None``, a number or hold non-strings;
+            an ``out_dir`` that is not a path. (A bare string is one prompt.)
         ValueError: empty prompts, a prompt longer than the context window, an unknown hook name
-            (with the closest real names), a bad ``positions`` or ``batch_size``, or an existing
-            ``out_dir``.
+            (with the closest real names), a bad ``positions`` (or one selecting no position) or
+            ``batch_size``, or an ``out_dir`` that is a non-empty directory or an existing file.
+            Every message starts with ``cache_activations:``.
+
+    On an exception or ``KeyboardInterrupt`` while streaming, only what this call wrote is removed:
+    the directories it created, or, in an existing empty ``out_dir``, its shard and index files.
         MemoryBudgetError: the estimated bytes exceed ``max_bytes``; the message says how to
             lower them.
 
