@@ -13,6 +13,18 @@ from labkit.moe.causal import CausalAttribution, causal_attribution, minimal_mas
 from labkit.moe.evaluate import compare_conditions
 from labkit.moe.families import FAMILIES, NOT_ROUTED, moe_layers, supported_families
 from labkit.moe.masking import ExpertMask, masked
+from labkit.moe.scorecard import ScoreSet, difference_interval, selection_scorecard
+from labkit.moe.selection import (
+    ExpertSelection,
+    ablation_effect,
+    first_order_effect,
+    frequency_difference,
+    npmi,
+    risk_difference,
+    rule_agreement,
+    stability_selection,
+    trace_rules,
+)
 from labkit.moe.trace import RoutingTrace, trace_routing
 
 __all__ = [
@@ -32,4 +44,16 @@ __all__ = [
     "minimal_mask",
     "validate_mask",
     "target_probability",
+    "ExpertSelection",
+    "frequency_difference",
+    "risk_difference",
+    "npmi",
+    "stability_selection",
+    "ablation_effect",
+    "first_order_effect",
+    "trace_rules",
+    "rule_agreement",
+    "ScoreSet",
+    "selection_scorecard",
+    "difference_interval",
 ]

@@ -154,11 +154,11 @@ class ExpertSelection:
             per_layer[layer] = per_layer.get(layer, 0) + 1
             chosen.append((layer, expert))
         if len(chosen) < n:
-            cap = "" if per_layer_cap is None else f" at most {per_layer_cap} per layer,"
+            cap = "" if per_layer_cap is None else f"; under the cap of {per_layer_cap} per layer only {len(chosen)} can be chosen"
             raise ValueError(
                 f"ExpertSelection({self.rule!r}).top: asked for n={n} experts but the rule's filter "
-                f"({self.filter}) keeps {self.n_eligible} of {self.score.numel()} and,{cap} only {len(chosen)} can be "
-                "chosen. Ask for fewer, or relax the rule's filter."
+                f"({self.filter}) keeps {self.n_eligible} of {self.score.numel()}{cap}. Ask for fewer, or relax the "
+                "rule's filter."
             )
         return chosen
 
