@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "check_names",
+    "check_out_dir",
+    "check_prompt",
     "check_int",
     "check_trace_pair",
     "describe_trace",
@@ -97,34 +102,6 @@ def check_layer(layer: Any, n_layers: int, where: str) -> int:
             f"{where}: layer {layer} out of range; model has {n_layers} layers (0..{n_layers - 1})."
         )
     return int(layer)
-
-
-def check_prompts(prompts: Any, *, caller: str, hint: str = "") -> list[str]:
-    """Validate a prompt or list of prompts; return them as a list.
-
-    A bare string is one prompt.
-
-    Args:
-        prompts: a string or a non-empty sequence of non-empty strings.
-        caller: the function name (and argument) for messages, e.g. ``"generate"``.
-        hint: appended to the empty-prompt message (e.g. ActAdd's ``' '`` convention).
-
-    Raises:
-        ValueError: no prompts, or an empty string.
-        TypeError: an item that is not a string.
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"{caller}: need a prompt or a non-empty list of prompts, got {prompts!r}.")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"{caller}: prompt {i} must be a str, got {type(prompt).__name__}: {prompt!r}.")
-        if prompt == "":
-            raise ValueError(
-                f"{caller}: prompt {i} is empty (''); give at least one character (e.g. ' ')." + hint
-            )
-    return list(prompts)
 
 
 def check_context_lengths(lengths: Sequence[int], n_ctx: int | None, *, new_tokens: int = 0, caller: str = "labkit") -> None:
@@ -271,3 +248,134 @@ def check_trace_pair(behavior: Any, control: Any, *, caller: str, paired: bool =
             "lists of equal length (each control prompt the minimal edit of its behaviour prompt), or use an "
             "unpaired rule (frequency_difference, npmi)."
         )
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__}: {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _is_token_row(value: Any) -> bool:
+    """A list / tuple of ints (token ids)."""
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, (str, bytes))
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+
+
+def check_prompts(
+    prompts: Any, *, caller: str, argument: str = "prompts", hint: str = "", token_ids: bool = False
+) -> list:
+    """Validate a prompt or a collection of prompts; return them as a new list.
+
+    The one prompt rule of every labkit entry point (``generate``, ``cache_activations``,
+    ``trace_routing``, ``perplexity``, the vector builders, the MoE evaluations): **a bare string
+    is one prompt** (never iterated as characters); any other iterable (a list, a tuple, a
+    generator, a ``datasets`` column) is a collection of prompts.
+
+    Args:
+        prompts: a string, or a non-empty iterable of non-empty strings (with ``token_ids=True``
+            an item may also be a non-empty list of token ids).
+        caller: the function name for messages, e.g. ``"cache_activations"``.
+        argument: the argument's name for messages (default ``"prompts"``).
+        hint: appended to the empty-prompt message (e.g. ActAdd's ``' '`` convention).
+        token_ids: accept token-id lists as items (``trace_routing``).
+
+    Returns:
+        ``list`` of the prompts (a bare string becomes a one-item list).
+
+    Raises:
+        TypeError: ``prompts`` is ``None``, a number, bytes, a mapping or another non-iterable;
+            an item is not a string (or not a token-id list where those are allowed).
+        ValueError: no prompts, or an empty string / empty token list.
+
+    Example:
+        >>> check_prompts("Hello there", caller="cache_activations")
+        ['Hello there']
+    """
+    allowed = "a string or a non-empty list of strings" + (" or of token-id lists" if token_ids else "")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif prompts is None or isinstance(prompts, (bytes, bytearray, Mapping)) or not isinstance(prompts, Iterable):
+        raise TypeError(f"{caller}: {argument} must be {allowed}, got {_describe(prompts)}.")
+    elif token_ids and _is_token_row(prompts) and len(prompts) > 0:
+        raise TypeError(
+            f"{caller}: {argument} is one list of token ids; pass a list of prompts, e.g. [{_describe(prompts)}]."
+        )
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"{caller}: need a prompt or a non-empty list of prompts, got [] ({argument} is empty).")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ValueError(
+                    f"{caller}: prompt {i} is empty ('') in {argument}; give at least one character (e.g. ' ')." + hint
+                )
+        elif token_ids and _is_token_row(prompt):
+            if len(prompt) == 0:
+                raise ValueError(f"{caller}: prompt {i} is an empty token-id list in {argument}.")
+        else:
+            what = "a str or a list of token ids" if token_ids else "a str"
+            raise TypeError(f"{caller}: prompt {i} must be {what}, got {_describe(prompt)} (in {argument}).")
+    return prompts
+
+
+def check_prompt(prompt: Any, *, caller: str, argument: str, hint: str = "") -> str:
+    """Validate one prompt string (e.g. ActAdd's ``plus``); return it.
+
+    Raises:
+        TypeError: not a string.
+        ValueError: the empty string.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"{caller}: {argument} must be one prompt string, got {_describe(prompt)}.")
+    return check_prompts(prompt, caller=caller, argument=argument, hint=hint)[0]
+
+
+def check_out_dir(out_dir: Any, *, caller: str, argument: str = "out_dir") -> tuple[Path, bool]:
+    """Validate a directory to write into: ``(path, existed)``; nothing is created here.
+
+    It may be missing (the caller creates it, and may remove it again on failure) or an existing
+    **empty** directory (the caller must then leave it in place on failure: ``existed`` is True).
+
+    Raises:
+        TypeError: not a ``str`` / ``os.PathLike``.
+        ValueError: the path is an existing file (or other non-directory), a non-empty directory,
+            or lies under a file.
+    """
+    if isinstance(out_dir, bool) or not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"{caller}: {argument} must be a path (str or os.PathLike), got {_describe(out_dir)}.")
+    path = Path(out_dir)
+    if str(out_dir) == "":
+        raise ValueError(f"{caller}: {argument} is the empty string; give a directory path.")
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            where = "is" if parent == path else f"lies under {str(parent)!r}, which is"
+            raise ValueError(
+                f"{caller}: {argument} {str(path)!r} {where} an existing file, not a directory; "
+                "choose a new directory path."
+            )
+        if parent.exists():
+            break
+    existed = path.is_dir()
+    if existed and any(path.iterdir()):
+        raise ValueError(f"{caller}: {argument} {str(path)!r} exists and is not empty; choose a new directory.")
+    return path, existed
+
+
+def check_names(names: Any, *, caller: str, argument: str) -> list[str]:
+    """A name or an iterable of names (e.g. hook names) as a list of strings (may be empty).
+
+    Raises:
+        TypeError: ``None``, a number or another non-iterable; an item that is not a string.
+    """
+    if isinstance(names, str):
+        return [names]
+    if names is None or isinstance(names, (bytes, bytearray, Mapping)) or not isinstance(names, Iterable):
+        raise TypeError(f"{caller}: {argument} must be a string or a list of strings, got {_describe(names)}.")
+    names = list(names)
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(f"{caller}: {argument}[{i}] must be a str, got {_describe(name)}.")
+    return names

@@ -85,15 +85,20 @@ def perplexity(
         The perplexity (≥ 1).
 
     Raises:
-        ValueError: no texts, an empty text, or a text shorter than two tokens.
-        TypeError: a text that is not a string.
+        ValueError: no texts, an empty text, a text shorter than two tokens, or a text longer
+            than the model's context window (``max_position_embeddings``). labkit does not compute
+            a sliding-window perplexity: past the window the model reads positions it was never
+            trained on and the number means nothing, so split long texts yourself (each piece at
+            most the window) and combine ``exp(mean NLL)`` weighted by predicted tokens.
+        TypeError: ``texts`` is ``None`` / a number, or a text that is not a string.
     """
     import torch
 
-    from labkit.models import encode_prompts, lab_model, left_pad
+    from labkit.models import check_context, encode_prompts, lab_model, left_pad
     from labkit.steering import steered
 
     texts, encoded = encode_prompts(model, texts, caller="perplexity", prepend_bos=prepend_bos)
+    check_context(model, [len(ids) for ids in encoded], caller="perplexity")
     record = lab_model(model)
     tokenizer, twin = record.tokenizer, record.twin
     device = next(twin.parameters()).device
@@ -199,11 +204,12 @@ def steering_perplexities(
         One perplexity per setting, in order.
 
     Raises:
-        ValueError: no texts or settings, an empty or one-token text, ``batch_size < 1``.
+        ValueError: no texts or settings, an empty or one-token text, a text longer than the
+            context window, ``batch_size < 1``.
     """
     import torch
 
-    from labkit.models import encode_prompts
+    from labkit.models import check_context, encode_prompts
 
     settings = list(settings)
     if not settings:
@@ -211,6 +217,7 @@ def steering_perplexities(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"steering_perplexities: batch_size must be a positive int, got {batch_size!r}.")
     texts, encoded = encode_prompts(model, texts, caller="steering_perplexities", prepend_bos=prepend_bos)
+    check_context(model, [len(ids) for ids in encoded], caller="steering_perplexities")
     for i, ids in enumerate(encoded):
         if len(ids) < 2:
             raise ValueError(f"steering_perplexities: text {i} ({texts[i]!r}) has {len(ids)} token(s); need ≥ 2.")
@@ -489,9 +496,9 @@ def topic_steering_sweep(
 
     vectors = [vectors] if isinstance(vectors, SteeringVector) else list(vectors)
     topic = tuple(topic_words)
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("topic_steering_sweep: prompts is empty; give at least one neutral prompt.")
+    from labkit.checks import check_prompts
+
+    prompts = check_prompts(prompts, caller="topic_steering_sweep")
     for name, value in (("samples_per_prompt", samples_per_prompt), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"topic_steering_sweep: {name} must be a positive int, got {value!r}.")

@@ -41,9 +41,9 @@ from torch import Tensor
 
 from labkit import storage
 from labkit.backends import backend_of
-from labkit.checks import check_coefficient, check_layer, check_prompts, layer_of
+from labkit.checks import check_coefficient, check_layer, check_prompt, check_prompts, layer_of
 from labkit.interventions import POSITIONS
-from labkit.models import encode_prompts, model_name_of, tokenizer_of
+from labkit.models import check_context, encode_prompts, model_name_of, tokenizer_of
 
 __all__ = [
     "POSITIONS",
@@ -296,14 +296,18 @@ def _check_hook_point(model, hook_name: str, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_prompts(prompts: Any, where: str) -> list[str]:
-    return check_prompts(
-        prompts, caller=where, hint=" ActAdd's neutral side is usually a space, ' '."
-    )
+_SPACE_HINT = " ActAdd's neutral side is usually a space, ' '."
 
 
-def _encode(model, text: str, where: str, prepend_bos: bool | None) -> list[int]:
+def _check_prompts(prompts: Any, where: str, argument: str) -> list[str]:
+    return check_prompts(prompts, caller=where, argument=argument, hint=_SPACE_HINT)
+
+
+def _encode(model, text: str, where: str, prepend_bos: bool | None, argument: str = "") -> list[int]:
+    """One prompt's token ids; a prompt longer than the model's context window is refused (its
+    activations past the window would be read at positions the model was never trained on)."""
     (_text,), (ids,) = encode_prompts(model, [text], caller=where, prepend_bos=prepend_bos)
+    check_context(model, [len(ids)], caller=f"{where} ({argument})" if argument else where)
     return ids
 
 
@@ -363,22 +367,24 @@ def actadd(
         ``positions="front"``, ``source`` recording the prompts and their token ids.
 
     Raises:
-        ValueError: an empty prompt, a layer out of range, a non-finite coefficient.
+        ValueError: an empty prompt, a prompt longer than the model's context window, a layer
+            out of range, a non-finite coefficient.
+        TypeError: ``plus`` or ``minus`` is not a string.
 
     Example:
         >>> vec = actadd(model, " wedding", " ", layer=6, coefficient=4.0)  # doctest: +SKIP
         >>> labkit.generate(model, "I went up to my friend and said", steering=vec).texts  # doctest: +SKIP
     """
     where = "actadd"
-    (plus,) = _check_prompts([plus], f"{where} plus")
-    (minus,) = _check_prompts([minus], f"{where} minus")
+    plus = check_prompt(plus, caller=where, argument="plus", hint=_SPACE_HINT)
+    minus = check_prompt(minus, caller=where, argument="minus", hint=_SPACE_HINT)
     coefficient = check_coefficient(coefficient, where)
     layer = _check_layer(model, layer, where)
     hook_name = f"blocks.{layer}.{hook_point}"
     _check_hook_point(model, hook_name, where)
     tokenizer = tokenizer_of(model)
-    plus_ids = _encode(model, plus, where, prepend_bos)
-    minus_ids = _encode(model, minus, where, prepend_bos)
+    plus_ids = _encode(model, plus, where, prepend_bos, "plus")
+    minus_ids = _encode(model, minus, where, prepend_bos, "minus")
     space = tokenizer(" ", add_special_tokens=False).input_ids
     if not space:
         raise ValueError(f"{where}: this tokenizer encodes ' ' to no token; cannot pad with spaces.")
@@ -472,8 +478,8 @@ def mean_difference(
 def _contrast_setup(model, positive_prompts, negative_prompts, layer, coefficient, positions, token, batch_size,
                     hook_point, where):
     """Validate the arguments every contrast-pair method shares; returns prompts, c, hook name."""
-    positive = _check_prompts(positive_prompts, f"{where} positive_prompts")
-    negative = _check_prompts(negative_prompts, f"{where} negative_prompts")
+    positive = _check_prompts(positive_prompts, where, "positive_prompts")
+    negative = _check_prompts(negative_prompts, where, "negative_prompts")
     coefficient = check_coefficient(coefficient, where)
     layer = _check_layer(model, layer, where)
     if positions not in ("all", "prompt", "generated"):

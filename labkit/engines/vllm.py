@@ -121,6 +121,9 @@ class VLLMModel(Backend):
         config: the model's Hugging Face config.
         cfg: ``n_layers``, ``d_model``, ``n_ctx``, ``default_prepend_bos`` (the BOS rule), as on a bridge.
         tensor_parallel_size: the engine's TP degree.
+        last_cached_tokens: per request of the latest engine call, the prompt tokens vLLM served
+            from its prefix cache (``RequestOutput.num_cached_tokens``); tests use it to prove a
+            cache hit happened (or, for an intervened request, did not reuse unintervened blocks).
     """
 
     kind = "vllm"
@@ -151,6 +154,7 @@ class VLLMModel(Backend):
         self._masks: list[dict[int, Selection]] = []  # open labkit.moe.masked contexts
         self._skeleton = None
         self._closed = False
+        self.last_cached_tokens: list[int | None] = []
 
     # -- model facts -------------------------------------------------------------------------
 
@@ -391,7 +395,9 @@ class VLLMModel(Backend):
             prompts.append(prompt)
             params.append(params_for(extra))
         try:
-            return self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            self.last_cached_tokens = [output.num_cached_tokens for output in outputs]
+            return outputs
         finally:
             if registered and not trace_keys_pending(specs):
                 self.llm.collective_rpc("labkit_release", args=(json.dumps(sorted(registered)),))

@@ -215,6 +215,12 @@ class ExpertMask:
         if model is None:
             return cls(tuple(edits), **meta)
         info = model_meta(model)
+        if "model_name" in meta and not same_model(str(meta["model_name"]), info.get("model_name")):
+            raise ValueError(
+                f"ExpertMask: the attribution was computed on model {meta['model_name']!r} but model= is "
+                f"{info.get('model_name')!r}; its top experts are another model's. Attribute on this model, "
+                "or pass the model the attribution came from."
+            )
         for key in ("n_layers", "n_experts"):
             if key in meta and int(meta[key]) != info[key]:
                 raise ValueError(
@@ -264,7 +270,8 @@ class ExpertMask:
         attribution, where present, are recorded.
 
         Raises:
-            ValueError: unknown mode, ``n < 1``, or an object without ``.top``.
+            ValueError: unknown mode, ``n < 1``, or an object without ``.top``; with ``model=``, an
+                attribution whose ``model_name`` / ``n_layers`` / ``n_experts`` is another model's.
         """
         if mode not in MODES:
             raise ValueError(f"ExpertMask.from_attribution: unknown mode {mode!r}; allowed modes: {', '.join(MODES)}.")

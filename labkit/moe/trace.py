@@ -21,7 +21,7 @@ from torch import Tensor
 
 from labkit import storage
 from labkit.backends import backend_of
-from labkit.checks import check_positive_int, check_scope, check_token_ids
+from labkit.checks import check_positive_int, check_prompts, check_scope, check_token_ids
 from labkit.moe.families import find_routers
 from labkit.tokens import encode_prompt, lab_tokenizer
 
@@ -269,11 +269,7 @@ def trace_routing(
     check_positive_int("batch_size", batch_size, caller="trace_routing")
     if kind == "generated":
         check_positive_int("max_new_tokens", max_new_tokens, caller="trace_routing")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("trace_routing: prompts is empty; pass at least one prompt.")
+    prompts = check_prompts(prompts, caller="trace_routing", token_ids=True)
     if tokenizer is not None:
         backend.check_tokenizer_override("trace_routing")
         tokenizer = lab_tokenizer(tokenizer)
