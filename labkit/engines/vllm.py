@@ -27,10 +27,13 @@ Guarantees and refusals:
   graph, so ``enforce_eager=True`` is forced and ``enforce_eager=False`` / a
   ``compilation_config`` is refused with an error.
 * **Exact family routing**: each MoE router's selection step runs the family's own math from
-  :mod:`labkit.moe.families` (stock vLLM's OLMoE ignores ``norm_topk_prob``).
+  :mod:`labkit.moe.families` (stock vLLM's OLMoE ignores ``norm_topk_prob``), through one
+  generic seam on vLLM's router step for every family (:mod:`labkit.engines.vllm_router`). A
+  MoE family labkit does not route still loads and generates (plain and steered) with vLLM's
+  own routing; traces and masks on it are refused with the reason.
 * Refused with a clear error: speculative decoding, a vLLM outside :data:`TESTED_VLLM`, a
   monolithic MoE kernel (it routes inside the kernel), expert masks under data- or
-  expert-parallel dispatch, MoE families other than OLMoE, hook points other than
+  expert-parallel dispatch, hook points other than
   ``blocks.{L}.hook_resid_pre`` / ``hook_resid_post``, directional ablation (``operation="ablate"``
   also projects at ``hook_resid_mid`` inside each block).
 
@@ -53,7 +56,7 @@ from typing import Any
 
 import torch
 
-from labkit.engines.vllm_worker import EXTRA_ARGS_KEY, ROUTED_FAMILIES, SPEC_KIND, SPEC_VERSION
+from labkit.engines.vllm_worker import EXTRA_ARGS_KEY, SPEC_KIND, SPEC_VERSION
 
 __all__ = ["TESTED_VLLM", "VLLMModel", "load_vllm"]
 
@@ -313,13 +316,15 @@ class VLLMModel:
     # -- expert masks ------------------------------------------------------------------------
 
     def _check_routed(self, caller: str) -> None:
+        """Raise unless labkit routes this model's MoE layers on the engine (the reason otherwise)."""
         from labkit.moe.families import family_of
 
-        family = family_of(self)
-        if self.config.model_type not in ROUTED_FAMILIES:
+        routing = getattr(self, "_routing", None) or {}
+        if not routing.get("routed"):
+            family_of(self)  # a dense or unrouted family: the HF path's message, with the reason
             raise ValueError(
-                f"{caller}: {family.name} models are not supported on the vLLM engine yet (tested: "
-                f"{', '.join(ROUTED_FAMILIES)}); use the Hugging Face path (engine='hf')."
+                f"{caller}: labkit does not route this {self.config.model_type!r} model on the vLLM engine: "
+                f"{routing.get('reason') or 'no routing was installed'}. Plain and steered generation still run."
             )
 
     def _mask_layers(self, mask) -> dict[int, dict[str, Any]]:
@@ -727,6 +732,17 @@ def trace_keys_pending(specs) -> bool:
     return any(spec is not None and (json.loads(spec[1]).get("trace") or json.loads(spec[1]).get("capture")) for spec in specs)
 
 
+def _meta_skeleton(config) -> torch.nn.Module | None:
+    """The Hugging Face model class of ``config`` on the ``meta`` device (``None`` if it cannot be built)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # the handle's skeleton property retries and raises with the real message
+        return None
+
+
 def load_vllm(
     name_or_path: str | os.PathLike,
     *,
@@ -760,6 +776,7 @@ def load_vllm(
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    from labkit.engines.vllm_router import router_settings
     from labkit.models import _resolve, canonical_name
 
     if enforce_eager is not True:
@@ -795,6 +812,7 @@ def load_vllm(
     if current_platform.is_cpu() and tensor_parallel_size > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_thread_binding(tensor_parallel_size)
     engine_kwargs.setdefault("seed", 0)
+    skeleton = _meta_skeleton(config)  # before the engine: in-process, vLLM's Transformers backend patches HF classes
     llm = vllm.LLM(
         model=source,
         tokenizer=source,
@@ -806,13 +824,6 @@ def load_vllm(
         **engine_kwargs,
     )
     try:
-        settings = {
-            "model_type": getattr(config, "model_type", None),
-            "top_k": getattr(config, "num_experts_per_tok", None),
-            "norm_topk_prob": bool(getattr(config, "norm_topk_prob", False)),
-            "n_experts": getattr(config, "num_experts", None),
-        }
-        llm.collective_rpc("labkit_install", args=(json.dumps(settings),))
         tokenizer = AutoTokenizer.from_pretrained(source)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -826,6 +837,11 @@ def load_vllm(
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
         )
+        if skeleton is not None:
+            skeleton.config.name_or_path = handle.name
+            handle._skeleton = skeleton
+        handle._routing = router_settings(handle)
+        llm.collective_rpc("labkit_install", args=(json.dumps(handle._routing),))
         generation = Path(source) / "generation_config.json"
         if generation.is_file():
             eos = json.loads(generation.read_text()).get("eos_token_id")
