@@ -462,6 +462,7 @@ def test_monolithic_moe_kernel_refused():
     model.model.layers = torch.nn.ModuleList([Layer()])
     worker = LabkitWorkerExtension()
     worker.model_runner = SimpleNamespace(model=model)
-    settings = json.dumps({"model_type": "olmoe", "top_k": 1, "norm_topk_prob": True, "n_experts": 4})
+    settings = json.dumps({"model_type": "olmoe", "routed": True,
+                           "layers": {"0": {"n_experts": 4, "top_k": 1, "attrs": {"norm_topk_prob": True}}}})
     with pytest.raises(RuntimeError, match="monolithic: it selects experts inside the kernel"):
         worker.labkit_install(settings)
