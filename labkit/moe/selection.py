@@ -320,8 +320,9 @@ def frequency_difference(behavior, control, *, last_tokens: int | None = None) -
 
     ``score = mean_{p in B} A_p(e)/N_p - mean_{p in C} A_p(e)/N_p`` per layer, where ``A_p(e)``
     counts the tokens of prompt ``p`` whose top-k holds expert ``e`` and ``N_p`` the prompt's
-    counted tokens: each prompt weighs the same (labkit's prompt aggregation; MoTE counts
-    activations over all tokens of its prompt sets). Filter: ``score > 0``. This is
+    counted tokens. MoTE compares how often each expert is activated on the two prompt sets;
+    labkit averages per-prompt rates so that each prompt weighs the same and one long prompt
+    cannot dominate (pooled token counts: :func:`risk_difference`). Filter: ``score > 0``. This is
     :func:`~labkit.moe.attribution.attribute_experts` with ``metric="frequency",
     aggregate="prompt"``; use that function for p-values, intervals and the noise floor.
 
