@@ -309,3 +309,47 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(getattr(loaded, name), getattr(selection, name))
     assert (loaded.rule, loaded.layers, loaded.settings, loaded.filter) == (selection.rule, selection.layers, selection.settings, selection.filter)
     assert loaded.ranked() == selection.ranked()
+
+
+# --- where the definitions part ways ---------------------------------------------------------------
+
+
+def trace_of(prompts, *, n_experts: int = 4, model_name: str = "m") -> RoutingTrace:
+    """A one-layer trace: ``prompts[p][t]`` is the tuple of experts token ``t`` of prompt ``p`` chose."""
+    flat = [tuple(token) for prompt in prompts for token in prompt]
+    top_k = len(flat[0])
+    return RoutingTrace(
+        topk_indices=torch.tensor(flat).view(1, -1, top_k), topk_weights=torch.ones(1, len(flat), top_k), router_logits=None,
+        token_ids=torch.zeros(len(flat), dtype=torch.long),
+        prompt_index=torch.cat([torch.full((len(p),), i) for i, p in enumerate(prompts)]),
+        position=torch.cat([torch.arange(len(p)) for p in prompts]),
+        layers=(0,), n_experts=n_experts, top_k=top_k, n_prompts=len(prompts), model_name=model_name,
+    )
+
+
+def test_npmi_prefers_an_exclusive_expert_the_risk_difference_a_frequent_one():
+    """Top-2 routing. Expert 0 serves every behaviour token and half the control tokens (Δ = 0.5);
+    expert 1 serves 40 % of the behaviour tokens and no control token (Δ = 0.4). The risk
+    difference ranks the frequent expert first; nPMI, which rewards exclusivity, the exclusive one
+    (ln 2 / ln 5 = 0.431 against ln(4/3) / ln 2 = 0.415)."""
+    behavior = trace_of([[(0, 1)] * 40 + [(0, 2)] * 60])
+    control = trace_of([[(0, 3)] * 50 + [(2, 3)] * 50])
+    risk, information = risk_difference(behavior, control), npmi(behavior, control)
+    assert risk.top(2) == [(0, 0), (0, 1)] and information.top(2) == [(0, 1), (0, 0)]
+    assert float(risk.score[0, 0]) == pytest.approx(0.5) and float(risk.score[0, 1]) == pytest.approx(0.4)
+    assert float(information.score[0, 1]) == pytest.approx(math.log(2) / math.log(5))
+    assert float(information.score[0, 0]) == pytest.approx(math.log(4 / 3) / math.log(2))
+
+
+def test_stability_selection_drops_an_expert_carried_by_one_prompt():
+    """Expert 1 fills one behaviour prompt and nothing else: fTRI ranks it first (0.1 against 0.08)
+    but it is selected only in the half-subsamples that hold that prompt (about half), below the
+    0.6 threshold. Expert 0 serves one token in 8 of 10 behaviour prompts: selected in every
+    subsample, the stable choice."""
+    prompts = [[(0,)] + [(3,)] * 9] * 8 + [[(3,)] * 10] + [[(1,)] * 10]  # expert 3: the filler
+    behavior, control = trace_of(prompts), trace_of([[(3,)] * 10] * 10)
+    frequency = frequency_difference(behavior, control)
+    stable = stability_selection(behavior, control, n_resamples=200, top=2, threshold=0.6, seed=0)
+    assert frequency.top(2) == [(0, 1), (0, 0)]
+    assert stable.top(1) == [(0, 0)] and stable.n_eligible == 1
+    assert float(stable.score[0, 0]) == 1.0 and 0.35 < float(stable.score[0, 1]) < 0.65  # ≈ P(prompt drawn) = 1/2

@@ -241,14 +241,16 @@ def _counts(trace, last_tokens: int | None, marker_token_ids=None) -> _Counts:
     is_marker = torch.zeros(n_tokens, dtype=torch.bool)
     if marker_token_ids is not None:
         is_marker = torch.isin(trace.token_ids.long(), torch.as_tensor(list(marker_token_ids), dtype=torch.long))
-    indicator = torch.zeros(n_layers, n_tokens, n_experts, dtype=torch.float64)
-    indicator.scatter_(2, indices, 1.0)  # an expert appears at most once in a token's top-k
+    layer_of = torch.arange(n_layers).view(n_layers, 1, 1).expand_as(indices)
 
     def per_prompt(mask: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Counts per (prompt, layer, expert) by one bincount (no dense token x expert tensor);
+        an expert appears at most once in a token's top-k, so each count is a number of tokens."""
         chosen = keep & mask
-        out = torch.zeros(n_prompts, n_layers, n_experts, dtype=torch.float64)
-        out.index_add_(0, prompt_index[chosen], indicator[:, chosen].permute(1, 0, 2))
-        tokens = torch.zeros(n_prompts, dtype=torch.float64).index_add_(0, prompt_index[chosen], torch.ones(int(chosen.sum()), dtype=torch.float64))
+        cell = (prompt_index[chosen].view(1, -1, 1) * n_layers + layer_of[:, chosen]) * n_experts + indices[:, chosen]
+        size = n_prompts * n_layers * n_experts
+        out = torch.bincount(cell.reshape(-1), minlength=size).double().view(n_prompts, n_layers, n_experts)
+        tokens = torch.bincount(prompt_index[chosen], minlength=n_prompts).double()
         return out.numpy(), tokens.numpy()
 
     selected, tokens = per_prompt(torch.ones(n_tokens, dtype=torch.bool))
@@ -318,8 +320,9 @@ def frequency_difference(behavior, control, *, last_tokens: int | None = None) -
 
     ``score = mean_{p in B} A_p(e)/N_p - mean_{p in C} A_p(e)/N_p`` per layer, where ``A_p(e)``
     counts the tokens of prompt ``p`` whose top-k holds expert ``e`` and ``N_p`` the prompt's
-    counted tokens: each prompt weighs the same (labkit's prompt aggregation; MoTE counts
-    activations over all tokens of its prompt sets). Filter: ``score > 0``. This is
+    counted tokens. MoTE compares how often each expert is activated on the two prompt sets;
+    labkit averages per-prompt rates so that each prompt weighs the same and one long prompt
+    cannot dominate (pooled token counts: :func:`risk_difference`). Filter: ``score > 0``. This is
     :func:`~labkit.moe.attribution.attribute_experts` with ``metric="frequency",
     aggregate="prompt"``; use that function for p-values, intervals and the noise floor.
 
@@ -588,7 +591,7 @@ def first_order_effect(model, prompts, targets, **kwargs: Any) -> ExpertSelectio
 # --- agreement -------------------------------------------------------------------------------------
 
 
-def rule_agreement(selections) -> "pandas.DataFrame":  # noqa: F821
+def rule_agreement(selections):
     """Spearman rank correlation between every two rules' scores over all ``layer x expert`` cells.
 
     Args:
