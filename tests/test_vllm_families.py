@@ -83,7 +83,7 @@ def _vector(hf, positions: str = "all") -> SteeringVector:
     torch.manual_seed(0)
     direction = torch.randn(hf.cfg.d_model)
     return SteeringVector("blocks.1.hook_resid_pre", 8.0 * direction / direction.norm(), coefficient=1.0,
-                          positions=positions, model_name=hf.name)
+                          positions=positions, model_name=labkit.models.model_name_of(hf))
 
 
 def test_plain_greedy_equals_hf(pair):
@@ -112,7 +112,7 @@ def test_trace_equals_hf(pair):
     assert (b.layers, b.n_experts, b.top_k) == (a.layers, a.n_experts, a.top_k)
     assert torch.equal(b.token_ids, a.token_ids) and torch.equal(b.position, a.position)
     assert torch.equal(b.topk_indices, a.topk_indices)
-    torch.testing.assert_close(b.topk_weights, a.topk_weights, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.topk_weights, a.topk_weights, rtol=1e-4, atol=1e-5)  # float32 sums in another order
     torch.testing.assert_close(b.router_logits, a.router_logits, rtol=0, atol=1e-4)
 
 
@@ -130,7 +130,7 @@ def test_masked_greedy_and_trace_equal_hf(pair, kind):
     assert not torch.equal(trace_a.topk_indices, plain.topk_indices), "the mask must change the HF routing"
     assert b == a
     assert torch.equal(trace_b.topk_indices, trace_a.topk_indices)
-    torch.testing.assert_close(trace_b.topk_weights, trace_a.topk_weights, rtol=0, atol=1e-5)
+    torch.testing.assert_close(trace_b.topk_weights, trace_a.topk_weights, rtol=1e-4, atol=1e-5)  # float32 sums in another order
 
 
 def test_nested_masks_and_steering_equal_hf(pair):
@@ -202,5 +202,5 @@ def test_tensor_parallel_2_equals_hf(model_type, tmp_path):
     got = json.loads(lines[-1][len("RESULT "):])
     for name in ("plain", "steered", "masked_off", "topk_indices"):
         assert got[name] == expected[name], name
-    torch.testing.assert_close(torch.tensor(got["topk_weights"]), torch.tensor(expected["topk_weights"]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got["topk_weights"]), torch.tensor(expected["topk_weights"]), rtol=1e-4, atol=1e-5)
     assert expected["masked_off"] != expected["plain"] and expected["steered"] != expected["plain"]
