@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from labkit import storage
 from labkit.hooks import attach, resolve_hook
-from labkit.checks import check_names, check_out_dir, check_prompts
+from labkit.checks import check_names, check_out_dir, check_path, check_prompts, named_errors
 from labkit.models import check_context, encode_prompts, lab_model, left_pad
 
 __all__ = [
@@ -225,7 +225,7 @@ class ActivationCache:
         Raises:
             FileNotFoundError / ValueError: no cache there, or a foreign format.
         """
-        directory = Path(directory)
+        directory = check_path(directory, caller="ActivationCache.load", argument="directory")
         if not directory.is_dir():
             raise FileNotFoundError(
                 f"ActivationCache.load: no directory at {str(directory)!r}; pass the out_dir given to cache_activations."
@@ -400,22 +400,29 @@ def cache_activations(
     prompts = check_prompts(prompts, caller="cache_activations")
     hook_names = check_names(hook_names, caller="cache_activations", argument="hook_names")
     if not hook_names:
-        raise ValueError("hook_names is empty; name at least one hook point, e.g. 'blocks.0.hook_resid_pre'.")
+        raise ValueError("cache_activations: hook_names is empty; name at least one hook point, e.g. 'blocks.0.hook_resid_pre'.")
     if len(set(hook_names)) != len(hook_names):
-        raise ValueError(f"hook_names has duplicates: {hook_names}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise ValueError(f"cache_activations: hook_names has duplicates: {hook_names}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"cache_activations: batch_size must be a positive int, got {batch_size!r}.")
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
-        raise ValueError(f"max_bytes must be a positive int (bytes) or None (no budget), got {max_bytes!r}")
+        raise ValueError(f"cache_activations: max_bytes must be a positive int (bytes) or None (no budget), got {max_bytes!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(
-            f"dtype must be a floating torch dtype (e.g. torch.float16) or None, got {dtype!r}; "
+            f"cache_activations: dtype must be a floating torch dtype (e.g. torch.float16) or None, got {dtype!r}; "
             "activations would be truncated otherwise."
         )
-    for name in hook_names:
-        resolve_hook(model, name)  # unknown names fail here, before any work
-    token_rows = tokenize_prompts(model, prompts, chat=chat, prepend_bos=prepend_bos)
-    kept = [select_positions(len(r), positions) for r in token_rows]
+    with named_errors("cache_activations"):
+        for name in hook_names:
+            resolve_hook(model, name)  # unknown names fail here, before any work
+        token_rows = tokenize_prompts(model, prompts, chat=chat, prepend_bos=prepend_bos)
+        kept = [select_positions(len(r), positions) for r in token_rows]
+    for i, keep in enumerate(kept):
+        if not keep:
+            raise ValueError(
+                f"cache_activations: positions={positions!r} selects no position of prompt {i} "
+                f"({len(token_rows[i])} tokens); choose at least one."
+            )
     store_dtype = dtype or _model_dtype(model)
     widths = _probe_widths(model, hook_names, min(token_rows, key=len))
     row_bytes = torch.empty((), dtype=store_dtype).element_size() * sum(

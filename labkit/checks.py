@@ -8,21 +8,23 @@ argument, what it received and what is allowed; none of them touches a model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "check_names",
-    "check_out_dir",
-    "check_prompt",
     "check_int",
     "check_trace_pair",
     "describe_trace",
     "check_coefficient",
+    "check_names",
+    "check_out_dir",
+    "check_path",
+    "check_prompt",
     "check_context_lengths",
     "check_layer",
     "check_number",
@@ -32,6 +34,7 @@ __all__ = [
     "check_scope",
     "check_token_ids",
     "layer_of",
+    "named_errors",
 ]
 
 
@@ -102,152 +105,6 @@ def check_layer(layer: Any, n_layers: int, where: str) -> int:
             f"{where}: layer {layer} out of range; model has {n_layers} layers (0..{n_layers - 1})."
         )
     return int(layer)
-
-
-def check_context_lengths(lengths: Sequence[int], n_ctx: int | None, *, new_tokens: int = 0, caller: str = "labkit") -> None:
-    """Refuse prompts that do not fit a context window of ``n_ctx`` tokens (``None``: no limit).
-
-    Raises:
-        ValueError: a prompt (plus ``new_tokens``) is longer than the window; the message names
-            the prompt, its length and the window.
-    """
-    if n_ctx is None:
-        return
-    for i, length in enumerate(lengths):
-        if length + new_tokens > n_ctx:
-            extra = f" + {new_tokens} new tokens" if new_tokens else ""
-            raise ValueError(
-                f"{caller}: prompt {i} is {length} tokens{extra}; the model's context window is "
-                f"{n_ctx} tokens. Shorten the prompt" + (" or lower max_new_tokens." if new_tokens else ".")
-            )
-
-
-def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int | None, *, caller: str = "trace_routing") -> None:
-    """Refuse token ids outside ``0..vocab_size-1`` (torch would raise a bare IndexError).
-
-    Raises:
-        ValueError: an id below 0 or at / above ``vocab_size``.
-    """
-    for i, row in enumerate(rows):
-        bad = [t for t in row if t < 0 or (vocab_size is not None and t >= vocab_size)]
-        if bad:
-            allowed = f"0..{vocab_size - 1}" if vocab_size is not None else "≥ 0"
-            raise ValueError(
-                f"{caller}: prompt {i} has token id {bad[0]} outside the model's vocabulary "
-                f"({allowed}; {len(bad)} such id(s) in this prompt). Pass ids from this model's tokenizer, "
-                "or pass text."
-            )
-
-
-def check_scope(scope: Any, *, caller: str = "trace_routing") -> tuple[str, int]:
-    """A routing-trace scope: ``"all"``, ``"generated"`` or ``("last", k)``; returns ``(kind, k)``.
-
-    Raises:
-        ValueError: anything else.
-    """
-    if scope in ("all", "generated"):
-        return scope, 0
-    if (
-        isinstance(scope, tuple)
-        and len(scope) == 2
-        and scope[0] == "last"
-        and isinstance(scope[1], int)
-        and not isinstance(scope[1], bool)
-        and scope[1] >= 1
-    ):
-        return "last", scope[1]
-    raise ValueError(f"{caller}: scope {scope!r} is not allowed; use 'all', 'generated', or ('last', k) with k ≥ 1.")
-
-
-def check_per_prompt(entries: Any, n_prompts: int, *, name: str, caller: str = "generate") -> None:
-    """Refuse per-prompt steering (``name`` as the caller spelled it) that is not one entry per prompt.
-
-    Raises:
-        ValueError: ``entries`` is a string, not a sequence, or not ``n_prompts`` long.
-    """
-    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
-        raise TypeError(
-            f"{caller}: {name} must be a list with one entry per prompt, got {type(entries).__name__} "
-            f"{entries!r:.80}; for one vector on every prompt use steering=."
-        )
-    if len(entries) != n_prompts:
-        raise ValueError(
-            f"{caller}: {name} has {len(entries)} entries for {n_prompts} prompts; {name} needs one entry "
-            f"(a vector, a list of vectors or None) per prompt: {n_prompts} prompts."
-        )
-
-
-_TRACE_FIELDS = ("topk_indices", "topk_weights", "prompt_index", "position", "layers", "n_experts", "top_k", "n_prompts")
-
-
-def check_int(value: Any, name: str, *, caller: str, minimum: int | None = None, maximum: int | None = None) -> int:
-    """``value`` as an ``int`` within ``[minimum, maximum]``; bools and floats are refused.
-
-    Raises:
-        ValueError: not an integer, or outside the bounds (the message names ``name``).
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{caller}: {name} must be an int, got {value!r} of type {type(value).__name__}.")
-    if minimum is not None and value < minimum or maximum is not None and value > maximum:
-        low = "-inf" if minimum is None else minimum
-        high = "inf" if maximum is None else maximum
-        raise ValueError(f"{caller}: {name}={value} is outside the allowed range {low}..{high}.")
-    return value
-
-
-def describe_trace(trace: Any) -> str:
-    """One line naming a routing trace's model, layers, routing shape and size (for messages)."""
-    shape = tuple(getattr(getattr(trace, "topk_indices", None), "shape", ()))
-    return (
-        f"model {getattr(trace, 'model_name', '?')!r}, layers {tuple(getattr(trace, 'layers', ()))}, "
-        f"{getattr(trace, 'n_experts', '?')} experts, top-{getattr(trace, 'top_k', '?')}, "
-        f"{getattr(trace, 'n_prompts', '?')} prompts, topk_indices shape {shape}"
-    )
-
-
-def check_trace_pair(behavior: Any, control: Any, *, caller: str, paired: bool = False) -> None:
-    """Refuse two routing traces that cannot be compared expert by expert.
-
-    Args:
-        behavior: the behaviour prompts' :class:`~labkit.moe.trace.RoutingTrace`.
-        control: the control prompts' trace.
-        caller: the public function's name, for the message.
-        paired: the rule compares prompt *pairs* (SteerMoE): both traces must hold the same
-            number of prompts, prompt ``i`` of one paired with prompt ``i`` of the other.
-
-    Raises:
-        TypeError: an argument is not a routing trace.
-        ValueError: an empty trace; traces from different models, layers, expert counts or top-k
-            (the message shows both); with ``paired``, different prompt counts.
-    """
-    for label, trace in (("behavior", behavior), ("control", control)):
-        missing = [name for name in _TRACE_FIELDS if not hasattr(trace, name)]
-        if missing:
-            raise TypeError(
-                f"{caller}: {label} is a {type(trace).__name__} without {missing}; pass a "
-                "labkit.moe.RoutingTrace (from trace_routing)."
-            )
-        if trace.topk_indices.dim() != 3 or trace.topk_indices.shape[1] == 0 or trace.n_prompts == 0:
-            raise ValueError(f"{caller}: the {label} trace is empty ({describe_trace(trace)}); trace at least one prompt.")
-    for name, what in (
-        ("model_name", "traces come from different models"),
-        ("layers", "traces cover different layers"),
-        ("n_experts", "traces have different expert counts"),
-        ("top_k", "traces have different top-k"),
-    ):
-        if getattr(behavior, name) != getattr(control, name):
-            raise ValueError(
-                f"{caller}: {what}: behavior has {name}={getattr(behavior, name)!r}, control has "
-                f"{name}={getattr(control, name)!r}. Trace both prompt sets with the same model and layers.\n"
-                f"  behavior: {describe_trace(behavior)}\n  control:  {describe_trace(control)}"
-            )
-    if paired and behavior.n_prompts != control.n_prompts:
-        raise ValueError(
-            f"{caller}: this rule compares prompt pairs (behaviour prompt i against control prompt i), but "
-            f"behavior has {behavior.n_prompts} prompts and control {control.n_prompts}. Trace paired prompt "
-            "lists of equal length (each control prompt the minimal edit of its behaviour prompt), or use an "
-            "unpaired rule (frequency_difference, npmi)."
-        )
 
 
 def _describe(value: Any) -> str:
@@ -333,6 +190,79 @@ def check_prompt(prompt: Any, *, caller: str, argument: str, hint: str = "") -> 
     return check_prompts(prompt, caller=caller, argument=argument, hint=hint)[0]
 
 
+def check_context_lengths(lengths: Sequence[int], n_ctx: int | None, *, new_tokens: int = 0, caller: str = "labkit") -> None:
+    """Refuse prompts that do not fit a context window of ``n_ctx`` tokens (``None``: no limit).
+
+    Raises:
+        ValueError: a prompt (plus ``new_tokens``) is longer than the window; the message names
+            the prompt, its length and the window.
+    """
+    if n_ctx is None:
+        return
+    for i, length in enumerate(lengths):
+        if length + new_tokens > n_ctx:
+            extra = f" + {new_tokens} new tokens" if new_tokens else ""
+            raise ValueError(
+                f"{caller}: prompt {i} is {length} tokens{extra}; the model's context window is "
+                f"{n_ctx} tokens. Shorten the prompt" + (" or lower max_new_tokens." if new_tokens else ".")
+            )
+
+
+def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int | None, *, caller: str = "trace_routing") -> None:
+    """Refuse token ids outside ``0..vocab_size-1`` (torch would raise a bare IndexError).
+
+    Raises:
+        ValueError: an id below 0 or at / above ``vocab_size``.
+    """
+    for i, row in enumerate(rows):
+        bad = [t for t in row if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            allowed = f"0..{vocab_size - 1}" if vocab_size is not None else "≥ 0"
+            raise ValueError(
+                f"{caller}: prompt {i} has token id {bad[0]} outside the model's vocabulary "
+                f"({allowed}; {len(bad)} such id(s) in this prompt). Pass ids from this model's tokenizer, "
+                "or pass text."
+            )
+
+
+def check_scope(scope: Any, *, caller: str = "trace_routing") -> tuple[str, int]:
+    """A routing-trace scope: ``"all"``, ``"generated"`` or ``("last", k)``; returns ``(kind, k)``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if scope in ("all", "generated"):
+        return scope, 0
+    if (
+        isinstance(scope, tuple)
+        and len(scope) == 2
+        and scope[0] == "last"
+        and isinstance(scope[1], int)
+        and not isinstance(scope[1], bool)
+        and scope[1] >= 1
+    ):
+        return "last", scope[1]
+    raise ValueError(f"{caller}: scope {scope!r} is not allowed; use 'all', 'generated', or ('last', k) with k ≥ 1.")
+
+
+def check_per_prompt(entries: Any, n_prompts: int, *, name: str, caller: str = "generate") -> None:
+    """Refuse per-prompt steering (``name`` as the caller spelled it) that is not one entry per prompt.
+
+    Raises:
+        ValueError: ``entries`` is a string, not a sequence, or not ``n_prompts`` long.
+    """
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+        raise TypeError(
+            f"{caller}: {name} must be a list with one entry per prompt, got {type(entries).__name__} "
+            f"{entries!r:.80}; for one vector on every prompt use steering=."
+        )
+    if len(entries) != n_prompts:
+        raise ValueError(
+            f"{caller}: {name} has {len(entries)} entries for {n_prompts} prompts; {name} needs one entry "
+            f"(a vector, a list of vectors or None) per prompt: {n_prompts} prompts."
+        )
+
+
 def check_out_dir(out_dir: Any, *, caller: str, argument: str = "out_dir") -> tuple[Path, bool]:
     """Validate a directory to write into: ``(path, existed)``; nothing is created here.
 
@@ -379,3 +309,103 @@ def check_names(names: Any, *, caller: str, argument: str) -> list[str]:
         if not isinstance(name, str):
             raise TypeError(f"{caller}: {argument}[{i}] must be a str, got {_describe(name)}.")
     return names
+
+
+def check_path(path: Any, *, caller: str, argument: str = "path") -> Path:
+    """A ``str`` / ``os.PathLike`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        TypeError: anything else (``None``, a number, bytes, ...).
+        ValueError: the empty string.
+    """
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{caller}: {argument} must be a path (str or os.PathLike), got {_describe(path)}.")
+    if str(path) == "":
+        raise ValueError(f"{caller}: {argument} is the empty string; give a file or directory path.")
+    return Path(path)
+
+
+@contextlib.contextmanager
+def named_errors(caller: str) -> Iterator[None]:
+    """Prefix a ``TypeError`` / ``ValueError`` raised by a shared validator inside the block with
+    ``"{caller}: "`` (unless it already names ``caller``), so the user reads which entry point
+    refused the input. Use it around argument validation only, never around a forward pass."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        if type(error) not in (TypeError, ValueError) or str(error).startswith(caller):
+            raise
+        raise type(error)(f"{caller}: {error}") from None
+
+
+_TRACE_FIELDS = ("topk_indices", "topk_weights", "prompt_index", "position", "layers", "n_experts", "top_k", "n_prompts")
+
+
+def check_int(value: Any, name: str, *, caller: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an ``int`` within ``[minimum, maximum]``; bools and floats are refused.
+
+    Raises:
+        ValueError: not an integer, or outside the bounds (the message names ``name``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{caller}: {name} must be an int, got {value!r} of type {type(value).__name__}.")
+    if minimum is not None and value < minimum or maximum is not None and value > maximum:
+        low = "-inf" if minimum is None else minimum
+        high = "inf" if maximum is None else maximum
+        raise ValueError(f"{caller}: {name}={value} is outside the allowed range {low}..{high}.")
+    return value
+
+
+def describe_trace(trace: Any) -> str:
+    """One line naming a routing trace's model, layers, routing shape and size (for messages)."""
+    shape = tuple(getattr(getattr(trace, "topk_indices", None), "shape", ()))
+    return (
+        f"model {getattr(trace, 'model_name', '?')!r}, layers {tuple(getattr(trace, 'layers', ()))}, "
+        f"{getattr(trace, 'n_experts', '?')} experts, top-{getattr(trace, 'top_k', '?')}, "
+        f"{getattr(trace, 'n_prompts', '?')} prompts, topk_indices shape {shape}"
+    )
+
+
+def check_trace_pair(behavior: Any, control: Any, *, caller: str, paired: bool = False) -> None:
+    """Refuse two routing traces that cannot be compared expert by expert.
+
+    Args:
+        behavior: the behaviour prompts' :class:`~labkit.moe.trace.RoutingTrace`.
+        control: the control prompts' trace.
+        caller: the public function's name, for the message.
+        paired: the rule compares prompt *pairs* (SteerMoE): both traces must hold the same
+            number of prompts, prompt ``i`` of one paired with prompt ``i`` of the other.
+
+    Raises:
+        TypeError: an argument is not a routing trace.
+        ValueError: an empty trace; traces from different models, layers, expert counts or top-k
+            (the message shows both); with ``paired``, different prompt counts.
+    """
+    for label, trace in (("behavior", behavior), ("control", control)):
+        missing = [name for name in _TRACE_FIELDS if not hasattr(trace, name)]
+        if missing:
+            raise TypeError(
+                f"{caller}: {label} is a {type(trace).__name__} without {missing}; pass a "
+                "labkit.moe.RoutingTrace (from trace_routing)."
+            )
+        if trace.topk_indices.dim() != 3 or trace.topk_indices.shape[1] == 0 or trace.n_prompts == 0:
+            raise ValueError(f"{caller}: the {label} trace is empty ({describe_trace(trace)}); trace at least one prompt.")
+    for name, what in (
+        ("model_name", "traces come from different models"),
+        ("layers", "traces cover different layers"),
+        ("n_experts", "traces have different expert counts"),
+        ("top_k", "traces have different top-k"),
+    ):
+        if getattr(behavior, name) != getattr(control, name):
+            raise ValueError(
+                f"{caller}: {what}: behavior has {name}={getattr(behavior, name)!r}, control has "
+                f"{name}={getattr(control, name)!r}. Trace both prompt sets with the same model and layers.\n"
+                f"  behavior: {describe_trace(behavior)}\n  control:  {describe_trace(control)}"
+            )
+    if paired and behavior.n_prompts != control.n_prompts:
+        raise ValueError(
+            f"{caller}: this rule compares prompt pairs (behaviour prompt i against control prompt i), but "
+            f"behavior has {behavior.n_prompts} prompts and control {control.n_prompts}. Trace paired prompt "
+            "lists of equal length (each control prompt the minimal edit of its behaviour prompt), or use an "
+            "unpaired rule (frequency_difference, npmi)."
+        )

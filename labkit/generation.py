@@ -49,6 +49,10 @@ def eos_token_ids(hf_model, tokenizer=None) -> set[int]:
     return tokens.eos_token_ids(getattr(hf_model, "generation_config", None), tokenizer)
 
 
+#: The smallest sampling temperature accepted (found by the property test: 1e-300 made NaN probabilities).
+MIN_TEMPERATURE = 1e-5
+
+
 def generate(
     model,
     prompts: str | Sequence[str],
@@ -107,7 +111,7 @@ def generate(
 
     Raises:
         ValueError: an empty prompt or prompt list, ``max_new_tokens < 1``, a temperature /
-            top_p out of range, ``chat=True`` without a chat template, a prompt that (with
+            top_p out of range (a temperature in (0, 1e-5) too), ``chat=True`` without a chat template, a prompt that (with
             ``max_new_tokens``) exceeds the context window, an unknown keyword argument, a
             steering vector that does not fit the model, ``steering_per_row`` whose length
             is not the number of prompts, or both ``steering_per_row`` and ``steering_per_prompt``.
@@ -125,6 +129,11 @@ def generate(
         )
     check_positive_int("max_new_tokens", max_new_tokens, caller="generate")
     temperature = check_number("temperature", temperature, 0.0, math.inf)
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"generate: temperature={temperature!r} is below {MIN_TEMPERATURE:g}: logits / temperature overflow "
+            "float32 (inf, then NaN probabilities). Use temperature=0 for greedy decoding."
+        )
     top_p = check_number("top_p", top_p, 0.0, 1.0, low_open=True)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"generate: top_k must be an int ≥ 0 (0 = no limit), got {top_k!r}.")

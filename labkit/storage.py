@@ -113,7 +113,9 @@ def load(
         UserWarning: a JSON saved before the binding existed (no ``"tensor_file"``): it still
             loads, but nothing proves the tensor file belongs to it.
     """
-    given = Path(path)
+    from labkit.checks import check_path
+
+    given = check_path(path, caller=caller)
     json_path, tensor_path = file_pair(given)
     if not json_path.is_file():
         legacy = _legacy_single_file(given, tensor_path)

@@ -39,7 +39,7 @@ def perplexity(
         The perplexity (≥ 1).
 
     Raises:
-        ValueError: no texts, an empty text, a text shorter than two tokens, or a text longer
+        ValueError: no texts, an empty text, a text shorter than two tokens, ``batch_size < 1``, or a text longer
             than the model's context window (``max_position_embeddings``). labkit does not compute
             a sliding-window perplexity: past the window the model reads positions it was never
             trained on and the number means nothing, so split long texts yourself (each piece at
@@ -51,6 +51,9 @@ def perplexity(
     from labkit.models import check_context, encode_prompts, lab_model, left_pad
     from labkit.steering import steered
 
+    from labkit.checks import check_positive_int
+
+    check_positive_int("batch_size", batch_size, caller="perplexity")
     texts, encoded = encode_prompts(model, texts, caller="perplexity", prepend_bos=prepend_bos)
     check_context(model, [len(ids) for ids in encoded], caller="perplexity")
     record = lab_model(model)

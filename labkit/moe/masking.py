@@ -133,8 +133,14 @@ def _index(value: Any, name: str) -> int:
 
 def _pairs(experts: Any) -> list[tuple[int, int]]:
     """``[(layer, expert), ...]`` from pairs or a ``{layer: [experts]}`` mapping."""
+    allowed = "(layer, expert) pairs or a {layer: [experts]} mapping"
     if isinstance(experts, Mapping):
+        for layer, group in experts.items():
+            if isinstance(group, (str, bytes)) or not isinstance(group, Iterable):
+                raise TypeError(f"ExpertMask: experts[{layer!r}] must be a list of expert indices, got {group!r}.")
         return [(layer, expert) for layer, group in experts.items() for expert in group]
+    if isinstance(experts, (str, bytes)) or not isinstance(experts, Iterable):
+        raise TypeError(f"ExpertMask: experts must be {allowed}, got {type(experts).__name__}: {experts!r:.80}.")
     pairs = []
     for item in experts:
         if not (isinstance(item, (tuple, list)) and len(item) >= 2):
@@ -359,6 +365,8 @@ class ExpertMask:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"ExpertMask.random: n must be an int ≥ 1, got {n!r}.")
             per_layer = None
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"ExpertMask.random: seed must be an int, got {type(seed).__name__}: {seed!r:.40}.")
         rng = random.Random(seed)
         chosen: list[tuple[int, int]] = []
         if per_layer is not None:
