@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import copy as _copy
-import json as _json
-import math as _math
 import re as _re
 from collections.abc import Iterable as _Iterable
-from collections.abc import Sequence as _Sequence
-from dataclasses import dataclass as _dataclass
-from dataclasses import field as _field
-from pathlib import Path as _Path
 
-from labkit.datasets import data_dir
 
 
 _WORD = _re.compile(r"[a-z]+(?:'[a-z]+)?")

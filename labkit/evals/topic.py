@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy as _copy
 import json as _json
-import math as _math
-import re as _re
 from collections.abc import Iterable as _Iterable
 from collections.abc import Sequence as _Sequence
 from dataclasses import dataclass as _dataclass
@@ -13,7 +11,7 @@ from dataclasses import field as _field
 from pathlib import Path as _Path
 
 from labkit.datasets import data_dir
-from labkit.evals.perplexity import perplexity, steering_perplexities
+from labkit.evals.perplexity import steering_perplexities
 from labkit.evals.text import topic_word_fraction, words_of
 
 @_dataclass(frozen=True)
