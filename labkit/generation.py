@@ -301,7 +301,7 @@ def _generate_per_prompt(model, prompts, steering, per_prompt, **options) -> Gen
         groups.setdefault(tuple(id(v) for v in entry), []).append(i)
     results: dict[int, tuple[str, list[int], list[int]]] = {}
     for rows in groups.values():
-        vectors = _flatten([steering]) + entries[rows[0]]
+        vectors = _flatten([steering], interventions=True) + entries[rows[0]]
         out = generate(model, [prompts[i] for i in rows], steering=vectors or None, **options)
         for j, i in enumerate(rows):
             results[i] = (out.texts[j], out.token_ids[j], out.prompt_token_ids[j])

@@ -1034,15 +1034,23 @@ class _Adder:
         return out if changed else None
 
 
-def _flatten(vectors: Iterable[Any], where: str = "steered") -> list[SteeringVector]:
-    flat: list[SteeringVector] = []
+def _flatten(vectors: Iterable[Any], where: str = "steered", *, interventions: bool = False) -> list[Any]:
+    """Vectors from nested lists (``None`` dropped). Objects marked ``labkit_intervention`` (e.g.
+    :class:`labkit.sae.FeatureClamp`, which runs inside the forward pass) are kept only where
+    ``interventions`` is true (``steered`` on the HF path); elsewhere they are refused with their
+    own ``refusal(where)`` message (the engine, per-row sweeps)."""
+    flat: list[Any] = []
     for item in vectors:
         if item is None:
             continue
         if isinstance(item, SteeringVector):
             flat.append(item)
         elif isinstance(item, (list, tuple)):
-            flat.extend(_flatten(item, where))
+            flat.extend(_flatten(item, where, interventions=interventions))
+        elif getattr(item, "labkit_intervention", False):
+            if not interventions:
+                raise ValueError(item.refusal(where))
+            flat.append(item)
         else:
             raise TypeError(
                 f"{where}: expected SteeringVector objects, got {type(item).__name__} {item!r}. "
@@ -1095,7 +1103,7 @@ def steered(model, *vectors: SteeringVector, rows: Sequence[Any] | None = None) 
     Args:
         model: a labkit bridge.
         *vectors: :class:`SteeringVector` objects for every row (lists are flattened; ``None``
-            ignored).
+            ignored), and interventions such as :class:`labkit.sae.FeatureClamp` (HF path only).
         rows: optional, one entry per batch row.
 
     Yields:
@@ -1122,15 +1130,18 @@ def steered(model, *vectors: SteeringVector, rows: Sequence[Any] | None = None) 
         with model.steered(*vectors) as handle:
             yield handle
         return
-    flat = _flatten(vectors)
+    everything = _flatten(vectors, interventions=True)
+    flat = [item for item in everything if isinstance(item, SteeringVector)]
+    others = [item for item in everything if not isinstance(item, SteeringVector)]
     state = _CallState(lab_model(model))
     row_hooks = _row_hooks(rows, state) if rows is not None else []
-    for vector in flat + [v for _name, adder in row_hooks for v in adder.vectors if v is not None]:
+    for vector in everything + [v for _name, adder in row_hooks for v in adder.vectors if v is not None]:
         vector.check_compatible(model)
     record = lab_model(model)
-    if not flat and not row_hooks:
-        yield record.twin
-        return
     hooks = [(vector.hook_name, _Adder([vector], state, broadcast=True)) for vector in flat] + row_hooks
-    with intervene(model, hooks, observe=state.observe, caller="steered"):
+    with contextlib.ExitStack() as stack:
+        if hooks:
+            stack.enter_context(intervene(model, hooks, observe=state.observe, caller="steered"))
+        for other in others:  # e.g. a FeatureClamp: after the vectors of this call, in the given order
+            stack.enter_context(other.applied(model))
         yield record.twin
