@@ -46,30 +46,23 @@ OUT = Path("data/saes") / f"{MODEL}-{HOOK_NAME}"
 WORK = Path(os.environ.get("LABKIT_SAE_WORK", "/tmp/labkit-sae"))
 SEED = 0
 PASSAGE_CHARS = 480
-HELDOUT_TEXTS = 40
+HELDOUT_TEXTS = 16
 MAN_SECTIONS = ("7", "5")
-MAN_CHARS = 250_000  # cap on man-page text (about 55k tokens)
-SETTINGS = dict(width=4096, k=32, batch_size=1024, epochs=4, lr=8e-4, warmup_steps=50, auxk_alpha=1 / 32,
-                dead_tokens=150_000)
+MAN_CHARS = 60_000  # cap on man-page text (about 13k tokens)
+PYDOC_CHARS = 150_000  # cap on Python documentation text (about 33k tokens)
+SETTINGS = dict(width=4096, k=32, batch_size=512, epochs=5, lr=1e-3, warmup_steps=30, auxk_alpha=1 / 32,
+                dead_tokens=40_000)
 
+#: 40 everyday topics; six are about weddings (notebook 08 reads the wedding ActAdd vector of notebook 02
+#: through this SAE, and a dictionary only has features for what its data shows).
 TOPICS = [
-    "a wedding in the countryside", "planning a wedding", "a birthday party", "a football match", "cooking pasta",
-    "baking bread", "a trip to the beach", "a rainy day in the city", "a job interview", "learning to drive",
-    "a visit to the dentist", "a family dinner", "moving to a new house", "a school exam", "a summer holiday",
-    "gardening in spring", "a lost dog", "a concert", "a first date", "a hospital visit", "a bank robbery",
-    "a mountain hike", "a chess tournament", "a farmers market", "a snowstorm", "a new baby", "a funeral",
-    "a graduation ceremony", "a marriage proposal", "an anniversary dinner", "a honeymoon", "a bride and groom",
-    "a court trial", "an election", "a science fair", "a space launch", "a cat that climbs trees", "a train journey",
-    "a coffee shop", "a library", "an art museum", "a fishing trip", "a thunderstorm", "a broken phone",
-    "a kitchen fire", "a marathon", "a piano lesson", "a volcano", "the ocean", "a forest at night",
-    "a wedding cake", "wedding vows", "a church ceremony", "a dance party", "a restaurant review", "a startup company",
-    "a stock market crash", "a medical discovery", "a famous painter", "a soccer coach", "a small village",
-    "a busy airport", "a camping trip", "a haunted house", "a robot", "a detective", "a king and a queen",
-    "a farm", "a zoo", "a hot summer day", "autumn leaves", "a winter festival", "a grandmother's recipe",
-    "a war veteran", "a pilot", "a teacher", "a nurse", "a firefighter", "a musician", "a writer", "a scientist",
-    "a family reunion", "a divorce", "friendship", "a long-distance relationship", "an engagement party",
-    "a reception hall", "flowers and roses", "a wedding dress", "a best man's speech", "a bakery", "a carpenter",
-    "a road trip", "a storm at sea", "a city park", "a birthday gift", "a school play", "a basketball game",
+    "a wedding in the countryside", "planning a wedding", "a wedding cake", "a bride and groom", "a marriage proposal",
+    "a honeymoon", "a birthday party", "a football match", "cooking pasta", "baking bread", "a trip to the beach",
+    "a rainy day in the city", "a job interview", "learning to drive", "a family dinner", "moving to a new house",
+    "a school exam", "gardening in spring", "a lost dog", "a concert", "a hospital visit", "a mountain hike",
+    "a chess tournament", "a snowstorm", "a graduation ceremony", "a court trial", "an election", "a space launch",
+    "a train journey", "a coffee shop", "a fishing trip", "a thunderstorm", "a marathon", "a piano lesson",
+    "a forest at night", "a restaurant review", "a stock market crash", "a detective", "a farm", "a teacher",
 ]
 
 
@@ -90,14 +83,20 @@ def man_page_texts(limit_chars: int = MAN_CHARS) -> list[str]:
     return texts
 
 
-def python_doc_texts() -> list[str]:
-    """CPython's reference help texts (``pydoc_data.topics``), one per topic, sorted."""
+def python_doc_texts(limit_chars: int = PYDOC_CHARS) -> list[str]:
+    """CPython's reference help texts (``pydoc_data.topics``), one per topic, sorted, capped at ``limit_chars``."""
     import pydoc_data.topics as topics
 
-    return [topics.topics[name] for name in sorted(topics.topics)]
+    texts, total = [], 0
+    for name in sorted(topics.topics):
+        texts.append(topics.topics[name])
+        total += len(texts[-1])
+        if total >= limit_chars:
+            break
+    return texts
 
 
-def story_texts(model, seed: int = SEED, max_new_tokens: int = 64) -> list[str]:
+def story_texts(model, seed: int = SEED, max_new_tokens: int = 48) -> list[str]:
     """One short text per :data:`TOPICS` entry, written by the model itself (sampled, seeded)."""
     import labkit
 

@@ -9,8 +9,6 @@ Training batches stream from an on-disk cache (:func:`activation_batches`); the 
 built by ``recipes/sae_smollm2.py``. Nothing here imports sae-lens or eai-sparsify.
 """
 
-from pathlib import Path
-
 from labkit.sae.data import activation_batches, count_rows
 from labkit.sae.features import (
     Context,
@@ -26,15 +24,16 @@ from labkit.sae.features import (
 from labkit.sae.formats import load_sae, read_sae_lens, read_sparsify, sparsify_hook_name
 from labkit.sae.measure import SaeMeasurements, measure_sae
 from labkit.sae.model import ACTIVATIONS, SparseAutoencoder
+from labkit.sae.panel import FeaturePanel, feature_figure
 from labkit.sae.steer import FeatureClamp, feature_vector
 
-#: The SAE shipped with labkit (``recipes/sae_smollm2.py``): SmolLM2-135M-Instruct, blocks.8.hook_resid_pre.
-SHIPPED_SMOLLM2 = Path(__file__).resolve().parents[2] / "data" / "saes" / "smollm2-135m-instruct-blocks.8.hook_resid_pre" / "sae"
+#: The SAE shipped in ``data/saes/`` (``recipes/sae_smollm2.py``): ``load_sae(SHIPPED_SMOLLM2, model)``.
+SHIPPED_SMOLLM2 = "smollm2-135m-instruct-blocks.8.hook_resid_pre"
 
 __all__ = [
-    "ACTIVATIONS", "Context", "FeatureActivations", "FeatureClamp", "FeatureMatches", "FeatureStatistics",
+    "ACTIVATIONS", "Context", "FeatureActivations", "FeatureClamp", "FeatureMatches", "FeaturePanel", "FeatureStatistics",
     "SHIPPED_SMOLLM2", "SaeMeasurements", "SparseAutoencoder", "activation_batches", "count_rows",
-    "feature_activations", "feature_statistics", "feature_vector", "load_sae", "measure_sae",
+    "feature_activations", "feature_figure", "feature_statistics", "feature_vector", "load_sae", "measure_sae",
     "prompt_difference_features", "read_sae_lens", "read_sparsify", "sparsify_hook_name", "top_contexts",
     "vector_features",
 ]

@@ -184,6 +184,17 @@ def read_sparsify(folder: str | Path, *, hook_name: str | None = None, model_nam
     )
 
 
+def _shipped(path: Path) -> Path | None:
+    """``data/saes/<name>/sae`` for a bare name that is no file here, else ``None``."""
+    if len(path.parts) != 1 or path.exists() or path.with_name(path.name + ".json").exists():
+        return None
+    from labkit.datasets import data_dir
+
+    folder = data_dir(required=False)
+    candidate = None if folder is None else folder / "saes" / path.name / "sae"
+    return candidate if candidate is not None and candidate.with_suffix(".json").exists() else None
+
+
 def load_sae(
     path: str | Path,
     model=None,
@@ -199,7 +210,8 @@ def load_sae(
     ``cfg.json`` + ``sae.safetensors`` (eai-sparsify).
 
     Args:
-        path: a labkit stem / file, or a sae-lens / sparsify folder.
+        path: a labkit stem / file, a sae-lens / sparsify folder, or the name of an SAE shipped in
+            ``data/saes/`` (e.g. ``labkit.sae.SHIPPED_SMOLLM2``).
         model: a labkit bridge to check against (name, ``d_model``, hook point exists); ``None``
             skips that check.
         hook_name: the hook point you expect (for sparsify: the one to use when the folder name
@@ -219,6 +231,9 @@ def load_sae(
         >>> sae = load_sae("data/saes/smollm2-135m-instruct-blocks.8.hook_resid_pre/sae", model)  # doctest: +SKIP
     """
     path = Path(path)
+    shipped = _shipped(path)
+    if shipped is not None:
+        path = shipped
     if path.is_dir() and (path / "sae_weights.safetensors").exists():
         sae = read_sae_lens(path)
     elif path.is_dir() and (path / "sae.safetensors").exists() and (path / "cfg.json").exists():

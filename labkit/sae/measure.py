@@ -59,6 +59,7 @@ class SaeMeasurements:
     ce_loss_recovered: float
 
     def to_dict(self) -> dict[str, float]:
+        """Every field, floats rounded to 6 digits (the card's ``measurements``)."""
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
