@@ -241,6 +241,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     model = labkit.load_model(MODEL)
+    timings: dict[str, int] = {}
     corpus_file = work / "corpus.json"
     if corpus_file.exists():
         corpus = json.loads(corpus_file.read_text())
@@ -252,7 +253,8 @@ def main(argv=None) -> None:
             sources = {"python_docs": python_doc_texts(), "man_pages": man_page_texts(), "smollm2_stories": story_texts(model)}
         corpus = {name: passages(texts) for name, texts in sources.items()}
         corpus_file.write_text(json.dumps(corpus))
-        print(f"corpus built in {time.perf_counter() - t0:.0f} s:", {k: len(v) for k, v in corpus.items()})
+        timings["corpus_seconds"] = round(time.perf_counter() - t0)
+        print(f"corpus built in {timings['corpus_seconds']} s:", {k: len(v) for k, v in corpus.items()})
     every = [p for name in sorted(corpus) for p in corpus[name]]
     train_texts, heldout = split(every)
     cache_dir = work / "cache"
@@ -266,7 +268,8 @@ def main(argv=None) -> None:
                 raise RuntimeError("truncated_twin changed the cached values; cache with the whole model")
             cache_activations(model, train_texts, [HOOK_NAME], out_dir=cache_dir, batch_size=16, dtype=torch.float32,
                               shard_bytes=64 * 1024**2, progress=False)
-        print(f"cached in {time.perf_counter() - t0:.0f} s")
+        timings["cache_seconds"] = round(time.perf_counter() - t0)
+        print(f"cached in {timings['cache_seconds']} s")
     from labkit.cache import ActivationCache
 
     cache = ActivationCache.load(cache_dir)
@@ -279,7 +282,7 @@ def main(argv=None) -> None:
         "heldout_texts": len(heldout), "train_texts": len(train_texts),
         "skipped_positions": "position 0 of every text (the BOS token) in training, measurement and splicing",
         "storage_dtype": "bfloat16", **{k: v for k, v in training.items() if k != "history"},
-        "history": training["history"],
+        "history": training["history"], **timings,
     }
     sae = to_labkit(coder, model_name_of(model), card)
     t0 = time.perf_counter()
