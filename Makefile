@@ -95,6 +95,7 @@ bench: install install-engine
 	$(PY) bench/bench_steering.py
 	$(PY) bench/bench_sweep.py
 	$(PY) bench/bench_moe.py
+	$(PY) bench/bench_sae.py
 	$(PY) bench/bench_widgets.py
 	VLLM_CPU_KVCACHE_SPACE=1 $(EPY) bench/bench_vllm.py
 	$(PY) bench/organism_lab_table.py moe-organism

@@ -498,3 +498,25 @@ def test_selection_rules_and_scorecard_equal_hf(hf, engine):
     assert off.baseline > 0.5 and off.selected == 0.0  # the top fTRI expert off: no refusal
     with pytest.raises(ValueError, match="teacher-forced and needs the Hugging Face backend"):
         ScoreSet("p", ["Q: a? A:"], " I cannot").evaluate(engine)
+
+
+def test_sae_feature_vector_on_the_engine_equals_hf_and_a_clamp_is_refused(hf, engine, prompts):
+    """Feature steering is a plain vector at a residual hook point: the engine runs it as HF does;
+    a FeatureClamp (the SAE inside the forward pass) is refused with the reason and the way out."""
+    from labkit.sae import FeatureClamp, SparseAutoencoder, feature_vector
+
+    d_model, g = int(hf.cfg.d_model), torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder("blocks.1.hook_resid_pre", torch.randn(d_model, 64, generator=g), torch.zeros(64),
+                            torch.randn(64, d_model, generator=g), torch.zeros(d_model), k=4, model_name="moe-organism")
+    vector = feature_vector(sae, 3, 12.0)
+    plain = labkit.generate(hf, prompts, max_new_tokens=N)
+    a = labkit.generate(hf, prompts, steering=vector, max_new_tokens=N)
+    b = labkit.generate(engine, prompts, steering=vector, max_new_tokens=N)
+    assert a.token_ids != plain.token_ids, "the feature vector must change the HF output for the test to mean anything"
+    assert b.token_ids == a.token_ids
+    clamp = FeatureClamp(sae, {3: 5.0})
+    with pytest.raises(ValueError, match="runs the SAE inside the forward pass.*feature_vector"):
+        labkit.generate(engine, prompts, steering=clamp, max_new_tokens=N)
+    with pytest.raises(ValueError, match="runs the SAE inside the forward pass"):
+        with labkit.steered(engine, clamp):
+            pass

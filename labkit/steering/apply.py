@@ -36,7 +36,8 @@ def steered(model, *vectors: SteeringVector, rows: Sequence[Any] | None = None) 
     Args:
         model: a labkit bridge.
         *vectors: :class:`SteeringVector` objects for every row (lists are flattened; ``None``
-            ignored).
+            ignored), and interventions such as :class:`labkit.sae.FeatureClamp` (in-process
+            backends only).
         rows: optional, one entry per batch row.
 
     Yields:
@@ -52,7 +53,9 @@ def steered(model, *vectors: SteeringVector, rows: Sequence[Any] | None = None) 
         >>> with steered(model, actadd(model, "Love", "Hate", layer=6, coefficient=5)):  # doctest: +SKIP
         ...     labkit.generate(model, "I think dogs are").texts
     """
-    flat = flatten_vectors(vectors)
+    everything = flatten_vectors(vectors, interventions=True)
+    flat = [item for item in everything if isinstance(item, SteeringVector)]
+    others = [item for item in everything if not isinstance(item, SteeringVector)]
     per_row = None
     if rows is not None:
         if isinstance(rows, (str, bytes, SteeringVector)) or not isinstance(rows, Sequence):
@@ -61,5 +64,12 @@ def steered(model, *vectors: SteeringVector, rows: Sequence[Any] | None = None) 
                 f"of them, or None), got {type(rows).__name__}."
             )
         per_row = [flatten_vectors([entry], "steered(rows=...)") for entry in rows]
-    with backend_of(model).steered(flat, rows=per_row) as handle:
+    backend = backend_of(model)
+    if others and not backend.supports("forward"):
+        raise ValueError(others[0].refusal("steered"))
+    for other in others:
+        other.check_compatible(model)
+    with backend.steered(flat, rows=per_row) as handle, contextlib.ExitStack() as stack:
+        for other in others:  # e.g. a FeatureClamp: after this call's vectors, in the given order
+            stack.enter_context(other.applied(model))
         yield handle

@@ -249,20 +249,33 @@ class SteeringVector:
         backend_of(model).check_vector(self)
 
 
-def flatten_vectors(vectors: Iterable[Any], where: str = "steered") -> list[SteeringVector]:
-    flat: list[SteeringVector] = []
+def flatten_vectors(vectors: Iterable[Any], where: str = "steered", *, interventions: bool = False) -> list[Any]:
+    """Vectors from nested lists (``None`` dropped).
+
+    Objects marked ``labkit_intervention`` (e.g. :class:`labkit.sae.FeatureClamp`, which runs inside
+    the forward pass) are kept only where ``interventions`` is true (``steered`` / ``generate``'s
+    shared ``steering=``); elsewhere (per-row sweeps) they are refused with their own
+    ``refusal(where)`` message.
+
+    Raises:
+        TypeError: an item that is neither a vector, a list of them, ``None`` nor an intervention.
+        ValueError: an intervention where only vectors apply.
+    """
+    flat: list[Any] = []
     for item in vectors:
         if item is None:
             continue
         if isinstance(item, SteeringVector):
             flat.append(item)
         elif isinstance(item, (list, tuple)):
-            flat.extend(flatten_vectors(item, where))
+            flat.extend(flatten_vectors(item, where, interventions=interventions))
+        elif getattr(item, "labkit_intervention", False):
+            if not interventions:
+                raise ValueError(item.refusal(where))
+            flat.append(item)
         else:
             raise TypeError(
                 f"{where}: expected SteeringVector objects, got {type(item).__name__} {item!r}. "
                 "Build vectors with labkit.actadd(...) or labkit.mean_difference(...)."
             )
     return flat
-
-
