@@ -24,19 +24,25 @@ _ENGINE_TINY = dict(
 #: Multi-head latent attention at the one shape vLLM-CPU's MLA kernel takes.
 _MLA = dict(kv_lora_rank=512, qk_rope_head_dim=64, head_dim=64, qk_nope_head_dim=32, v_head_dim=32, q_lora_rank=None)
 
+#: What DeepSeek-V3-style config.json files say and vLLM reads to build the correction bias
+#: (transformers' config classes leave them unset: their routers always use it).
+_NOAUX = dict(topk_method="noaux_tc", scoring_func="sigmoid")
+
 #: Per-family overrides on top of :data:`_ENGINE_TINY`.
 ENGINE_OVERRIDES: dict[str, dict] = {
     "deepseek_v2": dict(_MLA),
-    "deepseek_v3": dict(_MLA, n_group=4, topk_group=2, routed_scaling_factor=2.5, n_shared_experts=1),
-    "glm4_moe_lite": dict(_MLA, n_shared_experts=1, first_k_dense_replace=1),
+    "deepseek_v3": dict(_MLA, n_group=4, topk_group=2, routed_scaling_factor=2.5, n_shared_experts=1, **_NOAUX),
+    "glm4_moe_lite": dict(_MLA, n_shared_experts=1, first_k_dense_replace=1, **_NOAUX),
     "kimi_linear": dict(_MLA, n_shared_experts=1),
     "glm4_moe": dict(head_dim=32, n_group=4, topk_group=2, routed_scaling_factor=2.5, n_shared_experts=1, partial_rotary_factor=0.5),
     "gpt_oss": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     # attributes real checkpoints' config.json carry and vLLM reads, which transformers' config
     # classes do not set by default (values equal to what transformers computes)
-    "minimax_m2": dict(rotary_dim=32, scoring_func="sigmoid"),
+    "minimax_m2": dict(rotary_dim=32, scoring_func="sigmoid", use_routing_bias=True),
     "afmoe": dict(score_func="sigmoid", route_norm=True, n_group=1, topk_group=1),
     "hy_v3": dict(expert_hidden_dim=32, first_k_dense_replace=1, route_norm=True),
+    # vLLM's CPU kernel applies router weights on the expert input (Llama 4) for top-1 only
+    "llama4_text": dict(num_experts_per_tok=1),
 }
 #: Families that use MLA (engine needs chunked prefill and prefix caching off).
 MLA_FAMILIES = frozenset({"deepseek_v2", "deepseek_v3", "glm4_moe_lite", "kimi_linear"})

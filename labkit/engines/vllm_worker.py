@@ -284,13 +284,15 @@ class LabkitWorkerExtension:
             if delta is None and not captured:
                 return None
             hidden_states = inputs.get(args, kwargs, "hidden_states")
-            n = hidden_states.shape[0]
+            # [tokens, d_model]; vLLM's Transformers backend (e.g. FlexOlmo) passes [1, tokens, d_model]
+            n = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
             if delta is not None:
-                hidden_states = hidden_states + delta[:n].to(hidden_states.dtype)
+                hidden_states = hidden_states + delta[:n].to(hidden_states.dtype).view(hidden_states.shape)
                 args, kwargs = inputs.replace(args, kwargs, "hidden_states", hidden_states)
             if captured:
                 # the residual stream entering this layer (TransformerLens hook_resid_pre)
                 stream = inputs.stream(args, kwargs)
+                stream = stream.reshape(-1, stream.shape[-1])
                 for key, rows, pos in captured:
                     here = rows < n
                     records = self._labkit["captures"].setdefault(key, {}).setdefault(index, [])
