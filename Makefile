@@ -43,7 +43,7 @@ lab: install
 # routed-family count), then the engine tests and notebook under the engine's pin (ENGINE_VENV).
 test: install install-engine
 	$(PY) -c "import transformers; from labkit.moe.families import FAMILIES; print(f'HF path: transformers {transformers.__version__}, {len(FAMILIES)} routed MoE families')"
-	$(VENV)/bin/pytest -p no:cacheprovider -m "not vllm" $(NBVAL) tests $(HF_NOTEBOOKS)
+	$(VENV)/bin/pytest -p no:cacheprovider -m "not vllm" --ignore=tests/test_vllm.py --ignore=tests/test_vllm_families.py $(NBVAL) tests $(HF_NOTEBOOKS)
 	@if [ -x $(EPY) ]; then \
 		$(EPY) -c "import transformers, vllm; from labkit.moe.families import FAMILIES; print(f'engine: vLLM {vllm.__version__}, transformers {transformers.__version__}, {len(FAMILIES)} routed MoE families')" && \
 		$(ENGINE_VENV)/bin/pytest -p no:cacheprovider -m vllm tests && \
