@@ -270,6 +270,9 @@ def _probe_widths(model, hook_names: Sequence[str], ids: Sequence[int]) -> dict[
 
 
 def _run(model, hooks, input_ids, attention_mask, position_ids) -> None:
+    # The logits are not cached: the twin computes the last position's only (the unembedding is a
+    # fifth of SmolLM2's forward), unless a hook point is the unembedding's own output.
+    reads_logits = any((resolve_hook(model, name).module_path or "").endswith("lm_head") for name, _fn in hooks)
     with torch.inference_mode(), attach(model, hooks) as runner:
         if runner is model:
             runner(input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -279,6 +282,7 @@ def _run(model, hooks, input_ids, attention_mask, position_ids) -> None:
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=False,
+                **({} if reads_logits else {"logits_to_keep": 1}),
             )
 
 

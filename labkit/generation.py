@@ -167,7 +167,7 @@ def generate(
             )
         check_per_prompt(entries, len(encoded), name=name)
         per_row = [flatten_vectors([entry], f"generate({name}=...)") for entry in entries]
-    with steered(model, *flatten_vectors([steering], "generate(steering=...)")):
+    with steered(model, steering):
         new_ids = backend.generate_ids(encoded, steering_per_row=per_row, **options)
     tokenizer = backend.tokenizer
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
@@ -184,7 +184,7 @@ def _generate_per_prompt(model, prompts, steering, per_prompt, **options) -> Gen
         groups.setdefault(tuple(id(v) for v in entry), []).append(i)
     results: dict[int, tuple[str, list[int], list[int]]] = {}
     for rows in groups.values():
-        vectors = flatten_vectors([steering]) + entries[rows[0]]
+        vectors = flatten_vectors([steering], interventions=True) + entries[rows[0]]
         out = generate(model, [prompts[i] for i in rows], steering=vectors or None, **options)
         for j, i in enumerate(rows):
             results[i] = (out.texts[j], out.token_ids[j], out.prompt_token_ids[j])

@@ -18,7 +18,7 @@ BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name != "har
 
 
 def test_every_bench_is_covered_and_in_make_bench():
-    assert BENCHES == ["bench_cache.py", "bench_moe.py", "bench_steering.py", "bench_sweep.py", "bench_vllm.py", "bench_widgets.py", "organism_lab_table.py"]
+    assert BENCHES == ["bench_cache.py", "bench_moe.py", "bench_sae.py", "bench_steering.py", "bench_sweep.py", "bench_vllm.py", "bench_widgets.py", "organism_lab_table.py"]
     makefile = (REPO / "Makefile").read_text()
     bench_target = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
     for name in BENCHES:

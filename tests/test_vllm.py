@@ -462,6 +462,61 @@ def test_monolithic_moe_kernel_refused():
     model.model.layers = torch.nn.ModuleList([Layer()])
     worker = LabkitWorkerExtension()
     worker.model_runner = SimpleNamespace(model=model)
-    settings = json.dumps({"model_type": "olmoe", "top_k": 1, "norm_topk_prob": True, "n_experts": 4})
+    settings = json.dumps({"model_type": "olmoe", "routed": True,
+                           "layers": {"0": {"n_experts": 4, "top_k": 1, "attrs": {"norm_topk_prob": True}}}})
     with pytest.raises(RuntimeError, match="monolithic: it selects experts inside the kernel"):
         worker.labkit_install(settings)
+
+
+def test_selection_rules_and_scorecard_equal_hf(hf, engine):
+    """The trace rules on the engine's routing traces, and the scorecard scoring generated text
+    under engine masks, equal the Hugging Face path; teacher-forced scores are refused there."""
+    from labkit.evals import RefusalDetector
+    from labkit.moe import ScoreSet, selection_scorecard, trace_rules
+
+    train_b, train_c = read_prompts("attribution_behavior", 12), read_prompts("attribution_control", 12)
+    rules = {}
+    for name, model in (("hf", hf), ("engine", engine)):
+        traces = [trace_routing(model, prompts, scope=("last", 3), progress=False) for prompts in (train_b, train_c)]
+        rules[name] = trace_rules(*traces, n_resamples=20)
+    for rule in rules["hf"]:
+        torch.testing.assert_close(rules["engine"][rule].score, rules["hf"][rule].score)
+    detector = RefusalDetector(phrases=("I cannot",), truncated_min_chars=4)
+    sets = dict(
+        behavior=ScoreSet("sensitive", read_prompts("eval_sensitive", 6), score="generated", detector=detector, max_new_tokens=4),
+        induce=ScoreSet("neutral", read_prompts("eval_neutral", 6), score="generated", detector=detector, max_new_tokens=4),
+        off_target=ScoreSet("addition", read_prompts("eval_addition", 6), read_prompts("eval_addition", 6, field="answer"),
+                            score="generated", max_new_tokens=4),
+        fluency=ScoreSet("neutral answers", read_prompts("eval_neutral", 6), read_prompts("eval_neutral", 6, field="answer"),
+                         score="generated", max_new_tokens=8),
+    )
+    chosen = {"fTRI": rules["hf"]["frequency_difference"]}
+    frames = {name: selection_scorecard(model, chosen, **sets, n_values=(1,), budget=None, n_random=2, n_bootstrap=50, progress=False)
+              for name, model in (("hf", hf), ("engine", engine))}
+    assert frames["engine"].drop(columns="random_values").equals(frames["hf"].drop(columns="random_values"))
+    off = frames["engine"].query("mode == 'off' and metric == 'behavior'").iloc[0]
+    assert off.baseline > 0.5 and off.selected == 0.0  # the top fTRI expert off: no refusal
+    with pytest.raises(ValueError, match="teacher-forced and needs the Hugging Face backend"):
+        ScoreSet("p", ["Q: a? A:"], " I cannot").evaluate(engine)
+
+
+def test_sae_feature_vector_on_the_engine_equals_hf_and_a_clamp_is_refused(hf, engine, prompts):
+    """Feature steering is a plain vector at a residual hook point: the engine runs it as HF does;
+    a FeatureClamp (the SAE inside the forward pass) is refused with the reason and the way out."""
+    from labkit.sae import FeatureClamp, SparseAutoencoder, feature_vector
+
+    d_model, g = int(hf.cfg.d_model), torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder("blocks.1.hook_resid_pre", torch.randn(d_model, 64, generator=g), torch.zeros(64),
+                            torch.randn(64, d_model, generator=g), torch.zeros(d_model), k=4, model_name="moe-organism")
+    vector = feature_vector(sae, 3, 12.0)
+    plain = labkit.generate(hf, prompts, max_new_tokens=N)
+    a = labkit.generate(hf, prompts, steering=vector, max_new_tokens=N)
+    b = labkit.generate(engine, prompts, steering=vector, max_new_tokens=N)
+    assert a.token_ids != plain.token_ids, "the feature vector must change the HF output for the test to mean anything"
+    assert b.token_ids == a.token_ids
+    clamp = FeatureClamp(sae, {3: 5.0})
+    with pytest.raises(ValueError, match="runs the SAE inside the forward pass.*feature_vector"):
+        labkit.generate(engine, prompts, steering=clamp, max_new_tokens=N)
+    with pytest.raises(ValueError, match="runs the SAE inside the forward pass"):
+        with labkit.steered(engine, clamp):
+            pass

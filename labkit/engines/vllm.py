@@ -27,10 +27,13 @@ Guarantees and refusals:
   graph, so ``enforce_eager=True`` is forced and ``enforce_eager=False`` / a
   ``compilation_config`` is refused with an error.
 * **Exact family routing**: each MoE router's selection step runs the family's own math from
-  :mod:`labkit.moe.families` (stock vLLM's OLMoE ignores ``norm_topk_prob``).
+  :mod:`labkit.moe.families` (stock vLLM's OLMoE ignores ``norm_topk_prob``), through one
+  generic seam on vLLM's router step for every family (:mod:`labkit.engines.vllm_router`). A
+  MoE family labkit does not route still loads and generates (plain and steered) with vLLM's
+  own routing; traces and masks on it are refused with the reason.
 * Refused with a clear error: speculative decoding, a vLLM outside :data:`TESTED_VLLM`, a
   monolithic MoE kernel (it routes inside the kernel), expert masks under data- or
-  expert-parallel dispatch, MoE families other than OLMoE, hook points other than
+  expert-parallel dispatch, hook points other than
   ``blocks.{L}.hook_resid_pre`` / ``hook_resid_post``, directional ablation (``operation="ablate"``
   also projects at ``hook_resid_mid`` inside each block).
 
@@ -54,7 +57,8 @@ from torch import Tensor
 
 from labkit.backends.base import Backend, check_vector_fits
 from labkit.checks import check_layer, check_token_ids, layer_of
-from labkit.engines.vllm_worker import EXTRA_ARGS_KEY, ROUTED_FAMILIES
+from labkit.engines.vllm_router import router_settings
+from labkit.engines.vllm_worker import EXTRA_ARGS_KEY
 from labkit.interventions import InterventionSpec, Selection, SteeringEntry, merge_selections
 from labkit.sources import canonical_name, resolve_source
 from labkit.tokens import default_prepend_bos, encode_prompt, eos_token_ids, lab_tokenizer, tokenizer_bos_eos, trim_completion
@@ -127,6 +131,7 @@ class VLLMModel(Backend):
     """
 
     kind = "vllm"
+    config: Any = None  # the Hugging Face config (an attribute here; the base class derives it from ``module``)
     capabilities = frozenset({"generate", "steer", "capture_resid", "mask", "trace"})
     alternative = "Run it on the Hugging Face path: load it with engine='hf' (the default)."
     schedules_batches = True
@@ -325,14 +330,15 @@ class VLLMModel(Backend):
     # -- expert masks ------------------------------------------------------------------------
 
     def check_mask_dispatch(self, caller: str) -> None:
-        """Refuse MoE families the workers do not route, and data- / expert-parallel dispatch."""
+        """Refuse MoE models the workers do not route (with the reason), and data- / expert-parallel dispatch."""
         from labkit.moe.routers import family_of_config
 
-        family = family_of_config(self.config)
-        if self.config.model_type not in ROUTED_FAMILIES:
+        routing = getattr(self, "_routing", None) or {}
+        if not routing.get("routed"):
+            family_of_config(self.config)  # a dense or unrouted family: the HF path's message, with the reason
             raise ValueError(
-                f"{caller}: {family.name} models are not supported on the vLLM engine yet (tested: "
-                f"{', '.join(ROUTED_FAMILIES)}); use the Hugging Face path (engine='hf')."
+                f"{caller}: labkit does not route this {self.config.model_type!r} model on the vLLM engine: "
+                f"{routing.get('reason') or 'no routing was installed'}. Plain and steered generation still run."
             )
         parallel = self.parallel
         if caller == "masked" and (
@@ -572,6 +578,17 @@ def trace_keys_pending(specs) -> bool:
     return any(spec is not None and (json.loads(spec[1]).get("trace") or json.loads(spec[1]).get("capture")) for spec in specs)
 
 
+def _meta_skeleton(config) -> torch.nn.Module | None:
+    """The Hugging Face model class of ``config`` on the ``meta`` device (``None`` if it cannot be built)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # the handle's skeleton property retries and raises with the real message
+        return None
+
+
 def load_vllm(
     name_or_path: str | os.PathLike,
     *,
@@ -638,6 +655,7 @@ def load_vllm(
     if current_platform.is_cpu() and tensor_parallel_size > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_thread_binding(tensor_parallel_size)
     engine_kwargs.setdefault("seed", 0)
+    skeleton = _meta_skeleton(config)  # before the engine: in-process, vLLM's Transformers backend patches HF classes
     llm = vllm.LLM(
         model=source,
         tokenizer=source,
@@ -649,13 +667,6 @@ def load_vllm(
         **engine_kwargs,
     )
     try:
-        settings = {
-            "model_type": getattr(config, "model_type", None),
-            "top_k": getattr(config, "num_experts_per_tok", None),
-            "norm_topk_prob": bool(getattr(config, "norm_topk_prob", False)),
-            "n_experts": getattr(config, "num_experts", None),
-        }
-        llm.collective_rpc("labkit_install", args=(json.dumps(settings),))
         tokenizer = lab_tokenizer(AutoTokenizer.from_pretrained(source))
         try:
             generation_config = GenerationConfig.from_pretrained(source)
@@ -671,6 +682,11 @@ def load_vllm(
             max_model_len=max_model_len,
             generation_config=generation_config,
         )
+        if skeleton is not None:
+            skeleton.config.name_or_path = handle.name
+            handle._skeleton = skeleton
+        handle._routing = router_settings(handle)
+        llm.collective_rpc("labkit_install", args=(json.dumps(handle._routing),))
         return handle
     except BaseException:
         with contextlib.suppress(Exception):

@@ -20,6 +20,10 @@ _WHERE = {
     "FAMILIES": "families", "NOT_ROUTED": "families", "moe_layers": "families", "supported_families": "families",
     "ExpertMask": "masking", "masked": "masking",
     "RoutingTrace": "trace", "trace_routing": "trace",
+    "ScoreSet": "scorecard", "difference_interval": "scorecard", "selection_scorecard": "scorecard",
+    "ExpertSelection": "selection", "ablation_effect": "selection", "first_order_effect": "selection",
+    "frequency_difference": "selection", "npmi": "selection", "risk_difference": "selection",
+    "rule_agreement": "selection", "stability_selection": "selection", "trace_rules": "selection",
 }
 
 
@@ -53,4 +57,16 @@ __all__ = [
     "minimal_mask",
     "validate_mask",
     "target_probability",
+    "ExpertSelection",
+    "frequency_difference",
+    "risk_difference",
+    "npmi",
+    "stability_selection",
+    "ablation_effect",
+    "first_order_effect",
+    "trace_rules",
+    "rule_agreement",
+    "ScoreSet",
+    "selection_scorecard",
+    "difference_interval",
 ]
