@@ -256,3 +256,22 @@ def test_mask_from_another_models_attribution_is_refused(shared_tiny_olmoe, tiny
     assert mask.model_name == "tiny-olmoe" and mask.experts() == [tuple(x[:2]) for x in attribution.top(2)]
     with pytest.raises(ValueError, match=r"computed on model 'tiny-olmoe' but model= is 'tiny-olmoe-other'"):
         ExpertMask.from_attribution(attribution, 2, model=other)
+
+
+def test_every_shipped_save_is_bound():
+    """Files labkit ships under data/ (e.g. the SmolLM2 SAE) carry the binding, so loading them
+    raises no 'written before labkit bound the halves' warning and a swapped tensor file is caught."""
+    from labkit import storage
+    from labkit.datasets import data_dir
+
+    documents = []
+    for path in sorted(data_dir().rglob("*.json")):
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(document, dict) and str(document.get("kind", "")).startswith("labkit.") and document.get("tensors"):
+            documents.append(path)
+            json_path, tensor_path = storage.file_pair(path)
+            storage.check_binding(document.get("tensor_file"), tensor_path, json_path, caller="shipped")
+    assert documents, "expected at least the shipped SAE"
