@@ -275,3 +275,19 @@ def test_every_shipped_save_is_bound():
             json_path, tensor_path = storage.file_pair(path)
             storage.check_binding(document.get("tensor_file"), tensor_path, json_path, caller="shipped")
     assert documents, "expected at least the shipped SAE"
+
+
+def test_perplexity_of_a_two_token_text_equals_the_hand_computation(shared_tiny_llama):
+    """The shortest text perplexity accepts (two tokens: one predicted token), by hand from the
+    twin's logits; a one-token text is refused. (Mutation testing: ``< 2`` → ``<= 2`` survived.)"""
+    model = shared_tiny_llama
+    record = model.labkit
+    text = "the"  # BOS + one token
+    assert len(record.encode(text)) == 2
+    ids = torch.tensor([record.encode(text)])
+    with torch.no_grad():
+        logits = record.twin(input_ids=ids).logits[0, 0].double()
+    expected = float(torch.exp(-torch.log_softmax(logits, -1)[ids[0, 1]]))
+    assert evals.perplexity(model, text) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match=r"^perplexity: text 0 .* has 1 token\(s\); need ≥ 2"):
+        evals.perplexity(model, "a", prepend_bos=False)  # one token, nothing predicted
