@@ -291,3 +291,26 @@ def test_perplexity_of_a_two_token_text_equals_the_hand_computation(shared_tiny_
     assert evals.perplexity(model, text) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match=r"^perplexity: text 0 .* has 1 token\(s\); need ≥ 2"):
         evals.perplexity(model, "a", prepend_bos=False)  # one token, nothing predicted
+
+
+def test_perplexity_batching_bos_and_batch_size_edges(shared_tiny_llama):
+    """Mutation survivors of labkit/evals/perplexity.py, each killed by a value: a BOS + one-token
+    text beside a long one (the short row carries many pads), batch_size 1 vs 2, prepend_bos
+    passed through, batch_size 0 refused with the function's name."""
+    model = shared_tiny_llama
+    texts = ["the", "the cat sat on a mat and the dog ran to the park"]
+    reference = evals.perplexity(model, texts, batch_size=1)  # no padding at all
+    assert evals.perplexity(model, texts, batch_size=2) == pytest.approx(reference, rel=1e-5)
+    for batch_size in (1, 2):
+        (pooled,) = evals.steering_perplexities(model, texts, [None], batch_size=batch_size)
+        assert pooled == pytest.approx(reference, rel=1e-5)
+    longer = ["the cat", texts[1]]  # "the" alone is one token without BOS
+    without_bos = evals.perplexity(model, longer, prepend_bos=False, batch_size=1)
+    assert without_bos != pytest.approx(evals.perplexity(model, longer), rel=1e-3)
+    (pooled,) = evals.steering_perplexities(model, longer, [None], prepend_bos=False)
+    assert pooled == pytest.approx(without_bos, rel=1e-5)
+    with pytest.raises(ValueError, match=r"^perplexity: batch_size must be an int ≥ 1, got 0"):
+        evals.perplexity(model, texts, batch_size=0)
+    for bad in (0, True):
+        with pytest.raises(ValueError, match=rf"^steering_perplexities: batch_size must be a positive int, got {bad}"):
+            evals.steering_perplexities(model, texts, [None], batch_size=bad)
