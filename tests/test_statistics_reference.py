@@ -119,3 +119,18 @@ def test_steerability_slope_equals_polyfit_including_the_unsteered_point():
     assert (slopes.slope < 0).mean() == pytest.approx(
         np.mean([r.slope < 0 for r in slopes.itertuples()]), abs=0
     )
+
+
+def test_steerability_edges_order_and_empty():
+    """Mutation survivors of ``steerability``: rows keep the table's order (not sorted), one swept
+    coefficient beside the unsteered point gives the two-point slope, a vector swept only at
+    coefficient 0 gives NaN, and a table without steered rows gives an empty frame with the columns."""
+    rows = [("unsteered", -1, 0.0, "b", 0.2), ("unsteered", -1, 0.0, "a", 0.1)]
+    rows += [("zeta", 5, 2.0, "b", 0.6), ("zeta", 5, 2.0, "a", 0.1), ("alpha", 1, 0.0, "b", 0.3)]
+    table = pd.DataFrame(rows, columns=["method", "layer", "coefficient", "prompt", "topic_fraction"])
+    slopes = steerability(table)
+    assert list(zip(slopes.method, slopes.prompt)) == [("zeta", "b"), ("zeta", "a"), ("alpha", "b")]
+    assert slopes.slope.iloc[0] == pytest.approx((0.6 - 0.2) / 2.0) and slopes.slope.iloc[1] == pytest.approx(0.0)
+    assert np.isnan(slopes.slope.iloc[2])  # only coefficient 0: no slope
+    empty = steerability(table[table.method == "unsteered"])
+    assert empty.empty and list(empty.columns) == ["method", "layer", "prompt", "slope"]
