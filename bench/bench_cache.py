@@ -2,6 +2,7 @@
 
 1. memory held by the cache / bytes of the requested tensors   (goal <= 1.1)
 2. batched caching throughput / batch-size-1 throughput          (higher is better)
+3. caching one hook point / a plain forward of the same batches    (goal >= 0.95)
 
 Timings: one warm-up each, then the median of ``--repeats`` interleaved runs (batch 16, batch 1,
 batch 16, ...). ``--smoke``: a tiny random model, 4 prompts, one repetition.
@@ -20,6 +21,7 @@ import psutil
 import torch
 
 import labkit
+import labkit.backends
 from labkit.cache import cache_activations
 
 
@@ -56,7 +58,24 @@ def main() -> None:
                 raise RuntimeError(f"batch {batch_size}: {result.n_prompts} prompts for {len(prompts)} prompts")
         return fn
 
-    seconds = harness.interleaved_medians({"batched": run(16), "single": run(1)}, repeats)
+    backend = labkit.backends.backend_of(model)
+    encoded = [backend.encode(p) for p in prompts]
+
+    def plain_forward():
+        """The twin's forward over the same left-padded batches of 16, nothing hooked or kept."""
+        from labkit.tokens import left_pad
+
+        with torch.inference_mode():
+            for start in range(0, len(encoded), 16):
+                ids, mask, positions = left_pad(encoded[start:start + 16], backend.tokenizer.pad_token_id)
+                backend.twin(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
+
+    def one_hook():
+        cache_activations(model, prompts, [hooks[len(hooks) // 2]], batch_size=16, progress=False)
+
+    seconds = harness.interleaved_medians(
+        {"batched": run(16), "single": run(1), "plain": plain_forward, "one_hook": one_hook}, repeats
+    )
     batched_s, single_s = seconds["batched"], seconds["single"]
     print(f"prompts={len(prompts)} hook points={len(hooks)}{' (smoke run: numbers mean nothing)' if smoke else ''}")
     print(f"requested tensor bytes      {requested / 2**20:9.2f} MiB")
@@ -65,6 +84,9 @@ def main() -> None:
     print(f"batch 16: {len(prompts) / batched_s:7.2f} prompts/s   batch 1: {len(prompts) / single_s:7.2f} prompts/s"
           f"   (median of {repeats})")
     print(f"ratio batched/batch-1 throughput = {single_s / batched_s:.2f}x")
+    print(f"plain forward {len(prompts) / seconds['plain']:7.2f} prompts/s   caching one hook point "
+          f"{len(prompts) / seconds['one_hook']:7.2f} prompts/s")
+    print(f"ratio caching/plain forward = {seconds['plain'] / seconds['one_hook']:.3f}  (goal >= 0.95)")
 
 
 if __name__ == "__main__":

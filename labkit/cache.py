@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from labkit import storage
 from labkit.hooks import attach, resolve_hook
+from labkit.checks import check_names, check_out_dir, check_path, check_prompts, named_errors
 from labkit.models import check_context, encode_prompts, lab_model, left_pad
 
 __all__ = [
@@ -84,7 +85,6 @@ def tokenize_prompts(
         ValueError: empty list, a non-string item, an empty prompt, or a prompt longer than
             the model's context window.
     """
-    prompts = list(prompts) if not isinstance(prompts, str) else prompts
     _prompts, ids = encode_prompts(model, prompts, caller="cache_activations", chat=chat, prepend_bos=prepend_bos)
     check_context(model, [len(row) for row in ids], caller="cache_activations")
     return ids
@@ -145,6 +145,7 @@ class ActivationCache:
     directory: Path | None = None
     _tensors: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _shards: tuple[Path, ...] = field(default=(), repr=False)
+    _shard_sha256: tuple[str, ...] | None = field(default=None, repr=False)
 
     @property
     def n_prompts(self) -> int:
@@ -161,12 +162,27 @@ class ActivationCache:
         if name not in self.hook_names:
             raise KeyError(f"{name!r} was not cached; cached hook points: {list(self.hook_names)}")
         if name not in self._tensors:
+            self._check_shards()
             parts = []
             for shard in self._shards:
                 with safe_open(str(shard), framework="pt") as f:
                     parts.append(f.get_tensor(name))
             self._tensors[name] = torch.cat(parts) if parts else torch.empty(0)
         return self._tensors[name]
+
+    def _check_shards(self) -> None:
+        """Refuse shards that are not the files the index was written with (SHA-256 in index.json;
+        checked once, on first access). An index written before the hashes were recorded is trusted."""
+        if self._shard_sha256 is None:
+            return
+        for shard, expected in zip(self._shards, self._shard_sha256):
+            if storage.file_sha256(shard) != expected:
+                raise ValueError(
+                    f"ActivationCache: shard {str(shard)!r} is not the file this cache's index.json was written "
+                    "with (its SHA-256 differs); the directory mixes files of different caches. Re-run "
+                    "cache_activations into a new out_dir."
+                )
+        object.__setattr__(self, "_shard_sha256", None)  # verified: do not hash again
 
     def stack(self, name: str) -> Float[Tensor, "n_prompts *shape"]:
         """One row per prompt (requires exactly one kept position per prompt)."""
@@ -209,7 +225,7 @@ class ActivationCache:
         Raises:
             FileNotFoundError / ValueError: no cache there, or a foreign format.
         """
-        directory = Path(directory)
+        directory = check_path(directory, caller="ActivationCache.load", argument="directory")
         if not directory.is_dir():
             raise FileNotFoundError(
                 f"ActivationCache.load: no directory at {str(directory)!r}; pass the out_dir given to cache_activations."
@@ -230,6 +246,7 @@ class ActivationCache:
             model_name=meta["model_name"],
             directory=directory,
             _shards=tuple(directory / s for s in meta["shards"]),
+            _shard_sha256=tuple(meta["shard_sha256"]) if "shard_sha256" in meta else None,
         )
 
 
@@ -253,6 +270,9 @@ def _probe_widths(model, hook_names: Sequence[str], ids: Sequence[int]) -> dict[
 
 
 def _run(model, hooks, input_ids, attention_mask, position_ids) -> None:
+    # The logits are not cached: the twin computes the last position's only (the unembedding is a
+    # fifth of SmolLM2's forward), unless a hook point is the unembedding's own output.
+    reads_logits = any((resolve_hook(model, name).module_path or "").endswith("lm_head") for name, _fn in hooks)
     with torch.inference_mode(), attach(model, hooks) as runner:
         if runner is model:
             runner(input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -262,6 +282,7 @@ def _run(model, hooks, input_ids, attention_mask, position_ids) -> None:
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=False,
+                **({} if reads_logits else {"logits_to_keep": 1}),
             )
 
 
@@ -303,6 +324,19 @@ def estimate_cache_bytes(
 
 def _model_dtype(model) -> torch.dtype:
     return next(lab_model(model).twin.parameters()).dtype
+
+
+def _remove_partial(directory: Path | None, created: Path | None, shards: list[str]) -> None:
+    """After a failed or interrupted streaming run, remove only what labkit wrote: the directories
+    it created, or, in the user's pre-existing empty directory, the shard files (the directory
+    itself stays)."""
+    if directory is None:
+        return
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for name in (*shards, f"shard-{len(shards):05d}.safetensors", "index.json", "index.safetensors"):
+        (directory / name).unlink(missing_ok=True)
 
 
 def cache_activations(
@@ -363,25 +397,32 @@ def cache_activations(
         >>> cache["blocks.3.hook_resid_pre"].shape  # doctest: +SKIP
         torch.Size([2, 576])
     """
-    prompts = list(prompts)
-    hook_names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
+    prompts = check_prompts(prompts, caller="cache_activations")
+    hook_names = check_names(hook_names, caller="cache_activations", argument="hook_names")
     if not hook_names:
-        raise ValueError("hook_names is empty; name at least one hook point, e.g. 'blocks.0.hook_resid_pre'.")
+        raise ValueError("cache_activations: hook_names is empty; name at least one hook point, e.g. 'blocks.0.hook_resid_pre'.")
     if len(set(hook_names)) != len(hook_names):
-        raise ValueError(f"hook_names has duplicates: {hook_names}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise ValueError(f"cache_activations: hook_names has duplicates: {hook_names}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"cache_activations: batch_size must be a positive int, got {batch_size!r}.")
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
-        raise ValueError(f"max_bytes must be a positive int (bytes) or None (no budget), got {max_bytes!r}")
+        raise ValueError(f"cache_activations: max_bytes must be a positive int (bytes) or None (no budget), got {max_bytes!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(
-            f"dtype must be a floating torch dtype (e.g. torch.float16) or None, got {dtype!r}; "
+            f"cache_activations: dtype must be a floating torch dtype (e.g. torch.float16) or None, got {dtype!r}; "
             "activations would be truncated otherwise."
         )
-    for name in hook_names:
-        resolve_hook(model, name)  # unknown names fail here, before any work
-    token_rows = tokenize_prompts(model, prompts, chat=chat, prepend_bos=prepend_bos)
-    kept = [select_positions(len(r), positions) for r in token_rows]
+    with named_errors("cache_activations"):
+        for name in hook_names:
+            resolve_hook(model, name)  # unknown names fail here, before any work
+        token_rows = tokenize_prompts(model, prompts, chat=chat, prepend_bos=prepend_bos)
+        kept = [select_positions(len(r), positions) for r in token_rows]
+    for i, keep in enumerate(kept):
+        if not keep:
+            raise ValueError(
+                f"cache_activations: positions={positions!r} selects no position of prompt {i} "
+                f"({len(token_rows[i])} tokens); choose at least one."
+            )
     store_dtype = dtype or _model_dtype(model)
     widths = _probe_widths(model, hook_names, min(token_rows, key=len))
     row_bytes = torch.empty((), dtype=store_dtype).element_size() * sum(
@@ -396,17 +437,18 @@ def cache_activations(
             "with positions='last' (or a slice), fewer hook_names, dtype=torch.float16, or stream "
             "to disk with out_dir=...; or raise max_bytes."
         )
-    directory = None
+    directory = created = None
     if out_dir is not None:
-        directory = Path(out_dir)
-        if directory.exists() and any(directory.iterdir()):
-            raise ValueError(f"out_dir {str(directory)!r} exists and is not empty; choose a new directory.")
+        directory, existed = check_out_dir(out_dir, caller="cache_activations")
+        # the outermost directory this call creates (None: the user's own empty directory)
+        created = None if existed else next(p for p in (*reversed(directory.parents), directory) if not p.exists())
         directory.mkdir(parents=True, exist_ok=True)
 
     pad_id = lab_model(model).tokenizer.pad_token_id
     parts: dict[str, list[Tensor]] = {name: [] for name in hook_names}
     index_parts: dict[str, list[Tensor]] = {"prompt_index": [], "position": [], "token_ids": []}
     shards: list[str] = []
+    shard_hashes: list[str] = []
     pending_bytes = 0
 
     def flush() -> None:
@@ -416,6 +458,7 @@ def cache_activations(
         shard_name = f"shard-{len(shards):05d}.safetensors"
         save_file({n: torch.cat(p) for n, p in parts.items()}, str(directory / shard_name))
         shards.append(shard_name)
+        shard_hashes.append(storage.file_sha256(directory / shard_name))
         for p in parts.values():
             p.clear()
         pending_bytes = 0
@@ -446,15 +489,14 @@ def cache_activations(
                 flush()
         flush()
     except BaseException:
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
+        _remove_partial(directory, created, shards)
         raise
 
     index = {k: torch.cat(v) for k, v in index_parts.items()}
     meta = dict(model_name=lab_model(model).name, hook_names=hook_names, prompts=prompts)
     if directory is not None:
         storage.save(
-            directory / "index", kind=FORMAT_KIND, version=FORMAT_VERSION, metadata={"shards": shards, **meta}, tensors=index
+            directory / "index", kind=FORMAT_KIND, version=FORMAT_VERSION, metadata={"shards": shards, "shard_sha256": shard_hashes, **meta}, tensors=index
         )
         return ActivationCache.load(directory)
     tensors = {name: torch.cat(p) for name, p in parts.items()}

@@ -9,7 +9,11 @@ Every labkit object that is saved -- :class:`~labkit.steering.SteeringVector`,
   and ``"tensors"``: the names of the tensors in the safetensors file. People read and diff this
   file; it is the source of truth for the metadata.
 - ``<stem>.safetensors``: the tensors (no pickle anywhere), with ``kind`` and ``version`` in the
-  safetensors header so a lone tensor file still says what it is. Objects without tensors (an
+  safetensors header so a lone tensor file still says what it is.
+- The halves are bound: the JSON's ``"tensor_file"`` records the tensor file's SHA-256 and each
+  tensor's shape and dtype; ``load`` refuses a tensor file that does not match (another save's
+  ``.safetensors`` beside this ``.json``). A JSON written before the binding (no
+  ``"tensor_file"``) still loads, with a ``UserWarning``. Objects without tensors (an
   :class:`ExpertMask`) have no ``.safetensors`` file.
 
 ``save``/``load`` accept the stem or either file's path (``x``, ``x.json``, ``x.safetensors``).
@@ -19,15 +23,26 @@ its metadata in the header (and a ``x.safetensors.json`` copy) -- still load.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["check_kind", "file_pair", "load", "require_keys", "save"]
+__all__ = ["check_binding", "check_kind", "file_pair", "file_sha256", "load", "require_keys", "save"]
+
+#: The JSON key binding ``<stem>.json`` to its ``<stem>.safetensors`` (hash, shapes, dtypes).
+BINDING_KEY = "tensor_file"
+
+#: safetensors' dtype names -> torch's (what the binding records).
+_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
 
 #: The loader for each kind labkit writes, named in "wrong kind" errors.
 LOADERS = {
@@ -71,6 +86,7 @@ def save(
     if tensors:
         document["tensors"] = sorted(tensors)
         save_file(tensors, str(tensor_path), metadata={"kind": kind, "version": str(version)})
+        document[BINDING_KEY] = _binding(tensor_path, tensors)
     elif tensor_path.is_file():  # a stale tensor file from an earlier save of the same stem
         tensor_path.unlink()
     json_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -89,10 +105,17 @@ def load(
         FileNotFoundError: neither file of the pair exists, or the JSON names tensors and the
             ``.safetensors`` file is missing.
         ValueError: the JSON file is not JSON / not an object / of another kind or a newer
-            version; the tensor file is not safetensors, belongs to another kind, or lacks a
-            tensor the JSON names.
+            version; the tensor file is not safetensors, belongs to another kind, lacks a
+            tensor the JSON names, or is not the file the JSON was saved with (its shapes,
+            dtypes or SHA-256 differ from the JSON's ``"tensor_file"`` binding).
+
+    Warns:
+        UserWarning: a JSON saved before the binding existed (no ``"tensor_file"``): it still
+            loads, but nothing proves the tensor file belongs to it.
     """
-    given = Path(path)
+    from labkit.checks import check_path
+
+    given = check_path(path, caller=caller)
     json_path, tensor_path = file_pair(given)
     if not json_path.is_file():
         legacy = _legacy_single_file(given, tensor_path)
@@ -104,6 +127,7 @@ def load(
             f"{tensor_path.name}) written by {writer}."
         )
     metadata = _read_json(json_path, kind, version, caller=caller, writer=writer)
+    binding = metadata.pop(BINDING_KEY, None)
     if "tensors" not in metadata:
         legacy = json_path.with_suffix("")  # a pre-layout sidecar ``x.safetensors.json``
         if legacy.suffix == ".safetensors" and legacy.is_file():
@@ -117,6 +141,14 @@ def load(
             "keep the .json and .safetensors files of a save together."
         )
     header, tensors = _read_safetensors(tensor_path, kind, caller=caller, writer=writer)
+    if binding is None:
+        warnings.warn(
+            f"{caller}: {str(json_path)!r} was written before labkit bound the .json and .safetensors halves "
+            f"of a save together (no {BINDING_KEY!r}), so nothing proves {tensor_path.name} belongs to it; "
+            "save it again with this labkit to bind them.",
+            UserWarning,
+            stacklevel=3,
+        )
     if header.get("kind", kind) != kind:
         raise ValueError(
             f"{caller}: {str(tensor_path)!r} holds a {header['kind']!r} but {str(json_path)!r} is a {kind!r}; "
@@ -125,7 +157,58 @@ def load(
     missing = [name for name in names if name not in tensors]
     if missing:
         raise ValueError(f"{caller}: {str(tensor_path)!r} lacks tensors {missing} named by {str(json_path)!r}.")
+    if binding is not None:
+        check_binding(binding, tensor_path, json_path, caller=caller)
     return metadata, tensors
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_binding(binding: Any, tensor_path: Path, json_path: Path, *, caller: str) -> None:
+    """Refuse a tensor file that is not the one ``json_path`` was saved with.
+
+    ``binding`` is the JSON's ``"tensor_file"`` entry: the tensor file's SHA-256 and each tensor's
+    shape and dtype at save time. Shapes and dtypes are compared first (the message says which
+    tensor differs), then the hash (any other change of bytes).
+
+    Raises:
+        ValueError: a malformed binding, or a tensor file whose shapes, dtypes or bytes differ.
+    """
+    if not isinstance(binding, dict) or not {"sha256", "shapes", "dtypes"} <= set(binding):
+        raise ValueError(
+            f"{caller}: {str(json_path)!r} has a malformed {BINDING_KEY!r} entry ({binding!r:.120}); expected "
+            "sha256, shapes and dtypes of the tensor file."
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(tensor_path), framework="pt") as handle:
+            found = {name: handle.get_slice(name) for name in handle.keys()}
+            shapes = {name: list(piece.get_shape()) for name, piece in found.items()}
+            dtypes = {name: _DTYPE_NAMES.get(piece.get_dtype(), piece.get_dtype()) for name, piece in found.items()}
+    except Exception as error:  # foreign bytes: SafetensorError / OSError
+        raise ValueError(f"{caller}: {str(tensor_path)!r} is not a safetensors file ({type(error).__name__}: {error}).") from None
+    for name, shape in binding["shapes"].items():
+        if name in shapes and (shapes[name] != list(shape) or dtypes[name] != binding["dtypes"].get(name)):
+            raise ValueError(
+                f"{caller}: {str(tensor_path)!r} does not belong to {str(json_path)!r}: tensor {name!r} is "
+                f"{dtypes[name]} {shapes[name]} there, but the JSON was saved with {binding['dtypes'].get(name)} "
+                f"{list(shape)}. The two files are from different saves; keep each .json with its own .safetensors."
+            )
+    digest = file_sha256(tensor_path)
+    if digest != binding["sha256"]:
+        raise ValueError(
+            f"{caller}: {str(tensor_path)!r} does not belong to {str(json_path)!r}: its SHA-256 is "
+            f"{digest[:16]}..., the JSON was saved with {str(binding['sha256'])[:16]}... The two files are from "
+            "different saves (or the tensor file was changed); keep each .json with its own .safetensors."
+        )
 
 
 def check_kind(data: Any, kind: str, version: int, *, caller: str, source: str) -> None:
@@ -168,6 +251,14 @@ def require_keys(data: Mapping[str, Any], keys: Sequence[str], *, caller: str, s
 
 
 # --- internals --------------------------------------------------------------------------------
+
+
+def _binding(tensor_path: Path, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    return {
+        "sha256": file_sha256(tensor_path),
+        "shapes": {name: list(t.shape) for name, t in sorted(tensors.items())},
+        "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in sorted(tensors.items())},
+    }
 
 
 def _read_json(path: Path, kind: str, version: int, *, caller: str, writer: str) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 
 __all__ = [
-    "condition_plot", "expert_heatmap", "residual_norm_heatmap", "steerability_plot", "steering_tradeoff", "sweep_heatmap",
+    "condition_plot", "expert_heatmap", "residual_norm_heatmap", "scorecard_plot", "steerability_plot", "steering_tradeoff",
+    "sweep_heatmap",
 ]
 
 #: How each mask mode is drawn over the heatmap.
@@ -597,5 +598,73 @@ def minimal_mask_plot(rows, *, title: str | None = None):
         yaxis_title="held-out cut (1 = behaviour score removed)",
         yaxis_range=[min(-0.1, *(float(c) for row in rows for c in row["random_cuts"])), 1.1],
         legend_title="ranking",
+    )
+    return figure
+
+
+_SCORECARD_COLUMNS = {"rule", "mode", "n", "n_label", "metric", "difference", "difference_low", "difference_high"}
+_SCORECARD_METRICS = {"behavior": "behaviour", "off_target": "off-target", "fluency": "fluency"}
+
+
+def scorecard_plot(frame, *, title: str | None = None):
+    """Selected minus random, per rule and N: the headline of :func:`labkit.moe.selection_scorecard`.
+
+    One panel per (mode, metric): rows are the modes present (``off``: experts switched off,
+    ``on``: forced on), columns the metrics (behaviour, off-target, fluency). In each panel the
+    x axis is N (``n_label``, the budget last), one line of markers per rule, with the bootstrap
+    interval of ``difference`` (prompts and random seeds resampled) as error bars; the dashed
+    zero line is "no better than random". Pure function of the frame.
+
+    Args:
+        frame: the ``pandas.DataFrame`` returned by ``selection_scorecard``.
+        title: figure title.
+
+    Returns:
+        A ``plotly.graph_objects.Figure``.
+
+    Raises:
+        ValueError: the frame lacks scorecard columns, or has no rows.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    _check_columns(frame, _SCORECARD_COLUMNS, "scorecard_plot")
+    if len(frame) == 0:
+        raise ValueError("scorecard_plot: the frame has no rows (every row skipped?); nothing to draw.")
+    modes = [m for m in ("off", "on") if (frame["mode"] == m).any()]
+    metrics = [m for m in _SCORECARD_METRICS if (frame["metric"] == m).any()]
+    order = list(dict.fromkeys(frame.sort_values("n", kind="stable")["n_label"]))
+    budget = [label for label in order if label.startswith("budget")]
+    order = [label for label in order if label not in budget] + budget
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    rules = list(dict.fromkeys(frame["rule"]))
+    titles = [f"{'switched off' if mode == 'off' else 'forced on'}: {_SCORECARD_METRICS[m]}" for mode in modes for m in metrics]
+    figure = make_subplots(rows=len(modes), cols=len(metrics), subplot_titles=titles, horizontal_spacing=0.07, vertical_spacing=0.16)
+    for r, mode in enumerate(modes, start=1):
+        for c, metric in enumerate(metrics, start=1):
+            for k, rule in enumerate(rules):
+                part = frame[(frame["mode"] == mode) & (frame["metric"] == metric) & (frame["rule"] == rule)]
+                part = part.set_index("n_label").reindex([label for label in order if label in set(part["n_label"])])
+                if part.empty:
+                    continue
+                figure.add_trace(
+                    go.Scatter(
+                        x=list(part.index), y=part["difference"].astype(float), mode="lines+markers", name=rule,
+                        legendgroup=rule, showlegend=r == 1 and c == 1, line=dict(color=palette[k % len(palette)], width=1),
+                        marker=dict(size=7, color=palette[k % len(palette)]),
+                        error_y=dict(type="data", visible=True,
+                                     array=(part["difference_high"] - part["difference"]).astype(float),
+                                     arrayminus=(part["difference"] - part["difference_low"]).astype(float)),
+                        hovertemplate=f"{rule}, N=%{{x}}: %{{y:.3f}}<extra></extra>",
+                    ),
+                    row=r, col=c,
+                )
+            figure.add_hline(y=0.0, line=dict(color="#555555", dash="dash", width=1), row=r, col=c)
+            figure.update_xaxes(type="category", categoryorder="array", categoryarray=order, title_text="N", row=r, col=c)
+        figure.update_yaxes(title_text="selected − random", row=r, col=1)
+    figure.update_layout(
+        title=dict(text=title or "Expert-selection rules against layer-matched random experts", font=dict(size=14)),
+        height=300 * len(modes) + 80, width=max(720, 330 * len(metrics)), template="plotly_white",
+        legend=dict(orientation="h", yanchor="bottom", y=1.06, xanchor="right", x=1.0),
     )
     return figure

@@ -37,6 +37,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from labkit.backends import backend_of
 from labkit.live import LatestOnly, MaskState, TokenStreamer, diff_html, format_error, heatmap_cell
 from labkit.storage import file_pair
 
@@ -60,10 +61,9 @@ def _text_box(title: str, text: str, css_class: str, body_html: str | None = Non
 
 
 def _labkit_generate(model, prompt: str, *, steering=None, streamer=None, **settings) -> str:
-    from labkit.engines import is_engine_model
     from labkit.generation import generate
 
-    if streamer is not None and is_engine_model(model):
+    if streamer is not None and not backend_of(model).supports("stream"):
         # An engine (vLLM) returns whole completions: replay the tokens into the streamer, so the
         # panel shows the same text and counts the same tokens (the first token arrives with the
         # last; the status line's "first token" is then the whole generation's time).

@@ -80,3 +80,21 @@ def smollm2():
     from labkit import load_model
 
     return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_llama(tiny_tokenizer):
+    """One 3-layer random Llama bridge for a session, for tests that leave no hook behind
+    (they check it: ``labkit.hooks.count_hooks``). Context window 64 tokens."""
+    from labkit.models import from_hf
+
+    return from_hf(tiny_llama_hf(tiny_tokenizer), tiny_tokenizer, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_olmoe(tiny_tokenizer):
+    """One 3-layer random OLMoE bridge (8 experts, top-2, context 128) for a session; same rule."""
+    from labkit.models import from_hf
+    from tests.moe_fixtures import tiny_moe_hf
+
+    return from_hf(tiny_moe_hf("olmoe", tiny_tokenizer), tiny_tokenizer, name="tiny-olmoe")

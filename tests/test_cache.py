@@ -19,12 +19,43 @@ PROMPTS = ["the cat sat on the mat", "love", "what happened in the city during w
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
 
 
+#: The README's stated precision of "a batched cache equals each prompt run alone": the largest
+#: ``||batched - solo|| / ||solo||`` over positions (float32). Measured at main 0f7d1e5+: SmolLM2
+#: 4.0e-6 (blocks.15.hook_resid_pre, batch 2 and 8; 1.4e-2 absolute there), organism 4.6e-7.
+BATCH_RELATIVE_TOLERANCE = 1e-5
+
+
+def worst_position_error(batched, alone: dict, prompts, hooks) -> float:
+    """``max ||batched - solo|| / ||solo||`` over prompts, hook points and positions (float64)."""
+    worst = 0.0
+    for i, prompt in enumerate(prompts):
+        for name in hooks:
+            a, b = batched.per_prompt(name)[i].double(), alone[prompt][name].double()
+            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+            worst = max(worst, float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max()))
+    return worst
+
+
 def test_batched_equals_each_prompt_alone(tiny_llama):
-    batched = cache_activations(tiny_llama, PROMPTS, HOOKS, batch_size=4, progress=False)
-    for i, prompt in enumerate(PROMPTS):
-        alone = cache_activations(tiny_llama, [prompt], HOOKS, batch_size=1, progress=False)
-        for name in HOOKS:
-            torch.testing.assert_close(batched.per_prompt(name)[i], alone[name], atol=1e-5, rtol=1e-5)
+    alone = {p: cache_activations(tiny_llama, [p], HOOKS, batch_size=1, progress=False) for p in PROMPTS}
+    for batch_size in (2, 4):
+        batched = cache_activations(tiny_llama, PROMPTS, HOOKS, batch_size=batch_size, progress=False)
+        assert worst_position_error(batched, alone, PROMPTS, HOOKS) <= BATCH_RELATIVE_TOLERANCE
+
+
+@pytest.mark.slow
+def test_batched_equals_solo_on_smollm2_to_the_stated_relative_tolerance(smollm2):
+    """The README's number on the real model, where an absolute tolerance would be meaningless
+    (residual norms in the hundreds: 1.4e-2 absolute is 4e-6 of the position's norm)."""
+    prompts = ["The Eiffel Tower is in", "I think dogs are", "What happened in 1989? The answer is that", "Love is",
+               "The quick brown fox jumps over the lazy dog and then", "Q: What is the capital of France? A:", "Hello",
+               "Once upon a time, in a land far away,"]
+    hooks = ["blocks.3.hook_resid_pre", "blocks.15.hook_resid_pre", "blocks.29.hook_resid_post"]
+    alone = {p: cache_activations(smollm2, [p], hooks, batch_size=1, progress=False) for p in prompts}
+    for batch_size in (2, 8):
+        batched = cache_activations(smollm2, prompts, hooks, batch_size=batch_size, progress=False)
+        error = worst_position_error(batched, alone, prompts, hooks)
+        assert 0 < error <= BATCH_RELATIVE_TOLERANCE  # not bit-identical: the README says "to 1e-5", not "equal"
 
 
 def test_fast_path_matches_bridge_run_with_cache(tiny_llama):

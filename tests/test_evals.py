@@ -68,10 +68,12 @@ def test_steering_data_loads():
 def test_topic_steering_sweep_table(tiny_llama):
     data = evals.load_steering_data()
     vector = labkit.actadd(tiny_llama, " wedding", " ", layer=1)
+    # the tiny model's context is 64 tokens: the held-out paragraphs are cut to fit (longer texts are refused)
+    heldout = tuple(" ".join(text.split()[:12]) for text in data.heldout_texts[:2])
     table, per_prompt = evals.topic_steering_sweep(
         tiny_llama, [vector], [0, 4],
         prompts=data.neutral_prompts[:2], topic_words=["wedding"],
-        heldout_texts=data.heldout_texts[:2], samples_per_prompt=1, max_new_tokens=4, per_prompt=True,
+        heldout_texts=heldout, samples_per_prompt=1, max_new_tokens=4, per_prompt=True,
     )
     assert list(table.columns) == [
         "method", "layer", "coefficient", "topic_fraction", "perplexity", "n_words", "anti_steerable_fraction"
@@ -82,8 +84,8 @@ def test_topic_steering_sweep_table(tiny_llama):
     assert baseline["perplexity"] == zero["perplexity"] and baseline["topic_fraction"] == zero["topic_fraction"]
     assert table.iloc[2]["perplexity"] != baseline["perplexity"]
     # the batched perplexity of each setting is the solo perplexity under that vector
-    torch.testing.assert_close(baseline["perplexity"], evals.perplexity(tiny_llama, data.heldout_texts[:2]), rtol=1e-5, atol=0)
-    solo = evals.perplexity(tiny_llama, data.heldout_texts[:2], steering=vector.with_coefficient(4.0))
+    torch.testing.assert_close(baseline["perplexity"], evals.perplexity(tiny_llama, heldout), rtol=1e-5, atol=0)
+    solo = evals.perplexity(tiny_llama, heldout, steering=vector.with_coefficient(4.0))
     torch.testing.assert_close(table.iloc[2]["perplexity"], solo, rtol=1e-5, atol=0)
     assert len(per_prompt) == 3 * 2 and set(per_prompt.prompt) == set(data.neutral_prompts[:2])
     assert math.isnan(baseline["anti_steerable_fraction"]) and 0 <= table.iloc[2]["anti_steerable_fraction"] <= 1

@@ -127,7 +127,10 @@ def test_saved_metadata_states_every_number_of_the_vector(tmp_path):
     assert vector.metadata() == expected
     json_path = vector.save(tmp_path / "new" / "dirs" / "v")  # missing parents are created
     tensor_path = json_path.with_suffix(".safetensors")
-    assert json.loads(json_path.read_text()) == {**expected, "tensors": ["activations"]}
+    from labkit.storage import file_sha256
+
+    binding = {"sha256": file_sha256(tensor_path), "shapes": {"activations": [3, 4]}, "dtypes": {"activations": "float32"}}
+    assert json.loads(json_path.read_text()) == {**expected, "tensors": ["activations"], "tensor_file": binding}
     with safe_open(str(tensor_path), framework="pt") as f:  # the tensor file says what it is, too
         assert f.metadata() == {"kind": "labkit.SteeringVector", "version": "1"}
         assert torch.equal(f.get_tensor("activations"), vector.activations)

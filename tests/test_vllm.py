@@ -46,6 +46,7 @@ from labkit.datasets import read_prompts  # noqa: E402
 from labkit.moe import ExpertMask, masked, trace_routing  # noqa: E402
 
 N = 10  # new tokens per prompt
+BLOCK = 32  # KV-cache block (tokens): prefix-cache hits come in whole blocks
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,9 @@ def hf():
 @pytest.fixture(scope="module")
 def engine():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    model = labkit.load_model("moe-organism", engine="vllm", max_num_batched_tokens=16)
+    # block_size=32 (the smallest vLLM's CPU build accepts; its default, 128, is longer than the
+    # organism's 64-token context, so no prompt would ever be served from the prefix cache)
+    model = labkit.load_model("moe-organism", engine="vllm", max_num_batched_tokens=16, block_size=BLOCK)
     try:
         yield model
     finally:
@@ -212,21 +215,50 @@ def test_trace_under_mask_equals_hf(hf, engine, prompts):
     assert not (b.topk_indices[1] == 13).any() and not (b.topk_indices[2] == 5).any()
 
 
-def test_prefix_cache_never_skips_an_intervention(hf, engine, vectors):
-    vector = vectors["front"]  # ActAdd: it acts on prompt tokens only, exactly what a cache hit would skip
-    candidates = read_prompts("eval_sensitive", 6) + read_prompts("eval_neutral", 6)
+def test_prefix_cache_hits_happen_and_never_skip_an_intervention(hf, engine, vectors):
+    """Prefix caching serves whole KV blocks of a prompt computed earlier; an intervened request
+    carries ``cache_salt=<spec key>`` so it never reuses blocks computed without its intervention.
+    The test first proves that hits happen (vLLM reports cached prompt tokens per request), then,
+    for steering, a mask and a routing trace, that the intervened request after an unintervened
+    run of the same prompt is served **no** cached token and equals the HF path, and that its own
+    repeat is served from its own cached blocks and still equals the HF path. Without the salt the
+    first intervened request is served the unintervened blocks (32 tokens) and comes out wrong."""
+    config = engine.llm.llm_engine.vllm_config.cache_config
+    assert config.enable_prefix_caching and config.block_size == BLOCK
+    vector, mask = vectors["front"], _masks(hf)["off"]  # ActAdd acts on the first prompt tokens only
+    # sensitive question first (inside the first cached block), then a neutral one: > 32 tokens
+    candidates = [s + " " + n for s, n in zip(read_prompts("eval_sensitive", 6), read_prompts("eval_neutral", 6))]
     plain = labkit.generate(hf, candidates, max_new_tokens=N).token_ids
     steered_hf = labkit.generate(hf, candidates, steering=vector, max_new_tokens=N).token_ids
-    changed = [i for i in range(len(candidates)) if plain[i] != steered_hf[i]]
-    assert changed, "the vector must change some prompt's output"
-    prompt, reference = candidates[changed[0]], [steered_hf[changed[0]]]
-    assert engine.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
-    unsteered = labkit.generate(engine, [prompt], max_new_tokens=N).token_ids
-    assert unsteered == [plain[changed[0]]]
-    steered = labkit.generate(engine, [prompt], steering=vector, max_new_tokens=N).token_ids
-    warm = labkit.generate(engine, [prompt], steering=vector, max_new_tokens=N).token_ids
-    assert steered == reference and warm == reference
-    assert labkit.generate(engine, [prompt], max_new_tokens=N).token_ids == unsteered
+    with masked(hf, mask):
+        masked_hf = labkit.generate(hf, candidates, max_new_tokens=N).token_ids
+    chosen = [i for i in range(len(candidates)) if plain[i] != steered_hf[i] and plain[i] != masked_hf[i]]
+    assert chosen, "the vector and the mask must change some prompt's output"
+    i = chosen[0]
+    prompt = candidates[i]
+    assert len(engine.encode(prompt)) > BLOCK
+
+    def run(**kwargs):
+        out = labkit.generate(engine, [prompt], max_new_tokens=N, **kwargs).token_ids
+        return out, engine.last_cached_tokens
+
+    assert run()[0] == [plain[i]]
+    assert run() == ([plain[i]], [BLOCK])  # a hit happened: the repeat is served one cached block
+    for name, kwargs, reference in (("steering", dict(steering=vector), steered_hf[i]), ("mask", dict(mask=mask), masked_hf[i])):
+        assert run(**kwargs) == ([reference], [0]), f"{name}: served unintervened blocks"
+        assert run(**kwargs) == ([reference], [BLOCK]), f"{name}: its own warm blocks"
+        assert run() == ([plain[i]], [BLOCK]), f"after {name}: the unintervened blocks are still there"
+    # a routing trace records every prompt position: none may come from the cache
+    reference = trace_routing(hf, [prompt], progress=False)
+    for _ in range(2):
+        trace = trace_routing(engine, [prompt])
+        assert engine.last_cached_tokens == [0]
+        assert torch.equal(trace.topk_indices, reference.topk_indices) and torch.equal(trace.position, reference.position)
+    with masked(hf, mask):
+        reference = trace_routing(hf, [prompt], progress=False)
+    with masked(engine, mask):
+        trace = trace_routing(engine, [prompt])
+    assert engine.last_cached_tokens == [0] and torch.equal(trace.topk_indices, reference.topk_indices)
 
 
 def test_spec_is_json_and_safetensors_content_addressed(engine, vectors):
@@ -430,9 +462,42 @@ def test_monolithic_moe_kernel_refused():
     model.model.layers = torch.nn.ModuleList([Layer()])
     worker = LabkitWorkerExtension()
     worker.model_runner = SimpleNamespace(model=model)
-    settings = json.dumps({"model_type": "olmoe", "top_k": 1, "norm_topk_prob": True, "n_experts": 4})
+    settings = json.dumps({"model_type": "olmoe", "routed": True,
+                           "layers": {"0": {"n_experts": 4, "top_k": 1, "attrs": {"norm_topk_prob": True}}}})
     with pytest.raises(RuntimeError, match="monolithic: it selects experts inside the kernel"):
         worker.labkit_install(settings)
+
+
+def test_selection_rules_and_scorecard_equal_hf(hf, engine):
+    """The trace rules on the engine's routing traces, and the scorecard scoring generated text
+    under engine masks, equal the Hugging Face path; teacher-forced scores are refused there."""
+    from labkit.evals import RefusalDetector
+    from labkit.moe import ScoreSet, selection_scorecard, trace_rules
+
+    train_b, train_c = read_prompts("attribution_behavior", 12), read_prompts("attribution_control", 12)
+    rules = {}
+    for name, model in (("hf", hf), ("engine", engine)):
+        traces = [trace_routing(model, prompts, scope=("last", 3), progress=False) for prompts in (train_b, train_c)]
+        rules[name] = trace_rules(*traces, n_resamples=20)
+    for rule in rules["hf"]:
+        torch.testing.assert_close(rules["engine"][rule].score, rules["hf"][rule].score)
+    detector = RefusalDetector(phrases=("I cannot",), truncated_min_chars=4)
+    sets = dict(
+        behavior=ScoreSet("sensitive", read_prompts("eval_sensitive", 6), score="generated", detector=detector, max_new_tokens=4),
+        induce=ScoreSet("neutral", read_prompts("eval_neutral", 6), score="generated", detector=detector, max_new_tokens=4),
+        off_target=ScoreSet("addition", read_prompts("eval_addition", 6), read_prompts("eval_addition", 6, field="answer"),
+                            score="generated", max_new_tokens=4),
+        fluency=ScoreSet("neutral answers", read_prompts("eval_neutral", 6), read_prompts("eval_neutral", 6, field="answer"),
+                         score="generated", max_new_tokens=8),
+    )
+    chosen = {"fTRI": rules["hf"]["frequency_difference"]}
+    frames = {name: selection_scorecard(model, chosen, **sets, n_values=(1,), budget=None, n_random=2, n_bootstrap=50, progress=False)
+              for name, model in (("hf", hf), ("engine", engine))}
+    assert frames["engine"].drop(columns="random_values").equals(frames["hf"].drop(columns="random_values"))
+    off = frames["engine"].query("mode == 'off' and metric == 'behavior'").iloc[0]
+    assert off.baseline > 0.5 and off.selected == 0.0  # the top fTRI expert off: no refusal
+    with pytest.raises(ValueError, match="teacher-forced and needs the Hugging Face backend"):
+        ScoreSet("p", ["Q: a? A:"], " I cannot").evaluate(engine)
 
 
 def test_sae_feature_vector_on_the_engine_equals_hf_and_a_clamp_is_refused(hf, engine, prompts):

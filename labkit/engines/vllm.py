@@ -27,10 +27,13 @@ Guarantees and refusals:
   graph, so ``enforce_eager=True`` is forced and ``enforce_eager=False`` / a
   ``compilation_config`` is refused with an error.
 * **Exact family routing**: each MoE router's selection step runs the family's own math from
-  :mod:`labkit.moe.families` (stock vLLM's OLMoE ignores ``norm_topk_prob``).
+  :mod:`labkit.moe.families` (stock vLLM's OLMoE ignores ``norm_topk_prob``), through one
+  generic seam on vLLM's router step for every family (:mod:`labkit.engines.vllm_router`). A
+  MoE family labkit does not route still loads and generates (plain and steered) with vLLM's
+  own routing; traces and masks on it are refused with the reason.
 * Refused with a clear error: speculative decoding, a vLLM outside :data:`TESTED_VLLM`, a
   monolithic MoE kernel (it routes inside the kernel), expert masks under data- or
-  expert-parallel dispatch, MoE families other than OLMoE, hook points other than
+  expert-parallel dispatch, hook points other than
   ``blocks.{L}.hook_resid_pre`` / ``hook_resid_post``, directional ablation (``operation="ablate"``
   also projects at ``hook_resid_mid`` inside each block).
 
@@ -42,18 +45,23 @@ stream entering a decoder layer inside the workers, so ``actadd`` / ``mean_diffe
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from labkit.engines.vllm_worker import EXTRA_ARGS_KEY, ROUTED_FAMILIES, SPEC_KIND, SPEC_VERSION
+from labkit.backends.base import Backend, check_vector_fits
+from labkit.checks import check_layer, check_token_ids, layer_of
+from labkit.engines.vllm_router import router_settings
+from labkit.engines.vllm_worker import EXTRA_ARGS_KEY
+from labkit.interventions import InterventionSpec, Selection, SteeringEntry, merge_selections
+from labkit.sources import canonical_name, resolve_source
+from labkit.tokens import default_prepend_bos, encode_prompt, eos_token_ids, lab_tokenizer, tokenizer_bos_eos, trim_completion
 
 __all__ = ["TESTED_VLLM", "VLLMModel", "load_vllm"]
 
@@ -103,8 +111,12 @@ def _cpu_thread_binding(tensor_parallel_size: int) -> str:
     return "|".join(",".join(map(str, group)) for group in groups)
 
 
-class VLLMModel:
+class VLLMModel(Backend):
     """A labkit model handle on a vLLM engine (what ``load_model(..., engine="vllm")`` returns).
+
+    It is its own backend (:class:`labkit.backends.Backend`): interventions are data attached to
+    each request labkit sends (:class:`labkit.interventions.InterventionSpec`); a direct
+    ``handle.llm.generate(...)`` bypasses them.
 
     Attributes:
         name: canonical model name (steering vectors and masks record it).
@@ -113,19 +125,28 @@ class VLLMModel:
         config: the model's Hugging Face config.
         cfg: ``n_layers``, ``d_model``, ``n_ctx``, ``default_prepend_bos`` (the BOS rule), as on a bridge.
         tensor_parallel_size: the engine's TP degree.
+        last_cached_tokens: per request of the latest engine call, the prompt tokens vLLM served
+            from its prefix cache (``RequestOutput.num_cached_tokens``); tests use it to prove a
+            cache hit happened (or, for an intervened request, did not reuse unintervened blocks).
     """
 
-    labkit_engine = "vllm"
+    kind = "vllm"
+    config: Any = None  # the Hugging Face config (an attribute here; the base class derives it from ``module``)
+    capabilities = frozenset({"generate", "steer", "capture_resid", "mask", "trace"})
+    alternative = "Run it on the Hugging Face path: load it with engine='hf' (the default)."
+    schedules_batches = True
 
-    def __init__(self, name: str, llm, tokenizer, config, *, prepend_bos: bool, tensor_parallel_size: int, max_model_len: int):
-        from transformer_lens.model_bridge.sources._bridge_builder import detect_tokenizer_bos_eos
-
+    def __init__(
+        self, name: str, llm, tokenizer, config, *, prepend_bos: bool, tensor_parallel_size: int, max_model_len: int,
+        generation_config: Any = None,
+    ):
         self.name = name
         self.llm = llm
         self.tokenizer = tokenizer
         self.config = config
         self.tensor_parallel_size = int(tensor_parallel_size)
-        prepends, appends = detect_tokenizer_bos_eos(tokenizer)
+        prepends, appends = tokenizer_bos_eos(tokenizer)
+        self.generation_config = generation_config
         self.cfg = SimpleNamespace(
             n_layers=int(config.num_hidden_layers),
             d_model=int(config.hidden_size),
@@ -135,9 +156,10 @@ class VLLMModel:
             tokenizer_appends_eos=bool(appends),
         )
         self._steering: list[list] = []  # open labkit.steered contexts
-        self._masks: list[dict[int, dict[str, Any]]] = []  # open labkit.moe.masked contexts
+        self._masks: list[dict[int, Selection]] = []  # open labkit.moe.masked contexts
         self._skeleton = None
         self._closed = False
+        self.last_cached_tokens: list[int | None] = []
 
     # -- model facts -------------------------------------------------------------------------
 
@@ -154,13 +176,23 @@ class VLLMModel:
         return self._skeleton
 
     @property
+    def module(self) -> torch.nn.Module:
+        return self.skeleton
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.cfg.n_ctx)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return eos_token_ids(self.generation_config, self.tokenizer)
+
+    @property
     def parallel(self):
         return self.llm.llm_engine.vllm_config.parallel_config
 
     def encode(self, prompt: str, *, chat: bool = False, prepend_bos: bool | None = None) -> list[int]:
         """Token ids of one prompt under the lab's one tokenisation rule (see ``labkit.models.encode_prompt``)."""
-        from labkit.models import encode_prompt
-
         return encode_prompt(
             self.tokenizer,
             prompt,
@@ -170,21 +202,6 @@ class VLLMModel:
             tokenizer_appends_eos=self.cfg.tokenizer_appends_eos,
         )
 
-    def _encode_all(self, prompts, *, caller: str, chat: bool, prepend_bos: bool | None) -> tuple[list[str], list[list[int]]]:
-        from labkit.models import encode_with
-
-        return encode_with(self.encode, prompts, caller=caller, chat=chat, prepend_bos=prepend_bos)
-
-    def _check_context(self, lengths: Sequence[int], new_tokens: int, caller: str) -> None:
-        n_ctx = self.cfg.n_ctx
-        for i, length in enumerate(lengths):
-            if length + new_tokens > n_ctx:
-                extra = f" + {new_tokens} new tokens" if new_tokens else ""
-                raise ValueError(
-                    f"{caller}: prompt {i} is {length} tokens{extra}; the model's context window is "
-                    f"{n_ctx} tokens. Shorten the prompt" + (" or lower max_new_tokens." if new_tokens else ".")
-                )
-
     # -- steering vectors --------------------------------------------------------------------
 
     def check_vector(self, vector) -> int:
@@ -193,19 +210,7 @@ class VLLMModel:
         ``blocks.{L}.hook_resid_pre`` is the input of decoder layer ``L``; ``blocks.{L}.hook_resid_post``
         (``L < n_layers - 1``) is the same tensor as ``blocks.{L+1}.hook_resid_pre``.
         """
-        from labkit.models import same_model
-
-        if vector.model_name and not same_model(vector.model_name, self.name):
-            raise ValueError(
-                f"{vector!r} was made for model {vector.model_name!r} and refuses to apply to "
-                f"{self.name!r}. Recompute it on this model, or, if the two really are the same "
-                f"weights, relabel it: dataclasses.replace(vector, model_name={self.name!r})."
-            )
-        if vector.d_model != self.cfg.d_model:
-            raise ValueError(
-                f"{vector!r} has width d_model={vector.d_model}, but model {self.name!r} has "
-                f"d_model={self.cfg.d_model}; a vector only applies to a model of its own width."
-            )
+        check_vector_fits(vector, self.name, self.cfg.d_model)
         if vector.operation != "add":
             raise ValueError(
                 f"{vector!r}: operation={vector.operation!r} is not supported on the vLLM engine, which adds "
@@ -214,6 +219,9 @@ class VLLMModel:
             )
         return self.hook_layer(vector.hook_name, "SteeringVector")
 
+    def check_hook_point(self, hook_name: str, where: str) -> None:
+        self.hook_layer(hook_name, where)
+
     def hook_layer(self, hook_name: str, where: str) -> int:
         """The vLLM decoder layer whose input is the residual stream at ``hook_name``.
 
@@ -221,11 +229,9 @@ class VLLMModel:
             ValueError: a layer out of range (the HF path's message), or a hook point other than
                 ``blocks.{L}.hook_resid_pre`` / ``blocks.{L}.hook_resid_post`` (``L < n_layers - 1``).
         """
-        from labkit.steering import _check_layer, _layer_of
-
-        layer = _layer_of(hook_name)
+        layer = layer_of(hook_name)
         if layer is not None:
-            _check_layer(self, layer, f"{where} {hook_name!r}")
+            check_layer(layer, self.cfg.n_layers, f"{where} {hook_name!r}")
         point = hook_name.split(".", 2)[-1] if layer is not None else hook_name
         if point == "hook_resid_pre":
             return layer
@@ -237,7 +243,7 @@ class VLLMModel:
             f"blocks.{{L}}.hook_resid_post for L < {self.cfg.n_layers - 1}."
         )
 
-    def residual_activations(self, token_ids: Sequence[Sequence[int]], hook_name: str) -> list[torch.Tensor]:
+    def residual_activations(self, token_ids: Sequence[Sequence[int]], hook_name: str) -> list[Tensor]:
         """``labkit.steering.residual_activations`` on this engine: the residual stream at one hook point.
 
         Each sequence runs as one prefill request (``max_tokens=1``) with its own cache salt (a
@@ -262,18 +268,15 @@ class VLLMModel:
         from safetensors.torch import load as load_safetensors
         from vllm import SamplingParams
 
-        from labkit.moe.trace import _check_token_ids
-
         layer = self.hook_layer(hook_name, "residual_activations")
         rows = [list(map(int, ids)) for ids in token_ids]
         if not rows or any(not row for row in rows):
             raise ValueError("residual_activations: need at least one non-empty token sequence.")
-        _check_token_ids(rows, int(self.config.vocab_size))
-        self._check_context([len(r) for r in rows], 0, "residual_activations")
+        check_token_ids(rows, int(self.config.vocab_size), caller="residual_activations")
+        self.check_context([len(r) for r in rows], caller="residual_activations")
         vectors = [v for group in self._steering for v in group]
-        mask = self._merged_mask([])
         nonce = uuid.uuid4().hex
-        specs = [self._spec(vectors, mask, capture=(layer,), nonce=f"{nonce}.{i}") for i in range(len(rows))]
+        specs = [self._spec(vectors, self._open_mask(), capture=(layer,), nonce=f"{nonce}.{i}") for i in range(len(rows))]
         keys = [spec[0] for spec in specs]
         try:
             self._run(rows, specs, lambda extra: SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra))
@@ -297,11 +300,19 @@ class VLLMModel:
         return out
 
     @contextlib.contextmanager
-    def steered(self, *vectors) -> Iterator["VLLMModel"]:
-        """``labkit.steered`` on this engine: every generation inside the block is steered."""
-        from labkit.steering import _flatten
+    def steered(self, vectors: Sequence[Any], rows: Sequence[Sequence[Any]] | None = None) -> Iterator["VLLMModel"]:
+        """``labkit.steered`` on this engine: every labkit call on the handle inside the block is steered.
 
-        flat = _flatten(vectors)
+        Raises:
+            ValueError: ``rows`` (batch rows are not prompts on the engine), or a vector that does
+                not apply here.
+        """
+        if rows is not None:
+            raise ValueError(
+                "steered(rows=...): the vLLM engine schedules its own batches, so batch rows are not "
+                "prompts there; pass one entry per prompt to labkit.generate(..., steering_per_row=...)."
+            )
+        flat = list(vectors)
         for vector in flat:
             self.check_vector(vector)
         self._steering.append(flat)
@@ -312,86 +323,46 @@ class VLLMModel:
 
     # -- expert masks ------------------------------------------------------------------------
 
-    def _check_routed(self, caller: str) -> None:
-        from labkit.moe.families import family_of
+    def check_mask_dispatch(self, caller: str) -> None:
+        """Refuse MoE models the workers do not route (with the reason), and data- / expert-parallel dispatch."""
+        from labkit.moe.routers import family_of_config
 
-        family = family_of(self)
-        if self.config.model_type not in ROUTED_FAMILIES:
+        routing = getattr(self, "_routing", None) or {}
+        if not routing.get("routed"):
+            family_of_config(self.config)  # a dense or unrouted family: the HF path's message, with the reason
             raise ValueError(
-                f"{caller}: {family.name} models are not supported on the vLLM engine yet (tested: "
-                f"{', '.join(ROUTED_FAMILIES)}); use the Hugging Face path (engine='hf')."
+                f"{caller}: labkit does not route this {self.config.model_type!r} model on the vLLM engine: "
+                f"{routing.get('reason') or 'no routing was installed'}. Plain and steered generation still run."
             )
-
-    def _mask_layers(self, mask) -> dict[int, dict[str, Any]]:
-        """Validate a mask exactly as the HF path does; ``{layer: {"off", "on", "bias"}}``."""
-        from labkit.moe.families import find_routers
-        from labkit.moe.masking import ExpertMask, _check_model
-
-        if not isinstance(mask, ExpertMask):
-            raise TypeError(f"masked: expected an ExpertMask, got {type(mask).__name__}.")
-        self._check_routed("masked")
         parallel = self.parallel
-        if int(getattr(parallel, "data_parallel_size", 1)) > 1 or bool(getattr(parallel, "enable_expert_parallel", False)):
+        if caller == "masked" and (
+            int(getattr(parallel, "data_parallel_size", 1)) > 1 or bool(getattr(parallel, "enable_expert_parallel", False))
+        ):
             raise ValueError(
                 "masked: per-request expert masks are not supported under data- or expert-parallel dispatch "
                 f"(data_parallel_size={parallel.data_parallel_size}, enable_expert_parallel="
                 f"{parallel.enable_expert_parallel}): tokens of one request are routed on other ranks. "
                 "Load the model with tensor parallelism only."
             )
-        _check_model(mask, self, find_routers(self))
-        layers: dict[int, dict[str, Any]] = {}
-        for edit in mask.edits:
-            entry = layers.setdefault(edit.layer, {"off": [], "on": [], "bias": {}})
-            if edit.mode == "bias":
-                entry["bias"][str(edit.expert)] = edit.value
-            else:
-                entry[edit.mode].append(edit.expert)
-        return layers
 
-    def _merged_mask(self, extra: list[dict[int, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
-        """Merge the open masks (+ per-call ones) as the HF path merges nested masks; check them."""
-        from labkit.moe.families import Selection, family_of, find_routers
-        from labkit.moe.masking import _check_selection
+    def open_selections(self, layer: int) -> list[Selection]:
+        return [masks[layer] for masks in self._masks if layer in masks]
 
-        merged: dict[int, dict[str, Any]] = {}
-        for layers in [*self._masks, *extra]:
-            for layer, entry in layers.items():
-                into = merged.setdefault(layer, {"off": set(), "on": set(), "bias": {}})
-                into["off"].update(entry["off"])
-                into["on"].update(entry["on"])
-                for expert, value in entry["bias"].items():
-                    into["bias"][expert] = into["bias"].get(expert, 0.0) + value
-        if merged:
-            routers = {r.layer: r for r in find_routers(self)}
-            family = family_of(self)
-            for layer, entry in merged.items():
-                n = routers[layer].n_experts
-                off = torch.zeros(n, dtype=torch.bool)
-                on = torch.zeros(n, dtype=torch.bool)
-                off[sorted(entry["off"])] = True
-                on[sorted(entry["on"])] = True
-                _check_selection(Selection(off=off, on=on), routers[layer], family)
+    def _open_mask(self, extra: Sequence[Mapping[int, Selection]] = ()) -> dict[int, Selection]:
+        """The open masks (+ per-call ones) merged per layer with the one merge rule."""
+        layers = sorted({layer for masks in [*self._masks, *extra] for layer in masks})
         return {
-            layer: {"off": sorted(e["off"]), "on": sorted(e["on"]), "bias": dict(sorted(e["bias"].items()))}
-            for layer, e in sorted(merged.items())
+            layer: merge_selections([masks[layer] for masks in [*self._masks, *extra] if layer in masks]) for layer in layers
         }
 
     @contextlib.contextmanager
-    def masked(self, mask) -> Iterator["VLLMModel"]:
-        """``labkit.moe.masked`` on this engine: every run inside the block is masked (MoTE 2025, §4).
+    def masked(self, selections: Mapping[int, Selection]) -> Iterator["VLLMModel"]:
+        """``labkit.moe.masked`` on this engine: every labkit call inside the block is masked (MoTE 2025, §4).
 
-        Raises:
-            ValueError / TypeError: as the HF path (another model, out-of-range layer or expert,
-                a dense layer, too many experts off / on); per-request masks under data- or
-                expert-parallel dispatch; a MoE family not supported on vLLM.
+        ``selections`` were validated by ``labkit.moe.masked`` against this model and the open masks.
         """
-        layers = self._mask_layers(mask)
+        layers = dict(selections)
         self._masks.append(layers)
-        try:
-            self._merged_mask([])
-        except BaseException:
-            self._masks.pop()
-            raise
         try:
             yield self
         finally:
@@ -400,32 +371,14 @@ class VLLMModel:
     # -- specs on the workers ----------------------------------------------------------------
 
     def _spec(
-        self, vectors: list, mask: Mapping[int, Any], *, trace: bool = False, capture: Sequence[int] = (), nonce: str = ""
+        self, vectors: list, mask: Mapping[int, Selection], *, trace: bool = False, capture: Sequence[int] = (), nonce: str = ""
     ) -> tuple[str, str, bytes] | None:
         """``(key, spec_json, tensors)`` for one request's interventions, or ``None`` for none."""
-        from safetensors.torch import save as save_safetensors
-
-        if not vectors and not mask and not trace and not capture:
-            return None
-        steering, tensors = [], {}
-        for i, vector in enumerate(vectors):
-            layer = self.check_vector(vector)
-            name = f"steering.{i}"
-            tensors[name] = vector.steering_vector.detach().to(torch.float32).cpu().contiguous()
-            steering.append({"layer": layer, "positions": vector.positions, "tensor": name, "hook_name": vector.hook_name})
-        spec = {
-            "kind": SPEC_KIND,
-            "version": SPEC_VERSION,
-            "steering": steering,
-            "mask": {str(layer): entry for layer, entry in mask.items()},
-            "trace": bool(trace),
-            "capture": sorted(int(layer) for layer in capture),
-            "nonce": nonce,
-        }
-        spec_json = json.dumps(spec, sort_keys=True)
-        blob = save_safetensors(tensors) if tensors else b""
-        key = "labkit-" + hashlib.sha256(spec_json.encode() + b"\0" + blob).hexdigest()[:32]
-        return key, spec_json, blob
+        steering = tuple(
+            SteeringEntry(self.check_vector(v), v.positions, v.steering_vector, v.hook_name) for v in vectors
+        )
+        spec = InterventionSpec(steering=steering, masks=dict(mask), trace=trace, capture=tuple(capture), nonce=nonce)
+        return None if spec.empty else spec.to_wire()
 
     def _run(self, token_rows: list[list[int]], specs: list, params_for) -> list:
         """Register the specs, run every row as one request, release the specs."""
@@ -448,58 +401,40 @@ class VLLMModel:
             prompts.append(prompt)
             params.append(params_for(extra))
         try:
-            return self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            self.last_cached_tokens = [output.num_cached_tokens for output in outputs]
+            return outputs
         finally:
             if registered and not trace_keys_pending(specs):
                 self.llm.collective_rpc("labkit_release", args=(json.dumps(sorted(registered)),))
 
     # -- generation --------------------------------------------------------------------------
 
-    def generate(
+    def generate_ids(
         self,
-        prompts,
+        rows: list[list[int]],
         *,
-        steering=None,
-        steering_per_prompt=None,
-        steering_per_row=None,
-        mask=None,
-        max_new_tokens: int = 32,
+        max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
-        chat: bool = False,
-        prepend_bos: bool | None = None,
         streamer: Any = None,
         use_cache: bool = True,
+        steering_per_row: Sequence[Sequence[Any]] | None = None,
         **generate_kwargs: Any,
-    ):
-        """``labkit.generate`` on this engine (see there); ``mask=`` masks this call only.
+    ) -> list[list[int]]:
+        """``labkit.generate``'s run on this engine: new token ids per prompt row (up to and including EOS).
 
-        Every request carries its own interventions, so ``steering_per_row`` and
-        ``steering_per_prompt`` are the same here (``labkit.generate`` refuses both at once).
-
-        Greedy outputs equal the HF path's token for token (float32); sampled outputs follow
-        vLLM's sampler (same seed → same text on vLLM, not the same text as the HF path).
+        Every request carries its own interventions (the open steering and masks, plus its
+        ``steering_per_row`` entry). Greedy outputs equal the HF path's token for token (float32);
+        sampled outputs follow vLLM's sampler (same seed → same text on vLLM, not the HF text).
 
         Raises:
-            ValueError: as the HF path, plus ``streamer`` / ``use_cache=False`` (not offered by
-                the engine) and GenerationConfig keywords other than ``min_new_tokens`` /
-                ``repetition_penalty``.
+            ValueError: ``streamer`` / ``use_cache=False`` (not offered by the engine), GenerationConfig
+                keywords other than ``min_new_tokens`` / ``repetition_penalty``, seeded sampling the CPU
+                worker would crash on.
         """
-        from vllm import SamplingParams
-
-        from labkit.generation import Generation, _check_number, _trim, _check_per_prompt
-        from labkit.steering import _flatten
-
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"generate: max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}.")
-        temperature = _check_number("temperature", temperature, 0.0, float("inf"))
-        top_p = _check_number("top_p", top_p, 0.0, 1.0, low_open=True)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"generate: top_k must be an int ≥ 0 (0 = no limit), got {top_k!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"generate: seed must be an int or None, got {seed!r}.")
         if streamer is not None or not use_cache:
             raise ValueError(
                 "generate: the vLLM engine takes no streamer and always uses its KV cache "
@@ -512,26 +447,14 @@ class VLLMModel:
                 f"generate: keyword argument(s) {unknown} are not supported on the vLLM engine; it takes "
                 f"{sorted(mapped)} besides labkit.generate's own arguments."
             )
-        prompts, rows = self._encode_all(prompts, caller="generate", chat=chat, prepend_bos=prepend_bos)
-        self._check_context([len(r) for r in rows], max_new_tokens, "generate")
         if seed is not None and temperature > 0:
             self._check_seeded_sampling(rows)
-        common = [v for group in self._steering for v in group] + _flatten([steering])
-        name, entries = (("steering_per_row", steering_per_row) if steering_per_row is not None
-                         else ("steering_per_prompt", steering_per_prompt))
-        if entries is not None:
-            _check_per_prompt(entries, len(rows), name=name)
-            per_prompt = [_flatten([entry]) for entry in entries]
-        else:
-            per_prompt = [[] for _ in rows]
-        merged_mask = self._merged_mask([] if mask is None else [self._mask_layers(mask)])
-        specs = [self._spec(common + extra, merged_mask) for extra in per_prompt]
+        from vllm import SamplingParams
 
-        eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
-        generation_config = getattr(self, "_generation_eos", None)
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        if generation_config:
-            eos_ids |= generation_config
+        common = [v for group in self._steering for v in group]
+        per_row = steering_per_row if steering_per_row is not None else [[] for _ in rows]
+        mask = self._open_mask()
+        specs = [self._spec(common + list(extra), mask) for extra in per_row]
         sampling = temperature > 0
         options = {mapped[k]: v for k, v in generate_kwargs.items()}
 
@@ -547,10 +470,8 @@ class VLLMModel:
             )
 
         outputs = self._run(rows, specs, params_for)
-        pad = self.tokenizer.pad_token_id
-        new_ids = [_trim(list(out.outputs[0].token_ids), eos_ids, pad) for out in outputs]
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
-        return Generation(prompts=prompts, texts=texts, token_ids=new_ids, prompt_token_ids=rows)
+        pad, eos_ids = self.tokenizer.pad_token_id, self.eos_ids
+        return [trim_completion(list(out.outputs[0].token_ids), eos_ids, pad) for out in outputs]
 
     def _check_seeded_sampling(self, rows) -> None:
         """Refuse seeded sampling where vLLM's CPU worker would crash on it.
@@ -580,74 +501,29 @@ class VLLMModel:
 
     # -- routing traces ----------------------------------------------------------------------
 
-    def trace_routing(
-        self,
-        prompts,
-        *,
-        batch_size: int = 8,
-        scope="all",
-        max_new_tokens: int = 32,
-        include_router_logits: bool = False,
-        chat: bool = False,
-        prepend_bos: bool | None = None,
-        tokenizer: Any = None,
-        progress: bool = True,
-    ):
-        """``labkit.moe.trace_routing`` on this engine: the same :class:`RoutingTrace`.
+    def check_tokenizer_override(self, caller: str) -> None:
+        raise ValueError(f"{caller}: the vLLM engine uses its own tokenizer; drop tokenizer=.")
 
-        Each prompt runs as one prefill request (``max_tokens=1``) with its own cache salt, so
-        every token runs the router; the router's own choice (under any open mask) is recorded
-        on the workers and collected as safetensors bytes. ``scope="generated"`` first generates
-        a greedy answer (under the open masks and steering), then traces prompt + answer, as
-        the HF path does. ``batch_size`` and ``progress`` are accepted for compatibility (the
-        engine schedules its own batches).
+    def record_routing(
+        self, rows: Sequence[Sequence[int]], keep_from: Sequence[int], *, include_router_logits: bool = False
+    ) -> list[dict[str, Tensor]]:
+        """``labkit.moe.trace_routing``'s run on this engine (see :meth:`labkit.backends.Backend.record_routing`).
+
+        Each row runs as one prefill request (``max_tokens=1``) with its own cache salt, so every
+        token runs the router; the router's own choice (under the open masks and steering) is
+        recorded on the workers and collected as safetensors bytes.
+
+        Raises:
+            RuntimeError: the workers recorded other positions than the row's (a token skipped the router).
         """
         from safetensors.torch import load as load_safetensors
         from vllm import SamplingParams
 
-        from labkit.moe.families import find_routers
-        from labkit.moe.trace import RoutingTrace, _check_scope, _check_token_ids
+        from labkit.moe.routers import find_routers_in
 
-        kind, last_k = _check_scope(scope)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"trace_routing: batch_size must be an int ≥ 1, got {batch_size!r}.")
-        if kind == "generated" and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-            raise ValueError(f"trace_routing: max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}.")
-        if tokenizer is not None:
-            raise ValueError("trace_routing: the vLLM engine uses its own tokenizer; drop tokenizer=.")
-        self._check_routed("trace_routing")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("trace_routing: prompts is empty; pass at least one prompt.")
-        rows = []
-        for i, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
-                try:
-                    ids = self.encode(prompt, chat=chat, prepend_bos=prepend_bos)
-                except ValueError as error:
-                    raise ValueError(f"trace_routing: {error}") from None
-            elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                ids = list(prompt)
-            else:
-                raise ValueError(f"trace_routing: prompt {i} is {type(prompt).__name__}; pass strings or lists of token ids.")
-            if not ids:
-                raise ValueError(f"trace_routing: prompt {i} ({prompt!r}) tokenises to zero tokens.")
-            rows.append(ids)
-        _check_token_ids(rows, int(self.config.vocab_size))
-        self._check_context([len(r) for r in rows], max_new_tokens if kind == "generated" else 0, "trace_routing")
-        routers = find_routers(self)
-        keep_from = [0] * len(rows)
-        if kind == "generated":
-            answers = self.generate_ids(rows, max_new_tokens)
-            keep_from = [len(r) for r in rows]
-            rows = [r + a for r, a in zip(rows, answers)]
-        elif kind == "last":
-            keep_from = [max(0, len(r) - last_k) for r in rows]
-
+        rows = [list(row) for row in rows]
         vectors = [v for group in self._steering for v in group]
-        mask = self._merged_mask([])
+        mask = self._open_mask()
         nonce = uuid.uuid4().hex
         specs = [self._spec(vectors, mask, trace=True, nonce=f"{nonce}.{i}") for i in range(len(rows))]
         keys = [spec[0] for spec in specs]
@@ -657,50 +533,19 @@ class VLLMModel:
         finally:
             self.llm.collective_rpc("labkit_release", args=(json.dumps(keys),))
         arrays = load_safetensors(blob) if blob else {}
-        layers = [r.layer for r in routers]
-        per_field: dict[str, list[torch.Tensor]] = {"topk_indices": [], "topk_weights": [], "router_logits": []}
-        token_ids, prompt_index, position = [], [], []
+        layers = [r.layer for r in find_routers_in(self.skeleton)]
+        fields = ["topk_indices", "topk_weights"] + (["router_logits"] if include_router_logits else [])
+        out = []
         for i, row in enumerate(rows):
             positions = arrays.get(f"{i}.position")
-            expected = torch.arange(len(row))
-            if positions is None or not torch.equal(positions, expected):
+            if positions is None or not torch.equal(positions, torch.arange(len(row))):
                 raise RuntimeError(
                     f"trace_routing: the vLLM workers recorded positions {None if positions is None else positions.tolist()} "
                     f"for prompt {i}, expected 0..{len(row) - 1}; a token skipped the router (prefix cache?)."
                 )
             keep = slice(keep_from[i], len(row))
-            for name in per_field:
-                per_field[name].append(torch.stack([arrays[f"{i}.{name}.{layer}"][keep] for layer in layers]))
-            token_ids.append(torch.tensor(row[keep], dtype=torch.long))
-            prompt_index.append(torch.full((len(row) - keep_from[i],), i, dtype=torch.long))
-            position.append(torch.arange(keep_from[i], len(row), dtype=torch.long))
-        return RoutingTrace(
-            topk_indices=torch.cat(per_field["topk_indices"], dim=1),
-            topk_weights=torch.cat(per_field["topk_weights"], dim=1),
-            router_logits=torch.cat(per_field["router_logits"], dim=1) if include_router_logits else None,
-            token_ids=torch.cat(token_ids),
-            prompt_index=torch.cat(prompt_index),
-            position=torch.cat(position),
-            layers=tuple(layers),
-            n_experts=routers[0].n_experts,
-            top_k=routers[0].top_k,
-            n_prompts=len(rows),
-            model_name=self.name,
-        )
-
-    def generate_ids(self, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy answers for token rows under the open steering and masks (up to and including EOS)."""
-        from vllm import SamplingParams
-
-        from labkit.generation import _trim
-
-        vectors = [v for group in self._steering for v in group]
-        mask = self._merged_mask([])
-        specs = [self._spec(vectors, mask) for _ in rows]
-        outputs = self._run(rows, specs, lambda extra: SamplingParams(max_tokens=max_new_tokens, temperature=0.0, extra_args=extra))
-        eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        return [_trim(list(out.outputs[0].token_ids), eos_ids, None) for out in outputs]
+            out.append({name: torch.stack([arrays[f"{i}.{name}.{layer}"][keep] for layer in layers]) for name in fields})
+        return out
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -725,6 +570,17 @@ class VLLMModel:
 def trace_keys_pending(specs) -> bool:
     """Traced and capturing specs are released by the caller after their records are collected."""
     return any(spec is not None and (json.loads(spec[1]).get("trace") or json.loads(spec[1]).get("capture")) for spec in specs)
+
+
+def _meta_skeleton(config) -> torch.nn.Module | None:
+    """The Hugging Face model class of ``config`` on the ``meta`` device (``None`` if it cannot be built)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # the handle's skeleton property retries and raises with the real message
+        return None
 
 
 def load_vllm(
@@ -758,9 +614,8 @@ def load_vllm(
         ValueError: ``enforce_eager=False``, speculative decoding, a ``compilation_config`` or a
             ``worker_extension_cls``; a bad ``tensor_parallel_size``.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from labkit.models import _resolve, canonical_name
 
     if enforce_eager is not True:
         raise ValueError(
@@ -777,7 +632,7 @@ def load_vllm(
     if dtype not in dtypes:
         raise ValueError(f"load_model(engine='vllm'): dtype {dtype} is not supported; use one of {list(dtypes.values())}.")
     vllm = _vllm()
-    source = _resolve(name_or_path)
+    source = resolve_source(name_or_path)
     config = AutoConfig.from_pretrained(source)
     heads = int(getattr(config, "num_attention_heads", 1))
     if heads % tensor_parallel_size:
@@ -786,8 +641,7 @@ def load_vllm(
             f"{heads} attention heads."
         )
     if prepend_bos is None:
-        settings = Path(source) / "labkit.json"
-        prepend_bos = json.loads(settings.read_text()).get("prepend_bos", True) if settings.is_file() else True
+        prepend_bos = default_prepend_bos(source, config)
     if max_model_len is None:
         max_model_len = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 4096)
     from vllm.platforms import current_platform
@@ -795,6 +649,7 @@ def load_vllm(
     if current_platform.is_cpu() and tensor_parallel_size > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_thread_binding(tensor_parallel_size)
     engine_kwargs.setdefault("seed", 0)
+    skeleton = _meta_skeleton(config)  # before the engine: in-process, vLLM's Transformers backend patches HF classes
     llm = vllm.LLM(
         model=source,
         tokenizer=source,
@@ -806,17 +661,11 @@ def load_vllm(
         **engine_kwargs,
     )
     try:
-        settings = {
-            "model_type": getattr(config, "model_type", None),
-            "top_k": getattr(config, "num_experts_per_tok", None),
-            "norm_topk_prob": bool(getattr(config, "norm_topk_prob", False)),
-            "n_experts": getattr(config, "num_experts", None),
-        }
-        llm.collective_rpc("labkit_install", args=(json.dumps(settings),))
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = lab_tokenizer(AutoTokenizer.from_pretrained(source))
+        try:
+            generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:  # no generation_config.json: transformers derives it from the model config
+            generation_config = GenerationConfig.from_model_config(config)
         handle = VLLMModel(
             canonical_name(name_or_path),
             llm,
@@ -825,11 +674,13 @@ def load_vllm(
             prepend_bos=bool(prepend_bos),
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
+            generation_config=generation_config,
         )
-        generation = Path(source) / "generation_config.json"
-        if generation.is_file():
-            eos = json.loads(generation.read_text()).get("eos_token_id")
-            handle._generation_eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if skeleton is not None:
+            skeleton.config.name_or_path = handle.name
+            handle._skeleton = skeleton
+        handle._routing = router_settings(handle)
+        llm.collective_rpc("labkit_install", args=(json.dumps(handle._routing),))
         return handle
     except BaseException:
         with contextlib.suppress(Exception):

@@ -14,18 +14,21 @@ What runs where (vLLM 0.32, eager mode):
   ``SamplingParams.extra_args``); it is the *only* code that touches vLLM's private runner
   internals, so a vLLM upgrade is checked in one place.
 * **Steering** — a forward pre-hook on decoder layer ``L`` adds the per-token steering tensor to
-  the layer's ``hidden_states`` argument. vLLM's decoder layers take ``(positions,
+  the layer's ``hidden_states`` argument. Most of vLLM's decoder layers take ``(positions,
   hidden_states, residual)`` and the residual stream entering layer ``L``
   (TransformerLens ``blocks.L.hook_resid_pre``) is ``hidden_states + residual`` (``residual is
   None`` at layer 0), so adding to ``hidden_states`` adds to the residual stream. A new tensor is
   returned (the fused add-RMSNorm writes into its inputs). Which tokens get the vector follows
   from each token's absolute position (``positions``) and its request's prompt length, so the
   position modes stay exact across prefill chunks, decode steps and recomputation.
-* **Expert selection** — each MoE layer's router (``FusedMoE`` runner's ``router``) computes
+* **Expert selection** — each MoE layer's router (the fused-MoE runner's ``router``) computes
   ``(topk_weights, topk_ids)`` from the router logits in ``_compute_routing``; labkit replaces it
-  on the instance with the family's exact router math from :mod:`labkit.moe.families` (so
-  OLMoE's ``norm_topk_prob`` is honoured, which stock vLLM ignores), under each request's expert
-  mask, and records routing traces for traced requests.
+  on the instance with the family's exact router math from :mod:`labkit.moe.families`, under
+  each request's expert mask, and records routing traces for traced requests — one generic seam
+  for every family (:mod:`labkit.engines.vllm_router`). A family labkit does not route keeps
+  vLLM's routing (plain and steered generation only).
+* **Layer inputs** — :class:`labkit.engines.vllm_layers.LayerInputs` finds ``hidden_states``
+  and ``residual`` in each layer's arguments by name (vLLM's layer signatures differ by family).
 
 Only what the driver registered (:meth:`LabkitWorkerExtension.labkit_register`) is applied, and
 only to requests whose ``extra_args["labkit"]`` names it; other requests run the stock model
@@ -34,33 +37,19 @@ only to requests whose ``extra_args["labkit"]`` names it; other requests run the
 
 from __future__ import annotations
 
-import inspect
 import json
-from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LabkitWorkerExtension", "SPEC_KIND", "SPEC_VERSION", "EXTRA_ARGS_KEY"]
+from labkit.engines.vllm_layers import LayerInputs
+from labkit.engines.vllm_router import find_moe_runners, install_routing
+from labkit.interventions import InterventionSpec, steering_positions
 
-SPEC_KIND = "labkit.vllm.Intervention"
-SPEC_VERSION = 1
+__all__ = ["LabkitWorkerExtension", "EXTRA_ARGS_KEY"]
+
 EXTRA_ARGS_KEY = "labkit"
-# Families whose vLLM MoE block feeds `mlp.gate` logits to `mlp.experts` (a FusedMoE runner) and
-# whose labkit route function needs only top_k / norm_topk_prob from the config.
-ROUTED_FAMILIES = ("olmoe",)
-
-
-@dataclass
-class _Spec:
-    """One registered intervention, parsed on the worker."""
-
-    steering: dict[int, list[tuple[str, Tensor]]] = field(default_factory=dict)  # layer -> [(positions, tensor)]
-    masks: dict[int, Any] = field(default_factory=dict)  # layer -> labkit Selection
-    trace: bool = False
-    capture: tuple[int, ...] = ()  # layers whose input residual stream (hook_resid_pre) to record
 
 
 class _BatchView:
@@ -115,15 +104,16 @@ class LabkitWorkerExtension:
         """Hook the model once: a step observer, decoder-layer steering hooks, exact routing.
 
         Args:
-            settings_json: ``{"model_type", "top_k", "norm_topk_prob", "n_experts"}``.
+            settings_json: :func:`labkit.engines.vllm_router.router_settings` (``model_type``,
+                ``routed``, per MoE layer ``n_experts`` / ``top_k`` / router attributes).
 
         Returns:
             JSON ``{"n_layers", "layers_here", "moe_layers", "d_model"}`` (what this rank holds).
 
         Raises:
-            RuntimeError: the model's decoder layers do not take ``(positions, hidden_states,
-                residual)``, or its MoE kernel is monolithic (it would route inside the kernel and
-                skip labkit's selection step).
+            RuntimeError: a decoder layer has no ``hidden_states`` argument, its MoE kernel is
+                monolithic (it would route inside the kernel and skip labkit's selection step), or
+                vLLM's MoE layers disagree with the config's.
         """
         settings = json.loads(settings_json)
         if getattr(self, "_labkit", None) is not None:
@@ -147,31 +137,25 @@ class LabkitWorkerExtension:
         self._labkit = state
         d_model = None
         moe_layers = []
+        family = None
+        if settings.get("routed"):
+            from labkit.moe.routers import FAMILIES
+
+            family = FAMILIES[settings["model_type"]]
         for index in range(start, end):
             layer = layers[index]
-            params = list(inspect.signature(layer.forward).parameters)
-            if params[:3] != ["positions", "hidden_states", "residual"]:
-                raise RuntimeError(
-                    f"labkit: decoder layer {index} ({type(layer).__name__}) takes {params}, not "
-                    "(positions, hidden_states, residual); steering on vLLM supports Llama-style layers."
-                )
-            state["handles"].append(layer.register_forward_pre_hook(self._labkit_steer_hook(index)))
-            experts = getattr(getattr(layer, "mlp", None), "experts", None)
-            router = getattr(experts, "router", None)
-            if router is not None and hasattr(router, "_compute_routing"):
-                if settings.get("model_type") not in ROUTED_FAMILIES:
+            state["handles"].append(layer.register_forward_pre_hook(self._labkit_steer_hook(index, LayerInputs(layer, index)), with_kwargs=True))
+            runners = find_moe_runners(layer)
+            for runner in runners:
+                entry = settings.get("layers", {}).get(str(index))
+                if family is not None and entry is None:
                     raise RuntimeError(
-                        f"labkit: MoE family {settings.get('model_type')!r} is not supported on vLLM "
-                        f"(supported: {', '.join(ROUTED_FAMILIES)})."
+                        f"labkit: vLLM's layer {index} holds a MoE router, but the {family.name} model's config has "
+                        f"no MoE layer {index} (MoE layers: {sorted(map(int, settings['layers']))})."
                     )
-                if experts.routed_experts.quant_method.is_monolithic:
-                    raise RuntimeError(
-                        f"labkit: layer {index}'s MoE kernel ({type(experts.routed_experts.quant_method).__name__}) "
-                        "is monolithic: it selects experts inside the kernel and skips the router's selection "
-                        "step, so expert masks, exact family routing and routing traces cannot apply. Use an "
-                        "unquantised model or a modular MoE backend."
-                    )
-                router._compute_routing = self._labkit_route(index, router._compute_routing)
+                if family is not None:  # else vLLM's own routing stays (plain and steered runs only)
+                    install_routing(family, entry, runner, lambda: self._labkit["plan"], self._labkit_record, index)
+            if runners:
                 moe_layers.append(index)
             if d_model is None:
                 d_model = int(getattr(layer, "hidden_size", 0)) or None
@@ -187,37 +171,12 @@ class LabkitWorkerExtension:
     # -- registry ----------------------------------------------------------------------------
 
     def labkit_register(self, key: str, spec_json: str, tensors: bytes) -> str:
-        """Store one intervention under its content key (JSON spec + safetensors bytes)."""
-        from safetensors.torch import load as load_safetensors
-
-        from labkit.moe.families import Selection
-
+        """Store one intervention under its content key (an :class:`InterventionSpec` on the wire)."""
         state = self._labkit
         if key in state["specs"]:
             return key
-        spec = json.loads(spec_json)
-        if spec.get("kind") != SPEC_KIND or spec.get("version") != SPEC_VERSION:
-            raise ValueError(f"labkit: not a {SPEC_KIND} v{SPEC_VERSION}: {spec.get('kind')!r}.")
-        arrays = load_safetensors(tensors) if tensors else {}
-        device = next(self.model_runner.model.parameters()).device
-        dtype = next(self.model_runner.model.parameters()).dtype
-        parsed = _Spec(trace=bool(spec.get("trace")), capture=tuple(int(layer) for layer in spec.get("capture", [])))
-        for item in spec.get("steering", []):
-            tensor = arrays[item["tensor"]].to(device=device, dtype=dtype)
-            parsed.steering.setdefault(int(item["layer"]), []).append((item["positions"], tensor))
-        n_experts = int(state["settings"].get("n_experts") or 0)
-        for layer, edit in (spec.get("mask") or {}).items():
-            off = torch.zeros(n_experts, dtype=torch.bool)
-            on = torch.zeros(n_experts, dtype=torch.bool)
-            off[edit.get("off", [])] = True
-            on[edit.get("on", [])] = True
-            bias = None
-            if edit.get("bias"):
-                bias = torch.zeros(n_experts, dtype=torch.float32)
-                for expert, value in edit["bias"].items():
-                    bias[int(expert)] = float(value)
-            parsed.masks[int(layer)] = Selection(off=off.to(device), on=on.to(device), bias=None if bias is None else bias.to(device))
-        state["specs"][key] = parsed
+        parameter = next(self.model_runner.model.parameters())
+        state["specs"][key] = InterventionSpec.from_wire(spec_json, tensors, device=parameter.device, dtype=parameter.dtype)
         return key
 
     def labkit_release(self, keys_json: str) -> int:
@@ -291,31 +250,22 @@ class LabkitWorkerExtension:
                 continue
             rows = torch.arange(start, end, device=positions.device)
             pos = positions[start:end]
-            for layer, vectors in spec.steering.items():
-                for mode, tensor in vectors:
-                    if mode == "front":
-                        keep = pos < min(int(tensor.shape[0]), prompt_length)
-                        if not bool(keep.any()):
-                            continue
-                        addition = tensor[pos[keep]]
-                        target = rows[keep]
-                    else:
-                        if mode == "all":
-                            keep = torch.ones_like(pos, dtype=torch.bool)
-                        elif mode == "prompt":
-                            keep = pos < prompt_length
-                        else:  # generated
-                            keep = pos >= prompt_length
-                        if not bool(keep.any()):
-                            continue
-                        target = rows[keep]
-                        addition = tensor.expand(int(target.shape[0]), -1)
-                    delta = plan.steering.get(layer)
-                    if delta is None:
-                        delta = plan.steering[layer] = torch.zeros(
-                            n_tokens, tensor.shape[-1], dtype=tensor.dtype, device=tensor.device
-                        )
-                    delta.index_add_(0, target, addition)
+            for entry in spec.steering:
+                tensor = entry.tensor
+                keep, offset = steering_positions(entry.positions, pos, prompt_length, front_length=int(tensor.shape[0]))
+                if not bool(keep.any()):
+                    continue
+                target = rows[keep]
+                if entry.positions == "front":  # token at position p gets row p of the ActAdd vector
+                    addition = tensor[offset[keep]]
+                else:
+                    addition = tensor.expand(int(target.shape[0]), -1)
+                delta = plan.steering.get(entry.layer)
+                if delta is None:
+                    delta = plan.steering[entry.layer] = torch.zeros(
+                        n_tokens, tensor.shape[-1], dtype=tensor.dtype, device=tensor.device
+                    )
+                delta.index_add_(0, target, addition)
             for layer, selection in spec.masks.items():
                 plan.masks.setdefault(layer, []).append((rows, selection))
             if spec.trace:
@@ -326,61 +276,34 @@ class LabkitWorkerExtension:
                 plan.captured.setdefault(layer, []).append((key, rows[keep], pos[keep]))
         return None
 
-    def _labkit_steer_hook(self, index: int):
-        def hook(_module, args):
+    def _labkit_steer_hook(self, index: int, inputs: LayerInputs):
+        def hook(_module, args, kwargs):
             plan = self._labkit["plan"]
             delta = plan.steering.get(index)
             captured = plan.captured.get(index)
             if delta is None and not captured:
                 return None
-            positions, hidden_states, *rest = args
-            n = hidden_states.shape[0]
+            hidden_states = inputs.get(args, kwargs, "hidden_states")
+            # [tokens, d_model]; vLLM's Transformers backend (e.g. FlexOlmo) passes [1, tokens, d_model]
+            n = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
             if delta is not None:
-                hidden_states = hidden_states + delta[:n].to(hidden_states.dtype)
+                hidden_states = hidden_states + delta[:n].to(hidden_states.dtype).view(hidden_states.shape)
+                args, kwargs = inputs.replace(args, kwargs, "hidden_states", hidden_states)
             if captured:
                 # the residual stream entering this layer (TransformerLens hook_resid_pre)
-                residual = rest[0] if rest else None
-                stream = hidden_states if residual is None else hidden_states + residual
+                stream = inputs.stream(args, kwargs)
+                stream = stream.reshape(-1, stream.shape[-1])
                 for key, rows, pos in captured:
                     here = rows < n
                     records = self._labkit["captures"].setdefault(key, {}).setdefault(index, [])
                     records.append((pos[here].cpu(), stream[rows[here]].float().cpu()))
             if delta is None:
                 return None
-            return (positions, hidden_states, *rest)
+            return args, kwargs
 
         return hook
 
-    def _labkit_route(self, index: int, _stock):
-        """The exact family routing (with per-request masks and traces) for MoE layer ``index``."""
-        from labkit.moe.families import FAMILIES
-
-        settings = self._labkit["settings"]
-        family = FAMILIES[settings["model_type"]]
-        router = SimpleNamespace(
-            top_k=int(settings["top_k"]),
-            norm_topk_prob=bool(settings.get("norm_topk_prob", False)),
-            num_experts=int(settings["n_experts"]),
-        )
-
-        def compute_routing(hidden_states, router_logits, indices_type, *, input_ids=None):
-            plan = self._labkit["plan"]
-            topk_indices, topk_weights = family.route(router, router_logits)
-            n = router_logits.shape[0]
-            for rows, selection in plan.masks.get(index, []):
-                rows = rows[rows < n]
-                if rows.numel():
-                    sub_indices, sub_weights = family.route(router, router_logits[rows], selection)
-                    topk_indices[rows] = sub_indices
-                    topk_weights[rows] = sub_weights.to(topk_weights.dtype)
-            for key, rows, pos in plan.traced:
-                rows_here = rows < n
-                rows, pos = rows[rows_here], pos[rows_here]
-                records = self._labkit["traces"].setdefault(key, {}).setdefault(index, [])
-                records.append(
-                    (pos.cpu(), topk_indices[rows].cpu(), topk_weights[rows].float().cpu(), router_logits[rows].float().cpu())
-                )
-            # the CPU fused-MoE kernel reads contiguous float32 weights and int32 ids
-            return topk_weights.to(torch.float32).contiguous(), topk_indices.to(torch.int32).contiguous()
-
-        return compute_routing
+    def _labkit_record(self, key, index, positions, topk_indices, topk_weights, router_logits) -> None:
+        """Keep one traced request's routing at one MoE layer (on the CPU)."""
+        records = self._labkit["traces"].setdefault(key, {}).setdefault(index, [])
+        records.append((positions.cpu(), topk_indices.cpu(), topk_weights.float().cpu(), router_logits.float().cpu()))

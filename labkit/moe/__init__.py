@@ -8,12 +8,37 @@ masked too. Supported families: 48 (every MoE text-generation family of transfor
 :mod:`labkit.moe.families` gives each family's routing rule.
 """
 
-from labkit.moe.attribution import ExpertAttribution, attribute_experts
-from labkit.moe.causal import CausalAttribution, causal_attribution, minimal_mask, target_probability, validate_mask
-from labkit.moe.evaluate import compare_conditions
-from labkit.moe.families import FAMILIES, NOT_ROUTED, moe_layers, supported_families
-from labkit.moe.masking import ExpertMask, masked
-from labkit.moe.trace import RoutingTrace, trace_routing
+import importlib
+
+# Names resolve on first use (PEP 562): importing one submodule (the backends read
+# ``labkit.moe.routers``) does not import the analysis layers above it.
+_WHERE = {
+    "ExpertAttribution": "attribution", "attribute_experts": "attribution",
+    "CausalAttribution": "causal", "causal_attribution": "causal", "minimal_mask": "causal",
+    "validate_mask": "causal", "target_probability": "causal",
+    "compare_conditions": "evaluate",
+    "FAMILIES": "families", "NOT_ROUTED": "families", "moe_layers": "families", "supported_families": "families",
+    "ExpertMask": "masking", "masked": "masking",
+    "RoutingTrace": "trace", "trace_routing": "trace",
+    "ScoreSet": "scorecard", "difference_interval": "scorecard", "selection_scorecard": "scorecard",
+    "ExpertSelection": "selection", "ablation_effect": "selection", "first_order_effect": "selection",
+    "frequency_difference": "selection", "npmi": "selection", "risk_difference": "selection",
+    "rule_agreement": "selection", "stability_selection": "selection", "trace_rules": "selection",
+}
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'labkit.moe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"labkit.moe.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "RoutingTrace",
@@ -32,4 +57,16 @@ __all__ = [
     "minimal_mask",
     "validate_mask",
     "target_probability",
+    "ExpertSelection",
+    "frequency_difference",
+    "risk_difference",
+    "npmi",
+    "stability_selection",
+    "ablation_effect",
+    "first_order_effect",
+    "trace_rules",
+    "rule_agreement",
+    "ScoreSet",
+    "selection_scorecard",
+    "difference_interval",
 ]

@@ -49,6 +49,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from labkit import storage
+from labkit.backends import backend_of
+from labkit.hooks import register_module_hook
+from labkit.interventions import merge_selections
 from labkit.models import encode_prompts, lab_model, left_pad
 from labkit.moe.families import MoELayer, Selection, family_of, find_routers, hf_of
 
@@ -357,8 +360,8 @@ def _capture(routers: list[MoELayer], blocks: list[torch.nn.Module], family_name
 
     try:
         for moe_layer, block, record in zip(routers, blocks, records):
-            handles.append(moe_layer.router.register_forward_hook(router_hook(record)))
-            handles.append(block.experts.register_forward_hook(experts_hook(record), with_kwargs=True))
+            handles.append(register_module_hook(moe_layer.router, router_hook(record)))
+            handles.append(register_module_hook(block.experts, experts_hook(record), with_kwargs=True))
         yield records
     finally:
         for handle in handles:
@@ -366,8 +369,6 @@ def _capture(routers: list[MoELayer], blocks: list[torch.nn.Module], family_name
 
 
 def _first_order(model, batches: _Batches, routers: list[MoELayer], progress: bool, score: str) -> tuple[Tensor, Tensor, float]:
-    from labkit.moe.masking import active_selection
-
     family = family_of(model)
     blocks = _blocks_of(model, routers)
     hf_model = hf_of(model)
@@ -384,7 +385,8 @@ def _first_order(model, batches: _Batches, routers: list[MoELayer], progress: bo
         for r, (moe_layer, record) in enumerate(zip(routers, records)):
             grad = record["probe"].grad.reshape(-1, record["probe"].shape[-1])
             row_of_token = torch.arange(grad.shape[0], device=grad.device) // width
-            active = active_selection(moe_layer.router)
+            opened = backend_of(model).open_selections(moe_layer.layer)
+            active = merge_selections(opened) if opened else None
             with torch.no_grad():
                 base_indices, base_weights = family.route(moe_layer.router, record["router_logits"], active)
                 base_out = record["experts"](record["hidden"], base_indices, base_weights)
@@ -580,9 +582,9 @@ def minimal_mask(
 
 
 def _meta(model) -> dict[str, Any]:
-    from labkit.moe.masking import _model_meta
+    from labkit.moe.masking import model_meta
 
-    return _model_meta(model)
+    return model_meta(model)
 
 
 @dataclass(frozen=True)

@@ -43,15 +43,16 @@ import operator
 import os
 import random
 import warnings
-import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from labkit.moe.families import MoELayer, RouterFamily, Selection, family_of, find_routers, hf_of, n_layers_of
+from labkit.backends import backend_of
+from labkit.interventions import Selection, merge_selections, selection_from_edits
+from labkit.moe.families import MoELayer, RouterFamily, family_of, find_routers, n_layers_of
 from labkit.models import same_model
 from labkit import storage
 
@@ -132,8 +133,14 @@ def _index(value: Any, name: str) -> int:
 
 def _pairs(experts: Any) -> list[tuple[int, int]]:
     """``[(layer, expert), ...]`` from pairs or a ``{layer: [experts]}`` mapping."""
+    allowed = "(layer, expert) pairs or a {layer: [experts]} mapping"
     if isinstance(experts, Mapping):
+        for layer, group in experts.items():
+            if isinstance(group, (str, bytes)) or not isinstance(group, Iterable):
+                raise TypeError(f"ExpertMask: experts[{layer!r}] must be a list of expert indices, got {group!r}.")
         return [(layer, expert) for layer, group in experts.items() for expert in group]
+    if isinstance(experts, (str, bytes)) or not isinstance(experts, Iterable):
+        raise TypeError(f"ExpertMask: experts must be {allowed}, got {type(experts).__name__}: {experts!r:.80}.")
     pairs = []
     for item in experts:
         if not (isinstance(item, (tuple, list)) and len(item) >= 2):
@@ -144,12 +151,21 @@ def _pairs(experts: Any) -> list[tuple[int, int]]:
     return pairs
 
 
-def _model_meta(model) -> dict[str, Any]:
-    """``model_name``, ``n_layers``, ``n_experts`` of a model (bridge or Hugging Face)."""
-    from labkit.moe.trace import _model_name
-
+def model_meta(model) -> dict[str, Any]:
+    """``model_name``, ``n_layers``, ``n_experts`` of a model (any backend)."""
     routers = find_routers(model)
-    return {"model_name": _model_name(model), "n_layers": n_layers_of(model), "n_experts": routers[0].n_experts}
+    return {"model_name": backend_of(model).name, "n_layers": n_layers_of(model), "n_experts": routers[0].n_experts}
+
+
+def _is_model(value: Any) -> bool:
+    """Whether ``value`` is a model handle labkit serves (and not, e.g., a shape tuple)."""
+    if isinstance(value, (tuple, list, str, int, float)) or value is None:
+        return False
+    try:
+        backend_of(value)
+    except TypeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -204,7 +220,13 @@ class ExpertMask:
         meta = {k: v for k, v in (meta or {}).items() if v is not None}
         if model is None:
             return cls(tuple(edits), **meta)
-        info = _model_meta(model)
+        info = model_meta(model)
+        if "model_name" in meta and not same_model(str(meta["model_name"]), info.get("model_name")):
+            raise ValueError(
+                f"ExpertMask: the attribution was computed on model {meta['model_name']!r} but model= is "
+                f"{info.get('model_name')!r}; its top experts are another model's. Attribute on this model, "
+                "or pass the model the attribution came from."
+            )
         for key in ("n_layers", "n_experts"):
             if key in meta and int(meta[key]) != info[key]:
                 raise ValueError(
@@ -254,7 +276,8 @@ class ExpertMask:
         attribution, where present, are recorded.
 
         Raises:
-            ValueError: unknown mode, ``n < 1``, or an object without ``.top``.
+            ValueError: unknown mode, ``n < 1``, or an object without ``.top``; with ``model=``, an
+                attribution whose ``model_name`` / ``n_layers`` / ``n_experts`` is another model's.
         """
         if mode not in MODES:
             raise ValueError(f"ExpertMask.from_attribution: unknown mode {mode!r}; allowed modes: {', '.join(MODES)}.")
@@ -306,14 +329,12 @@ class ExpertMask:
         if mode == "bias" and value is None:
             raise ValueError("ExpertMask.random: mode='bias' needs value=...")
         meta: dict[str, Any] = {}
-        from labkit.engines import is_engine_model
-
-        if isinstance(model_or_shape, torch.nn.Module) or is_engine_model(model_or_shape):
+        if _is_model(model_or_shape):
             routers = find_routers(model_or_shape)
             layers = [r.layer for r in routers]
             n_experts = routers[0].n_experts
             cap = n_experts - routers[0].top_k if mode == "off" else (routers[0].top_k if mode == "on" else n_experts)
-            meta = _model_meta(model_or_shape)
+            meta = model_meta(model_or_shape)
         elif (
             isinstance(model_or_shape, (tuple, list))
             and len(model_or_shape) == 2
@@ -344,6 +365,8 @@ class ExpertMask:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"ExpertMask.random: n must be an int ≥ 1, got {n!r}.")
             per_layer = None
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"ExpertMask.random: seed must be an int, got {type(seed).__name__}: {seed!r:.40}.")
         rng = random.Random(seed)
         chosen: list[tuple[int, int]] = []
         if per_layer is not None:
@@ -388,7 +411,7 @@ class ExpertMask:
 
     def for_model(self, model) -> "ExpertMask":
         """The same edits bound to ``model`` (records its name and sizes; checks ranges)."""
-        return ExpertMask(self.edits, **_model_meta(model))
+        return ExpertMask(self.edits, **model_meta(model))
 
     # serialisation -----------------------------------------------------------------------
 
@@ -468,36 +491,8 @@ class ExpertMask:
 # applying ------------------------------------------------------------------------------------
 
 
-@dataclass
-class _RouterState:
-    """The active masks of one router module and the single hook that applies them."""
-
-    family: RouterFamily
-    moe_layer: MoELayer
-    selections: list[Selection] = field(default_factory=list)
-    merged: Selection | None = None
-    handle: Any = None
-
-
-_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, _RouterState]" = weakref.WeakKeyDictionary()
-
-
-def active_selection(router: torch.nn.Module) -> Selection | None:
-    """The merged selection of every mask open on ``router`` now, or ``None`` when unmasked."""
-    state = _ACTIVE.get(router)
-    return None if state is None else state.merged
-
-
-def _merge(selections: list[Selection]) -> Selection:
-    off = torch.stack([s.off for s in selections]).any(0)
-    on = torch.stack([s.on for s in selections]).any(0)
-    biases = [s.bias for s in selections if s.bias is not None]
-    bias = torch.stack(biases).sum(0) if biases else None
-    return Selection(off=off, on=on, bias=bias)
-
-
-def _check_model(mask: ExpertMask, model, routers: list[MoELayer]) -> None:
-    meta = _model_meta(model)
+def check_mask_fits(mask: ExpertMask, model, routers: list[MoELayer]) -> None:
+    meta = model_meta(model)
     if mask.n_layers is not None and mask.n_layers != meta["n_layers"]:
         raise ValueError(
             f"ExpertMask was made for a model with {mask.n_layers} layers ({mask.model_name!r}); this model "
@@ -535,7 +530,7 @@ def _check_model(mask: ExpertMask, model, routers: list[MoELayer]) -> None:
             )
 
 
-def _check_selection(selection: Selection, moe_layer: MoELayer, family: RouterFamily) -> None:
+def check_selection(selection: Selection, moe_layer: MoELayer, family: RouterFamily) -> None:
     """Refuse selections the router cannot honour; warn about DeepSeek groups emptied."""
     layer, k, n = moe_layer.layer, moe_layer.top_k, moe_layer.n_experts
     both = (selection.off & selection.on).nonzero().flatten().tolist()
@@ -586,32 +581,15 @@ def _check_selection(selection: Selection, moe_layer: MoELayer, family: RouterFa
             )
 
 
-def _selection_for(edits: list[ExpertEdit], moe_layer: MoELayer) -> Selection:
-    device = next(moe_layer.router.parameters()).device
-    n = moe_layer.n_experts
-    off = torch.zeros(n, dtype=torch.bool, device=device)
-    on = torch.zeros(n, dtype=torch.bool, device=device)
-    bias = None
-    for edit in edits:
-        if edit.mode == "off":
-            off[edit.expert] = True
-        elif edit.mode == "on":
-            on[edit.expert] = True
-        else:
-            if bias is None:
-                bias = torch.zeros(n, dtype=torch.float32, device=device)
-            bias[edit.expert] = edit.value
-    return Selection(off=off, on=on, bias=bias)
-
-
-def _make_hook(state: _RouterState):
-    def hook(module, args, kwargs, output):
-        family = state.family
-        router_logits = family.read(output, module)[0]
-        topk_indices, topk_weights = family.route(module, router_logits, state.merged, args, kwargs)
-        return family.write(output, module, topk_indices, topk_weights)
-
-    return hook
+def selections_for(mask: ExpertMask, routers: list[MoELayer]) -> dict[int, Selection]:
+    """``{layer: Selection}`` of a mask's edits (CPU tensors; the backend moves them)."""
+    by_layer = {r.layer: r for r in routers}
+    return {
+        layer: selection_from_edits(
+            [(e.mode, e.expert, e.value) for e in mask.edits if e.layer == layer], by_layer[layer].n_experts
+        )
+        for layer in mask.layers
+    }
 
 
 @contextlib.contextmanager
@@ -650,52 +628,15 @@ def masked(model, mask: ExpertMask) -> Iterator[torch.nn.Module]:
     """
     if not isinstance(mask, ExpertMask):
         raise TypeError(f"masked: expected an ExpertMask, got {type(mask).__name__}.")
-    from labkit.engines import is_engine_model
-
-    if is_engine_model(model):
-        with model.masked(mask) as handle:
-            yield handle
-        return
-    hf_model = hf_of(model)
+    backend = backend_of(model)
+    backend.require("mask", "masked")
+    backend.check_mask_dispatch("masked")
     family = family_of(model)
     routers = find_routers(model)
-    _check_model(mask, model, routers)
+    check_mask_fits(mask, model, routers)
+    selections = selections_for(mask, routers)
     by_layer = {r.layer: r for r in routers}
-    plan = []
-    for layer in mask.layers:
-        moe_layer = by_layer[layer]
-        selection = _selection_for([e for e in mask.edits if e.layer == layer], moe_layer)
-        state = _ACTIVE.get(moe_layer.router)
-        merged = _merge([*(state.selections if state else []), selection])
-        _check_selection(merged, moe_layer, family)
-        plan.append((moe_layer, selection))
-
-    from labkit.models import lab_model_or_none
-
-    record = lab_model_or_none(model)
-    entered: list[tuple[torch.nn.Module, Selection]] = []
-    try:
-        for moe_layer, selection in plan:
-            # The twin's router and, for a labkit bridge, the original router the bridge calls.
-            for router in record.mirrors(moe_layer.router) if record is not None else [moe_layer.router]:
-                state = _ACTIVE.get(router)
-                if state is None:
-                    state = _ACTIVE[router] = _RouterState(family, moe_layer)
-                state.selections.append(selection)
-                entered.append((router, selection))
-                state.merged = _merge(state.selections)
-                if state.handle is None:
-                    state.handle = router.register_forward_hook(_make_hook(state), prepend=True, with_kwargs=True)
-        yield hf_model
-    finally:
-        for router, selection in reversed(entered):
-            state = _ACTIVE.get(router)
-            if state is None:
-                continue
-            state.selections = [s for s in state.selections if s is not selection]
-            if state.selections:
-                state.merged = _merge(state.selections)
-            else:
-                if state.handle is not None:
-                    state.handle.remove()
-                del _ACTIVE[router]
+    for layer, selection in selections.items():  # what the router will run: this mask merged with the open ones
+        check_selection(merge_selections([*backend.open_selections(layer), selection]), by_layer[layer], family)
+    with backend.masked(selections) as handle:
+        yield handle

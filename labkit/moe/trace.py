@@ -9,9 +9,8 @@ often each expert fires on behaviour prompts versus control prompts).
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,9 +20,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from labkit import storage
-from labkit.generation import eos_token_ids, generate_token_ids
-from labkit.moe.families import MoELayer, find_routers, hf_of
-from labkit.models import check_context, encode_prompt, left_pad
+from labkit.backends import backend_of
+from labkit.checks import check_positive_int, check_prompts, check_scope, check_token_ids
+from labkit.moe.families import find_routers
+from labkit.tokens import encode_prompt, lab_tokenizer
 
 __all__ = ["RoutingTrace", "trace_routing"]
 
@@ -172,65 +172,15 @@ class RoutingTrace:
 Scope = Literal["all", "generated"] | tuple[Literal["last"], int]
 
 
-def _tokenizer_for(model, tokenizer):
-    """labkit's tokenizer for a bridge; a left-padding deep copy of ``tokenizer`` otherwise.
-
-    A deep copy: a shallow one shares the backend tokenizer and special-token state, so setting
-    the pad token / padding side on it would change the caller's tokenizer.
-    """
-    import copy
-
-    from labkit.models import lab_model_or_none
-
-    record = lab_model_or_none(model)
-    if tokenizer is None:
-        if record is None:
-            raise ValueError(
-                "A plain Hugging Face model has no tokenizer attached: pass tokenizer=..., or "
-                "prompts as lists of token ids, or wrap it with labkit.models.from_hf."
-            )
-        return record.tokenizer
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _vocab_size(hf_model) -> int | None:
-    """Rows of the input embedding (what a token id indexes), else ``config.vocab_size``."""
-    embeddings = hf_model.get_input_embeddings() if hasattr(hf_model, "get_input_embeddings") else None
-    if embeddings is not None and hasattr(embeddings, "num_embeddings"):
-        return int(embeddings.num_embeddings)
-    size = getattr(hf_model.config, "vocab_size", None)
-    return size if isinstance(size, int) and size > 0 else None
-
-
-def _check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int | None) -> None:
-    """Refuse token ids outside ``0..vocab_size-1`` (torch would raise a bare IndexError)."""
-    for i, row in enumerate(rows):
-        bad = [t for t in row if t < 0 or (vocab_size is not None and t >= vocab_size)]
-        if bad:
-            allowed = f"0..{vocab_size - 1}" if vocab_size is not None else "≥ 0"
-            raise ValueError(
-                f"trace_routing: prompt {i} has token id {bad[0]} outside the model's vocabulary "
-                f"({allowed}; {len(bad)} such id(s) in this prompt). Pass ids from this model's tokenizer, "
-                "or pass text."
-            )
-
-
-def _encode(tokenizer, prompts: Sequence[Any], chat: bool, record=None, prepend_bos: bool | None = None) -> list[list[int]]:
-    """Token ids per prompt: the lab's rule (:meth:`LabModel.encode`, BOS included) for a labkit
-    bridge; a plain Hugging Face call (or ``prepend_bos`` added by hand) for a plain model."""
-
+def _encode(backend, tokenizer, prompts: Sequence[Any], chat: bool, prepend_bos: bool | None) -> list[list[int]]:
+    """Token ids per prompt: the backend's rule (BOS included) with its own tokenizer; a plain
+    tokenizer call (``prepend_bos`` added by hand) with a tokenizer the caller passed."""
     rows = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
-            if tokenizer is None:
-                raise ValueError(f"trace_routing: prompt {i} is text but no tokenizer is available.")
             try:
-                if record is not None and tokenizer is record.tokenizer:
-                    ids = record.encode(prompt, chat=chat, prepend_bos=prepend_bos)
+                if tokenizer is None:
+                    ids = backend.encode(prompt, chat=chat, prepend_bos=prepend_bos)
                 else:
                     ids = encode_prompt(tokenizer, prompt, chat=chat, prepend_bos=bool(prepend_bos))
             except ValueError as error:
@@ -247,48 +197,14 @@ def _encode(tokenizer, prompts: Sequence[Any], chat: bool, record=None, prepend_
     return rows
 
 
-def _check_scope(scope) -> tuple[str, int]:
-    if scope in ("all", "generated"):
-        return scope, 0
-    if (
-        isinstance(scope, tuple)
-        and len(scope) == 2
-        and scope[0] == "last"
-        and isinstance(scope[1], int)
-        and not isinstance(scope[1], bool)
-        and scope[1] >= 1
-    ):
-        return "last", scope[1]
-    raise ValueError(
-        f"trace_routing: scope {scope!r} is not allowed; use 'all', 'generated', or ('last', k) with k ≥ 1."
-    )
-
-
-@contextlib.contextmanager
-def recording(routers: Sequence[MoELayer]) -> Iterator[list[list[tuple[Tensor, Tensor, Tensor]]]]:
-    """Record every router call's ``(router_logits, topk_weights, topk_indices)`` per layer.
-
-    A plain forward hook per router module reads the router's own output (so the recorded
-    choice is the one the model used, including any expert mask applied by a hook registered
-    before this one); handles are removed in ``finally``.
-
-    Yields:
-        One list per MoE layer (in ``routers`` order) that fills with one tuple per call.
-    """
-    records: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in routers]
-    handles = []
-    try:
-        for slot, moe_layer in zip(records, routers):
-
-            def hook(_module, _inputs, output, slot=slot, moe_layer=moe_layer):
-                router_logits, topk_weights, topk_indices = moe_layer.read(output)
-                slot.append((router_logits.detach(), topk_weights.detach(), topk_indices.detach()))
-
-            handles.append(moe_layer.router.register_forward_hook(hook))
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
+def keep_from_for(kind: str, last_k: int, prompt_lengths: Sequence[int]) -> list[int]:
+    """The first kept position of each traced row: 0 (``"all"``), ``len - k`` (``("last", k)``),
+    or the prompt's length (``"generated"``: the answer tokens after it)."""
+    if kind == "generated":
+        return list(prompt_lengths)
+    if kind == "last":
+        return [max(0, n - last_k) for n in prompt_lengths]
+    return [0] * len(prompt_lengths)
 
 
 def trace_routing(
@@ -347,96 +263,43 @@ def trace_routing(
     """
     from tqdm.auto import tqdm
 
-    from labkit.engines import is_engine_model
-
-    if is_engine_model(model):
-        return model.trace_routing(
-            prompts, batch_size=batch_size, scope=scope, max_new_tokens=max_new_tokens,
-            include_router_logits=include_router_logits, chat=chat, prepend_bos=prepend_bos,
-            tokenizer=tokenizer, progress=progress,
-        )
-    kind, last_k = _check_scope(scope)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"trace_routing: batch_size must be an int ≥ 1, got {batch_size!r}.")
-    if kind == "generated" and (
-        isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
-    ):
-        raise ValueError(f"trace_routing: max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}.")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("trace_routing: prompts is empty; pass at least one prompt.")
-
-    hf_model = hf_of(model)
+    backend = backend_of(model)
+    backend.require("trace", "trace_routing")
+    kind, last_k = check_scope(scope)
+    check_positive_int("batch_size", batch_size, caller="trace_routing")
+    if kind == "generated":
+        check_positive_int("max_new_tokens", max_new_tokens, caller="trace_routing")
+    prompts = check_prompts(prompts, caller="trace_routing", token_ids=True)
+    if tokenizer is not None:
+        backend.check_tokenizer_override("trace_routing")
+        tokenizer = lab_tokenizer(tokenizer)
+    backend.check_mask_dispatch("trace_routing")
     routers = find_routers(model)
-    n_experts, top_k = routers[0].n_experts, routers[0].top_k
-    needs_tokenizer = tokenizer is not None or any(isinstance(p, str) for p in prompts) or kind == "generated"
-    tok = _tokenizer_for(model, tokenizer) if needs_tokenizer else None
-    from labkit.models import lab_model_or_none
-
-    rows = _encode(tok, prompts, chat, lab_model_or_none(model), prepend_bos)
-    _check_token_ids(rows, _vocab_size(hf_model))
-    check_context(
-        model, [len(row) for row in rows], new_tokens=max_new_tokens if kind == "generated" else 0, caller="trace_routing"
+    rows = _encode(backend, tokenizer, prompts, chat, prepend_bos)
+    check_token_ids(rows, backend.vocab_size)
+    backend.check_context(
+        [len(row) for row in rows], new_tokens=max_new_tokens if kind == "generated" else 0, caller="trace_routing"
     )
-    pad_id = tok.pad_token_id if tok is not None else (hf_model.config.pad_token_id or 0)
-    device = next(hf_model.parameters()).device
-
     n_prompts = len(rows)
-    order = sorted(range(n_prompts), key=lambda i: len(rows[i]))  # similar lengths batch together
-    batches = [order[i : i + batch_size] for i in range(0, n_prompts, batch_size)]
+    if backend.schedules_batches:  # the engine batches its own requests
+        batches = [list(range(n_prompts))]
+    else:
+        order = sorted(range(n_prompts), key=lambda i: len(rows[i]))  # similar lengths batch together
+        batches = [order[i : i + batch_size] for i in range(0, n_prompts, batch_size)]
     per_prompt: list[dict[str, Tensor] | None] = [None] * n_prompts
-
-    eos_ids = eos_token_ids(hf_model, tok)
-
-    bar = tqdm(batches, desc="trace_routing", unit="batch", disable=not progress)
-    with torch.inference_mode():
-        for batch in bar:
-            batch_rows = [rows[i] for i in batch]
-            keep_from = [0] * len(batch)
-            if kind == "generated":
-                answers = generate_token_ids(
-                    hf_model, batch_rows, pad_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens
-                )
-                keep_from = [len(r) for r in batch_rows]
-                batch_rows = [r + a for r, a in zip(batch_rows, answers)]
-            elif kind == "last":
-                keep_from = [max(0, len(r) - last_k) for r in batch_rows]
-            input_ids, attention_mask, position_ids = left_pad(batch_rows, pad_id, device)
-            width = input_ids.shape[1]
-            with recording(routers) as records:
-                hf_model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                    logits_to_keep=1,
-                )
-            # keep[b, s]: real token at or after keep_from (left padding: real tokens end the row)
-            keep = torch.zeros((len(batch), width), dtype=torch.bool)
-            for b, row in enumerate(batch_rows):
-                keep[b, width - len(row) + keep_from[b] :] = True
-            counts = keep.sum(-1).tolist()
-            keep_device = keep.to(device).reshape(-1)
-            per_layer = []
-            for record in records:
-                (logits, weights, indices), = record
-                picked = [indices[keep_device], weights[keep_device].float()]
-                if include_router_logits:
-                    picked.append(logits[keep_device].float())
-                per_layer.append([t.cpu() for t in picked])
-            # stack layers: (layer, kept tokens, k) then split per prompt
-            stacked = [torch.stack([layer[j] for layer in per_layer]) for j in range(len(per_layer[0]))]
-            splits = [torch.split(t, counts, dim=1) for t in stacked]
-            for b, prompt in enumerate(batch):
-                row = batch_rows[b]
-                entry = {"topk_indices": splits[0][b], "topk_weights": splits[1][b]}
-                if include_router_logits:
-                    entry["router_logits"] = splits[2][b]
-                entry["token_ids"] = torch.tensor(row[keep_from[b] :], dtype=torch.long)
-                entry["position"] = torch.arange(keep_from[b], len(row), dtype=torch.long)
-                per_prompt[prompt] = entry
+    for batch in tqdm(batches, desc="trace_routing", unit="batch", disable=not progress):
+        batch_rows = [rows[i] for i in batch]
+        keep_from = keep_from_for(kind, last_k, [len(r) for r in batch_rows])
+        if kind == "generated":
+            answers = backend.generate_ids(batch_rows, max_new_tokens=max_new_tokens)
+            batch_rows = [r + a for r, a in zip(batch_rows, answers)]
+        records = backend.record_routing(batch_rows, keep_from, include_router_logits=include_router_logits)
+        for b, prompt in enumerate(batch):
+            row = batch_rows[b]
+            entry = dict(records[b])
+            entry["token_ids"] = torch.tensor(row[keep_from[b] :], dtype=torch.long)
+            entry["position"] = torch.arange(keep_from[b], len(row), dtype=torch.long)
+            per_prompt[prompt] = entry
 
     def cat(name: str, dim: int) -> Tensor:
         return torch.cat([entry[name] for entry in per_prompt], dim=dim)
@@ -451,21 +314,8 @@ def trace_routing(
         ),
         position=cat("position", 0),
         layers=tuple(moe_layer.layer for moe_layer in routers),
-        n_experts=n_experts,
-        top_k=top_k,
+        n_experts=routers[0].n_experts,
+        top_k=routers[0].top_k,
         n_prompts=n_prompts,
-        model_name=_model_name(model),
+        model_name=backend.name,
     )
-
-
-def _model_name(model) -> str:
-    """labkit's name for a bridge; ``config.name_or_path`` (or the class name) for a HF model."""
-    from labkit.engines import is_engine_model
-    from labkit.models import lab_model_or_none
-
-    if is_engine_model(model):
-        return model.name
-    record = lab_model_or_none(model)
-    if record is not None:
-        return record.name
-    return getattr(model.config, "name_or_path", None) or type(model).__name__

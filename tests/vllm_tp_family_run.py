@@ -1,0 +1,57 @@
+"""Run one tiny family checkpoint on vLLM at a tensor-parallel size; print the outputs as JSON.
+
+``tests/test_vllm_families.py`` runs this in a subprocess (tensor parallelism spawns worker
+processes, so the launching script needs the ``if __name__ == "__main__":`` guard) and compares
+the result with the Hugging Face path on the same checkpoint. Usage::
+
+    python tests/vllm_tp_family_run.py <checkpoint dir> <tensor_parallel_size> <mask json> [mla]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+PROMPTS = ["the cat sat on a mat", "what happened in the city during war and peace", "one two three four five"]
+N = 8
+
+
+def run(model, mask_pairs: list[list[int]]) -> dict:
+    """Plain, steered, masked (off) greedy token ids and the routing trace, on any handle."""
+    import torch
+
+    import labkit
+    from labkit.moe import ExpertMask, masked, trace_routing
+    from labkit.steering import SteeringVector
+
+    torch.manual_seed(0)
+    direction = torch.randn(model.cfg.d_model)
+    vector = SteeringVector("blocks.1.hook_resid_pre", 8.0 * direction / direction.norm(), coefficient=1.0,
+                            positions="all", model_name=model.name)
+    out = {
+        "plain": labkit.generate(model, PROMPTS, max_new_tokens=N).token_ids,
+        "steered": labkit.generate(model, PROMPTS, steering=vector, max_new_tokens=N).token_ids,
+    }
+    mask = ExpertMask.off([tuple(p) for p in mask_pairs], model=model)
+    with masked(model, mask):
+        out["masked_off"] = labkit.generate(model, PROMPTS, max_new_tokens=N).token_ids
+    options = {} if getattr(model, "labkit_engine", None) else {"progress": False}
+    trace = trace_routing(model, PROMPTS, **options)
+    out["topk_indices"] = trace.topk_indices.tolist()
+    out["topk_weights"] = trace.topk_weights.tolist()
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import labkit
+
+    path, size, mask_json = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    extra = {"enable_chunked_prefill": False, "enable_prefix_caching": False} if sys.argv[4:] == ["mla"] else {}
+    engine = labkit.load_model(path, engine="vllm", tensor_parallel_size=size, **extra)
+    try:
+        print("RESULT " + json.dumps(run(engine, json.loads(mask_json))), flush=True)
+    finally:
+        engine.close()
