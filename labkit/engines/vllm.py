@@ -131,7 +131,6 @@ class VLLMModel(Backend):
     """
 
     kind = "vllm"
-    config: Any = None  # the Hugging Face config (an attribute here; the base class derives it from ``module``)
     capabilities = frozenset({"generate", "steer", "capture_resid", "mask", "trace"})
     alternative = "Run it on the Hugging Face path: load it with engine='hf' (the default)."
     schedules_batches = True
