@@ -40,7 +40,7 @@ ENGINE_OVERRIDES: dict[str, dict] = {
     # classes do not set by default (values equal to what transformers computes)
     "minimax_m2": dict(rotary_dim=32, scoring_func="sigmoid", use_routing_bias=True),
     "afmoe": dict(score_func="sigmoid", route_norm=True, n_group=1, topk_group=1),
-    "hy_v3": dict(expert_hidden_dim=32, first_k_dense_replace=1, route_norm=True),
+    "hy_v3": dict(expert_hidden_dim=32, first_k_dense_replace=1, route_norm=True, qk_norm=True),
     # vLLM's CPU kernel applies router weights on the expert input (Llama 4) for top-1 only
     "llama4_text": dict(num_experts_per_tok=1),
 }

@@ -17,7 +17,7 @@ PROMPTS = ["the cat sat on a mat", "what happened in the city during war and pea
 N = 8
 
 
-def run(model, mask_pairs: list[list[int]]) -> dict:
+def run(model, mask_pairs: list[list[int]], model_name: str) -> dict:
     """Plain, steered, masked (off) greedy token ids and the routing trace, on any handle."""
     import torch
 
@@ -28,18 +28,22 @@ def run(model, mask_pairs: list[list[int]]) -> dict:
     torch.manual_seed(0)
     direction = torch.randn(model.cfg.d_model)
     vector = SteeringVector("blocks.1.hook_resid_pre", 8.0 * direction / direction.norm(), coefficient=1.0,
-                            positions="all", model_name=model.name)
+                            positions="all", model_name=model_name)
     out = {
         "plain": labkit.generate(model, PROMPTS, max_new_tokens=N).token_ids,
         "steered": labkit.generate(model, PROMPTS, steering=vector, max_new_tokens=N).token_ids,
     }
+    options = {"include_router_logits": True, **({} if getattr(model, "labkit_engine", None) else {"progress": False})}
     mask = ExpertMask.off([tuple(p) for p in mask_pairs], model=model)
     with masked(model, mask):
         out["masked_off"] = labkit.generate(model, PROMPTS, max_new_tokens=N).token_ids
-    options = {} if getattr(model, "labkit_engine", None) else {"progress": False}
+        trace = trace_routing(model, PROMPTS, **options)
+        out["masked_trace"] = {name: getattr(trace, name).tolist() for name in ("topk_indices", "topk_weights", "router_logits")}
     trace = trace_routing(model, PROMPTS, **options)
+    out["layers"] = list(trace.layers)
     out["topk_indices"] = trace.topk_indices.tolist()
     out["topk_weights"] = trace.topk_weights.tolist()
+    out["router_logits"] = trace.router_logits.tolist()
     return out
 
 
@@ -52,6 +56,6 @@ if __name__ == "__main__":
     extra = {"enable_chunked_prefill": False, "enable_prefix_caching": False} if sys.argv[4:] == ["mla"] else {}
     engine = labkit.load_model(path, engine="vllm", tensor_parallel_size=size, **extra)
     try:
-        print("RESULT " + json.dumps(run(engine, json.loads(mask_json))), flush=True)
+        print("RESULT " + json.dumps(run(engine, json.loads(mask_json), engine.name)), flush=True)
     finally:
         engine.close()
