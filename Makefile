@@ -45,7 +45,7 @@ test: install install-engine
 	$(PY) -c "import transformers; from labkit.moe.families import FAMILIES; print(f'HF path: transformers {transformers.__version__}, {len(FAMILIES)} routed MoE families')"
 	$(VENV)/bin/pytest -p no:cacheprovider -m "not vllm" --ignore=tests/test_vllm.py --ignore=tests/test_vllm_families.py $(NBVAL) tests $(HF_NOTEBOOKS)
 	@if [ -x $(EPY) ]; then \
-		$(EPY) -c "import transformers, vllm; from labkit.moe.families import FAMILIES; print(f'engine: vLLM {vllm.__version__}, transformers {transformers.__version__}, {len(FAMILIES)} routed MoE families')" && \
+		$(EPY) -c "import transformers, vllm; from labkit.moe.families import FAMILIES; print(f'engine: vLLM {vllm.__version__}, transformers {transformers.__version__}, {len(FAMILIES)} routed family entries (some for model types this transformers lacks)')" && \
 		LABKIT_ENGINE_REQUIRED=1 $(ENGINE_VENV)/bin/pytest -p no:cacheprovider -m vllm tests && \
 		$(ENGINE_VENV)/bin/pytest -p no:cacheprovider $(NBVAL) $(ENGINE_NOTEBOOKS); \
 	else echo "no engine environment (ENGINE_SPEC empty): engine tests and notebook skipped"; fi
