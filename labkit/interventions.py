@@ -100,7 +100,7 @@ def steering_positions(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Selection:
     """A per-expert adjustment of one layer's expert *selection* (never of the weights).
 
@@ -116,6 +116,8 @@ class Selection:
     The weights of the chosen experts are always the family's own weights computed from the
     *unadjusted* scores (as DeepSeek-V3 does with its correction bias), renormalised and scaled
     exactly where the family does. An *on* expert therefore keeps its natural weight.
+
+    Compared by identity (``eq=False``): it holds tensors, and two open masks may be equal.
     """
 
     off: Bool[Tensor, " expert"]

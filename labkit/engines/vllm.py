@@ -324,7 +324,7 @@ class VLLMModel(Backend):
         try:
             yield self
         finally:
-            self._steering.remove(flat)
+            self._steering[:] = [open_ for open_ in self._steering if open_ is not flat]
 
     # -- expert masks ------------------------------------------------------------------------
 
@@ -370,8 +370,8 @@ class VLLMModel(Backend):
         self._masks.append(layers)
         try:
             yield self
-        finally:
-            self._masks.remove(layers)
+        finally:  # by identity: selections hold tensors, and two nested masks may be equal
+            self._masks[:] = [open_ for open_ in self._masks if open_ is not layers]
 
     # -- specs on the workers ----------------------------------------------------------------
 
