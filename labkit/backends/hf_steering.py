@@ -18,7 +18,28 @@ from torch import Tensor
 
 from labkit.interventions import steering_positions
 
-__all__ = ["CallState", "Adder", "row_hooks"]
+__all__ = ["CallState", "Adder", "call_mask", "row_hooks"]
+
+
+def call_mask(args: tuple, kwargs: dict) -> tuple[Tensor, int, int]:
+    """``(attention mask [batch, past + new], past, new)`` of one top-level forward call.
+
+    The mask is the call's own 2-D attention mask, or all ones (with ``past`` read from the KV
+    cache) when the call passes none: what every in-forward intervention's observer needs to know
+    which tokens are real and where they sit.
+    """
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    batch, new = int(inputs.shape[0]), int(inputs.shape[1])
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if isinstance(mask, Tensor) and mask.ndim == 2:
+        past = int(mask.shape[1]) - new
+    else:
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        mask = torch.ones(batch, past + new, dtype=torch.long, device=inputs.device)
+    return mask, past, new
 
 
 class CallState:
@@ -39,17 +60,7 @@ class CallState:
         self.front_start: Tensor | None = None  # (batch,) first real token of each row
 
     def observe(self, args: tuple, kwargs: dict) -> None:
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
-        batch, new = int(inputs.shape[0]), int(inputs.shape[1])
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if isinstance(mask, Tensor) and mask.ndim == 2:
-            past = int(mask.shape[1]) - new
-        else:
-            cache = kwargs.get("past_key_values")
-            past = int(cache.get_seq_length()) if cache is not None else 0
-            mask = torch.ones(batch, past + new, dtype=torch.long, device=inputs.device)
+        mask, past, new = call_mask(args, kwargs)
         total = past + new
         declared = self.record.prompt_length
         if declared is not None:

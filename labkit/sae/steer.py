@@ -34,8 +34,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from labkit.backends.hf_steering import call_mask
 from labkit.hooks import intervene
-from labkit.models import lab_model
 from labkit.sae.model import SparseAutoencoder
 from labkit.steering import SteeringVector
 
@@ -107,17 +107,8 @@ class _Positions:
         self.past = 0
 
     def observe(self, args: tuple, kwargs: dict) -> None:
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
-        batch, new = int(inputs.shape[0]), int(inputs.shape[1])
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if isinstance(mask, Tensor) and mask.ndim == 2:
-            past = int(mask.shape[1]) - new
-        else:
-            cache = kwargs.get("past_key_values")
-            past = int(cache.get_seq_length()) if cache is not None else 0
-            mask = torch.ones(batch, past + new, dtype=torch.long, device=inputs.device)
+        mask, past, _new = call_mask(args, kwargs)
+        batch = int(mask.shape[0])
         keep = mask.bool().clone()
         keep[torch.arange(batch), mask.int().argmax(dim=1)] = False
         self.keep, self.past = keep, past
