@@ -212,7 +212,7 @@ def test_an_open_intervention_reaches_what_the_contract_says(model, reference, p
 
 
 def test_engine_loader_refusals_need_no_vllm():
-    from labkit.engines.vllm import load_vllm
+    from labkit.engines.vllm_load import load_vllm
 
     with pytest.raises(ValueError, match="enforce_eager=False is refused"):
         load_vllm("moe-organism", enforce_eager=False)
@@ -237,3 +237,64 @@ def test_engine_handle_validation_needs_no_vllm(reference):
         pass
     with pytest.raises(ValueError, match="uses its own tokenizer"):
         handle.check_tokenizer_override("trace_routing")
+
+
+def _offline_handle(dtype=torch.float32, layer_classes=("OlmoeDecoderLayer",), sites=None, expert_parallel=False):
+    """A VLLMModel with no engine behind it: what the driver checks before any request."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from labkit.engines.vllm import VLLMModel
+    from labkit.sources import resolve_source
+    from labkit.tokens import lab_tokenizer
+
+    source = resolve_source("moe-organism")
+    config = AutoConfig.from_pretrained(source)
+    handle = VLLMModel("moe-organism", None, lab_tokenizer(AutoTokenizer.from_pretrained(source)), config,
+                       prepend_bos=True, tensor_parallel_size=1, max_model_len=64, dtype=dtype)
+    every = ["hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out"]
+    handle.layout = [{"layer_classes": list(layer_classes),
+                      "sites": sites or {str(layer): every for layer in range(config.num_hidden_layers)}}]
+    handle.routing = {"routed": True, "layers": {str(layer): {"n_experts": 16} for layer in range(config.num_hidden_layers)}}
+    parallel = SimpleNamespace(data_parallel_size=1, enable_expert_parallel=expert_parallel)
+    handle.llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(parallel_config=parallel)))
+    return handle
+
+
+def test_engine_steering_and_cache_sites_need_no_vllm():
+    from labkit.engines.vllm_capture import engine_reads, shapes_on_engine
+
+    handle = _offline_handle()
+    assert handle.steering_site("blocks.1.hook_resid_post", "t") == (2, "hook_resid_pre")  # the next layer's input
+    assert handle.steering_site("blocks.2.hook_resid_post", "t") == (2, "hook_resid_post")  # the last: its output
+    assert handle.steering_site("blocks.0.hook_mlp_out", "t") == (0, "hook_mlp_out")
+    assert engine_reads(handle, "blocks.1.hook_resid_mid", "t") == (1, "hook_resid_mid", ((1, "hook_resid_pre"), (1, "hook_attn_out")))
+    assert shapes_on_engine(handle, ["blocks.0.hook_attn_out", "blocks.2.mlp.hook_router_logits"]) == {
+        "blocks.0.hook_attn_out": (128,), "blocks.2.mlp.hook_router_logits": (16,)}
+    with pytest.raises(ValueError, match="is not cached on the vLLM engine; it caches blocks"):
+        engine_reads(handle, "blocks.1.attn.hook_pattern", "cache_activations")
+    with pytest.raises(ValueError, match="not supported on the vLLM engine; it steers"):
+        handle.steering_site("blocks.1.ln2.hook_normalized", "steered")
+    hybrid = _offline_handle(sites={"0": ["hook_resid_pre", "hook_resid_post", "hook_mlp_out"]})
+    with pytest.raises(ValueError, match="no attn_out block"):
+        engine_reads(hybrid, "blocks.0.hook_resid_mid", "cache_activations")
+    with pytest.raises(ValueError, match="no attn_out block"):
+        hybrid.steering_site("blocks.0.hook_attn_out", "steered")
+    with pytest.raises(ValueError, match="under data- or expert-parallel dispatch is not supported"):
+        engine_reads(_offline_handle(expert_parallel=True), "blocks.0.hook_mlp_out", "cache_activations")
+
+
+def test_engine_refuses_the_float16_rescaled_deepseek_stream():
+    """vLLM's DeepSeek-V2/V3 layers divide the stream by routed_scaling_factor in float16: a vector
+    added or an activation read there would be off by that factor, so both are refused."""
+    from labkit.engines.vllm_capture import engine_reads
+
+    rescaled = _offline_handle(torch.float16, ("DeepseekV2DecoderLayer",))
+    with pytest.raises(ValueError, match="divides the residual stream by routed_scaling_factor"):
+        rescaled.steering_site("blocks.1.hook_resid_pre", "steered")
+    with pytest.raises(ValueError, match="Load the engine with dtype=torch.bfloat16 or torch.float32"):
+        engine_reads(rescaled, "blocks.1.hook_mlp_out", "cache_activations")
+    assert engine_reads(rescaled, "blocks.1.mlp.hook_router_logits", "t")[1] == "mlp.hook_router_logits"
+    for fine in (_offline_handle(torch.bfloat16, ("DeepseekV2DecoderLayer",)), _offline_handle(torch.float16)):
+        assert fine.steering_site("blocks.1.hook_resid_pre", "steered") == (1, "hook_resid_pre")

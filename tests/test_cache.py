@@ -127,18 +127,19 @@ def test_stream_to_disk_and_load_lazily(tiny_llama, tmp_path):
 
 
 def test_interrupted_streaming_leaves_nothing_and_no_hooks(tiny_llama, tmp_path, monkeypatch):
-    import labkit.cache as cache_module
+    from labkit.backends import backend_of
 
+    backend = backend_of(tiny_llama)
     calls = {"n": 0}
-    real_run = cache_module._run
+    real_capture = backend.capture
 
-    def flaky_run(*args, **kwargs):
+    def flaky_capture(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:  # the probe is call 1; fail on the second batch
+        if calls["n"] == 2:  # fail on the second batch
             raise KeyboardInterrupt
-        return real_run(*args, **kwargs)
+        return real_capture(*args, **kwargs)
 
-    monkeypatch.setattr(cache_module, "_run", flaky_run)
+    monkeypatch.setattr(backend, "capture", flaky_capture)
     before = count_hooks(tiny_llama) + count_hooks(hf_model_of(tiny_llama))
     with pytest.raises(KeyboardInterrupt):
         cache_activations(tiny_llama, PROMPTS, HOOKS, batch_size=1, out_dir=tmp_path / "x", progress=False)
