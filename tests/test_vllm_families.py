@@ -356,6 +356,11 @@ _NO_BRIDGE = ("TransformerLens 4.3 cannot boot this family, and the HF path's ca
               "block outputs need the bridge")
 
 
+#: Families whose TransformerLens 4.3 adapter computes hook_mlp_out inside the bridge (not a module's
+#: output), so the HF path reads it but cannot steer there.
+BRIDGE_ONLY_MLP_OUT = ("llama4_text",)
+
+
 def _rows_close(got, expected, what: str) -> None:
     assert got.shape == expected.shape, (what, got.shape, expected.shape)
     error = (got.float() - expected.float()).norm(dim=-1)
@@ -402,7 +407,11 @@ def test_steered_at_block_outputs_equals_hf(pair):
     for hook_point in ("hook_attn_out", "hook_mlp_out"):
         vector = SteeringVector(f"blocks.1.{hook_point}", _vector(engine).activations, coefficient=1.0, positions="all",
                                 model_name=engine.name)
-        expected = ref.generate(PROMPTS, vector)
+        try:
+            expected = ref.generate(PROMPTS, vector)
+        except ValueError as error:  # Llama 4: TransformerLens computes hook_mlp_out inside the bridge
+            assert "exists only inside the TransformerLens bridge" in str(error) and model_type in BRIDGE_ONLY_MLP_OUT
+            continue
         assert expected != plain, f"the vector at {hook_point} must change the HF output"
         assert labkit.generate(engine, PROMPTS, steering=vector, max_new_tokens=N).token_ids == expected, hook_point
 
