@@ -11,6 +11,7 @@ What each capability means and what an open intervention reaches on each backend
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -19,6 +20,8 @@ import pytest
 import torch
 
 import labkit
+from labkit.cache import cache_activations
+from labkit.evals import perplexity
 from labkit.backends import CAPABILITIES, NotOnBackendError, backend_of
 from labkit.datasets import data_dir, read_prompts
 from labkit.hooks import count_hooks
@@ -95,6 +98,8 @@ def test_a_missing_capability_is_one_error_naming_the_backend(model, reference):
         "generate": lambda: labkit.generate(model, ["hi"], max_new_tokens=2),
         "steer": lambda: labkit.steered(model, vector).__enter__(),
         "forward": lambda: labkit.models.hf_model_of(model),
+        "cache": lambda: cache_activations(model, ["hi"], ["blocks.1.hook_resid_pre"], progress=False),
+        "logprobs": lambda: perplexity(model, ["war and peace"]),
     }
     for capability, call in calls.items():
         if backend.supports(capability):
@@ -115,6 +120,25 @@ def test_the_bos_rule_is_one_value_on_every_backend(model, reference, organism_d
     assert model.cfg.default_prepend_bos == expected  # the bridge's cfg, or the engine handle's
     for prompt in ("war and peace", " the cat"):
         assert backend.encode(prompt) == backend_of(reference).encode(prompt)
+
+
+def test_cached_activations_and_perplexity_agree_with_the_bridge(model, reference, prompts):
+    """Every backend that caches gives the bridge's cache (each row to 1e-5 of its norm), under an
+    open mask too; every backend with token logprobs gives the bridge's perplexity."""
+    backend = backend_of(model)
+    if not backend.supports("cache"):
+        pytest.skip("no caching on this backend (the missing-capability test checks its error)")
+    names = ["blocks.1.hook_resid_mid", "blocks.2.hook_mlp_out", "blocks.2.mlp.hook_router_logits"]
+    mask = ExpertMask.on([(2, 3)], model=reference)
+    for context in (None, mask):
+        with masked(model, context) if context else contextlib.nullcontext():
+            got = cache_activations(model, prompts, names, positions="last", progress=False)
+        with masked(reference, context) if context else contextlib.nullcontext():
+            expected = cache_activations(reference, prompts, names, positions="last", progress=False)
+        for name in names:
+            error = (got.stack(name).float() - expected.stack(name).float()).norm(dim=-1)
+            assert bool((error <= 1e-5 * expected.stack(name).float().norm(dim=-1) + 1e-6).all()), name
+    assert perplexity(model, prompts) == pytest.approx(perplexity(reference, prompts), rel=1e-5)
 
 
 def test_greedy_generation_agrees_with_the_bridge(model, reference, prompts):
