@@ -262,11 +262,12 @@ def estimate_cache_bytes(
 ) -> int:
     """Bytes :func:`cache_activations` would hold for these arguments, before running them.
 
-    Tokenises the prompts and runs one forward pass on the shortest to learn each hook point's
-    per-position width; nothing is cached.
+    Tokenises the prompts and learns each hook point's per-position width (HF path: one forward
+    pass on the shortest prompt, the first time a hook point is asked for; the engine: from the
+    config); nothing is cached.
 
     Args:
-        model: a bridge from :func:`labkit.load_model`.
+        model: a model handle from :func:`labkit.load_model` (bridge or engine).
         prompts: the prompt strings.
         hook_names: TransformerLens hook names.
         positions: real-token positions to keep (see :data:`Positions`).
