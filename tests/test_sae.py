@@ -148,6 +148,12 @@ def test_topk_of_rows_selects_a_top_k_of_every_row(dtype):
     out = (torch.empty(64, 32, dtype=dtype), torch.empty(64, 32, dtype=torch.long))
     topk_of_rows(original.clone(), 32, out=out)
     assert torch.equal(out[0].sort(-1).values.nan_to_num(nan=nan), values.sort(-1).values.nan_to_num(nan=nan))
+    base = torch.randn(40, 2085, generator=g).to(dtype)
+    uneven = base[:, 3:].clone()  # 2082 = 32 groups of 65 + 2 left over
+    values, indices = topk_of_rows(base[:, 3:], 32)  # a strided view, overwritten in place
+    ref_values, ref_indices = uneven.topk(32, dim=-1, sorted=False)
+    assert torch.equal(values.sort(-1).values, ref_values.sort(-1).values)
+    assert torch.equal(uneven.gather(1, indices), values)
 
 
 @pytest.mark.parametrize("layout", ["sae_lens_topk", "sae_lens_jumprelu", "sparsify"])
