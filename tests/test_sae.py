@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import labkit
+import labkit.sae.model
 from labkit.cache import cache_activations
 from labkit.hooks import count_hooks
 from labkit.sae import (
@@ -79,6 +80,95 @@ def test_encode_decode_match_the_rules_written_out(activation):
         dense = torch.zeros(20, 48).scatter_(-1, indices, values)
         torch.testing.assert_close(dense, features)
         assert int((features != 0).sum(-1).max()) <= 4
+
+
+def by_hand_encode(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    """matmul + bias + the rule on whole float64 tensors (TopK: ReLU of the k largest, a mask)."""
+    pre = (x.double() - sae.b_dec.double()) @ sae.W_enc.double() + sae.b_enc.double()
+    if sae.activation == "relu":
+        return pre.clamp_min(0)
+    if sae.activation == "jumprelu":
+        return torch.where(pre > sae.threshold.double(), pre, torch.zeros_like(pre))
+    mask = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, pre.argsort(-1, descending=True)[..., : sae.k], True)
+    return torch.where(mask, pre.clamp_min(0), torch.zeros_like(pre))
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu", "relu"])
+def test_blocked_fast_encoders_equal_a_by_hand_computation(activation, monkeypatch):
+    """A wide SAE (64·k <= d_sae, so TopK takes the bounded selection) encoded 7 rows per block
+    (5 blocks for 33 rows, the last one short) gives the by-hand values within float32 rounding;
+    the sparse form scatters to exactly the dense one; the autograd path agrees and differentiates."""
+    monkeypatch.setattr(labkit.sae.model, "BLOCK_ELEMENTS", 7 * 512)
+    sae = random_sae(d_sae=512, activation=activation, k=8)
+    x = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(5))
+    features = sae.encode(x)
+    assert features.shape == (3, 11, 512) and features.dtype == torch.float32
+    torch.testing.assert_close(features.double(), by_hand_encode(sae, x), atol=2e-6, rtol=1e-5)
+    if activation == "topk":
+        values, indices = sae.encode_sparse(x)
+        assert values.shape == indices.shape == (3, 11, 8)
+        assert torch.equal(torch.zeros(3, 11, 512).scatter_(-1, indices, values), features)
+        alone = sae.encode_sparse(x[0, 0])  # one row: a matrix-vector product, rounded its own way
+        assert torch.equal(alone[1].sort().values, indices[0, 0].sort().values)
+        torch.testing.assert_close(alone[0].sort().values, values[0, 0].sort().values, atol=1e-6, rtol=1e-6)
+    leaf = x.clone().requires_grad_(True)
+    graph = sae.encode(leaf)
+    torch.testing.assert_close(graph.detach(), features, atol=1e-6, rtol=1e-6)
+    graph.sum().backward()
+    active = by_hand_encode(sae, x) > 0
+    expected_grad = active.double() @ sae.W_enc.double().T
+    torch.testing.assert_close(leaf.grad.double(), expected_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_topk_of_rows_selects_a_top_k_of_every_row(dtype):
+    """The bounded selection against torch.topk: the same values (as multisets), indices that
+    point at those values, no index twice; the same indices wherever the k-th value is not tied.
+    Rows with NaN, -inf, many +inf and all-equal entries are in the batch."""
+    from labkit.sae.model import topk_of_rows
+
+    g = torch.Generator().manual_seed(6)
+    pre = torch.randn(64, 2048, generator=g).to(dtype)
+    pre[1, 100] = float("nan")
+    pre[2] = float("-inf")
+    pre[3, :50] = float("inf")
+    pre[4] = 1.5
+    pre[5, ::2] = 2.0
+    original = pre.clone()
+    values, indices = topk_of_rows(pre, 32)
+    ref_values, ref_indices = original.topk(32, dim=-1, sorted=False)
+    nan = torch.tensor(float("inf"), dtype=dtype)  # NaN compares as largest in torch.topk
+    assert torch.equal(values.nan_to_num(nan=nan).sort(-1).values, ref_values.nan_to_num(nan=nan).sort(-1).values)
+    assert torch.equal(original.gather(1, indices).nan_to_num(nan=nan), values.nan_to_num(nan=nan))
+    assert all(len(set(row)) == 32 for row in indices.tolist())
+    kth = ref_values.nan_to_num(nan=nan).amin(-1, keepdim=True)
+    untied = (original == kth).sum(-1) == 1
+    assert int(untied.sum()) >= (48 if dtype == torch.float32 else 8)  # bfloat16 rows mostly tie at the k-th value
+    assert torch.equal(indices[untied].sort(-1).values, ref_indices[untied].sort(-1).values)
+    out = (torch.empty(64, 32, dtype=dtype), torch.empty(64, 32, dtype=torch.long))
+    topk_of_rows(original.clone(), 32, out=out)
+    assert torch.equal(out[0].sort(-1).values.nan_to_num(nan=nan), values.sort(-1).values.nan_to_num(nan=nan))
+    base = torch.randn(40, 2085, generator=g).to(dtype)
+    uneven = base[:, 3:].clone()  # 2082 = 32 groups of 65 + 2 left over
+    values, indices = topk_of_rows(base[:, 3:], 32)  # a strided view, overwritten in place
+    ref_values, ref_indices = uneven.topk(32, dim=-1, sorted=False)
+    assert torch.equal(values.sort(-1).values, ref_values.sort(-1).values)
+    assert torch.equal(uneven.gather(1, indices), values)
+
+
+@pytest.mark.parametrize("layout", ["sae_lens_topk", "sae_lens_jumprelu", "sparsify"])
+def test_foreign_layouts_encode_by_hand_on_the_fast_path(tmp_path, layout, monkeypatch):
+    """sae-lens (TopK, JumpReLU) and eai-sparsify folders, wide enough for the bounded TopK and
+    encoded in blocks, give the by-hand values."""
+    monkeypatch.setattr(labkit.sae.model, "BLOCK_ELEMENTS", 5 * 512)
+    activation = "jumprelu" if layout == "sae_lens_jumprelu" else "topk"
+    sae = random_sae(d_sae=512, activation=activation, k=8)
+    if layout == "sparsify":
+        loaded = read_sparsify(write_sparsify(tmp_path / "layers.1", sae))
+    else:
+        loaded = read_sae_lens(write_sae_lens(tmp_path / "f", sae, architecture=activation))
+    x = torch.randn(23, 32, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(loaded.encode(x).double(), by_hand_encode(sae, x), atol=2e-6, rtol=1e-5)
 
 
 def test_save_load_roundtrip_and_bfloat16_storage(tmp_path):
