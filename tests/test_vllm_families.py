@@ -370,8 +370,13 @@ def _rows_close(got, expected, what: str) -> None:
 
 
 def _cache_names(engine, moe_layers) -> list[str]:
+    """Every hook kind the engine serves for this family at the first MoE layer, and every router's logits."""
+    from labkit.engines.vllm_capture import BLOCK_SITE_FAMILIES
+
     layer = moe_layers[0]
-    points = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+    points = ["hook_resid_pre", "hook_resid_post"]
+    if engine.config.model_type in BLOCK_SITE_FAMILIES:
+        points += ["hook_resid_mid", "hook_attn_out", "hook_mlp_out"]
     return [f"blocks.{layer}.{p}" for p in points] + [f"blocks.{m}.mlp.hook_router_logits" for m in moe_layers]
 
 
@@ -380,10 +385,15 @@ def test_cache_activations_equal_hf(pair):
     router logits, cached inside the engine's workers, equal the HF path's cache."""
     from labkit.cache import cache_activations
 
+    from labkit.engines.vllm_capture import BLOCK_SITE_FAMILIES
+
     model_type, ref, engine = pair
+    moe_layers = list(ref.trace(PROMPTS[:1]).layers)
+    if model_type not in BLOCK_SITE_FAMILIES:  # refused with the reason, never a wrong number
+        with pytest.raises(ValueError, match="is not served on the vLLM engine for"):
+            cache_activations(engine, PROMPTS, [f"blocks.{moe_layers[0]}.hook_attn_out"], progress=False)
     if ref.plain is not None:
         pytest.skip(_NO_BRIDGE)
-    moe_layers = list(ref.trace(PROMPTS[:1]).layers)
     names = _cache_names(engine, moe_layers)
     if model_type in MLA_FAMILIES:  # see MLA_TOKENS: only what precedes the first attention is comparable
         names = ["blocks.0.hook_resid_pre"]
@@ -399,8 +409,15 @@ def test_cache_activations_equal_hf(pair):
 
 def test_steered_at_block_outputs_equals_hf(pair):
     """Steering at the attention and at the MoE / MLP output of a block on the engine equals HF."""
+    from labkit.engines.vllm_capture import BLOCK_SITE_FAMILIES
+
     model_type, ref, engine = pair
     _tokens_comparable(model_type)
+    if model_type not in BLOCK_SITE_FAMILIES:
+        vector = SteeringVector("blocks.1.hook_mlp_out", _vector(engine).activations, model_name=engine.name)
+        with pytest.raises(ValueError, match="is not served on the vLLM engine for"):
+            labkit.generate(engine, PROMPTS, steering=vector, max_new_tokens=N)
+        return
     if ref.plain is not None:
         pytest.skip(_NO_BRIDGE)
     plain = ref.generate(PROMPTS)

@@ -57,7 +57,8 @@ from torch import Tensor
 from labkit.backends.base import Backend, check_vector_fits
 from labkit.checks import check_layer, layer_of
 from labkit.engines.vllm_capture import (
-    ROUTER_LOGITS, capture_activations, engine_reads, prompt_logprobs, routing_records, shapes_on_engine,
+    ROUTER_LOGITS, capture_activations, check_block_point, engine_reads, prompt_logprobs, routing_records,
+    shapes_on_engine,
 )
 from labkit.engines.vllm_requests import generate_rows, run_requests
 from labkit.interventions import InterventionSpec, Selection, SteeringEntry, merge_selections
@@ -243,6 +244,7 @@ class VLLMModel(Backend):
         if point == "hook_resid_post":
             return (layer + 1, "hook_resid_pre") if layer < self.cfg.n_layers - 1 else (layer, point)
         if point in ("hook_attn_out", "hook_mlp_out"):
+            check_block_point(self, hook_name, point, where)
             if point not in self.layer_sites.get(layer, ()):
                 raise ValueError(
                     f"{where}: vLLM's decoder layer {layer} of this model has no {point[5:]} block labkit can find "

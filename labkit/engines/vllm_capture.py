@@ -40,7 +40,8 @@ from torch import Tensor
 from labkit.checks import check_layer, check_token_ids
 
 __all__ = [
-    "ENGINE_CACHE_POINTS", "ROUTER_LOGITS", "capture_activations", "engine_reads", "prefill_records", "prompt_logprobs", "routing_records", "shapes_on_engine",
+    "BLOCK_SITE_FAMILIES", "ENGINE_CACHE_POINTS", "ROUTER_LOGITS", "capture_activations", "check_block_point",
+    "engine_reads", "prefill_records", "prompt_logprobs", "routing_records", "shapes_on_engine",
 ]
 
 #: labkit's hook point for a MoE layer's router logits (TransformerLens has no per-position name
@@ -51,6 +52,37 @@ ENGINE_CACHE_POINTS: tuple[str, ...] = (
     "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", ROUTER_LOGITS,
 )
 _NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+#: Hook points inside a block, whose engine meaning depends on how the family's vLLM layer is built.
+BLOCK_POINTS = ("hook_attn_out", "hook_mlp_out", "hook_resid_mid")
+#: Families whose vLLM decoder layer is a pre-norm block (``x + attn(norm(x))``, then
+#: ``+ mlp(norm(.))``), so the attention / feed-forward child's output is TransformerLens's
+#: ``hook_attn_out`` / ``hook_mlp_out``: checked equal to the HF path by the family matrix
+#: (tests/test_vllm_families.py), or, for multi-head latent attention (whose kernels differ from
+#: transformers' in value), the same ``DeepseekV2DecoderLayer`` structure read in vLLM 0.32's source.
+#: Elsewhere (e.g. FlexOlmo and AFMoE normalise the attention output before adding it: measured
+#: 0.84-1.0 relative error at ``hook_resid_mid``) only the stream between blocks and the router
+#: logits are served.
+BLOCK_SITE_FAMILIES = frozenset({
+    "olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "ernie4_5_moe", "minimax_m2", "llama4_text",
+    "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
+})
+
+
+def check_block_point(handle, hook_name: str, point: str, where: str) -> None:
+    """Refuse a point inside the block on a family whose engine meaning is not established.
+
+    Raises:
+        ValueError: ``hook_attn_out`` / ``hook_mlp_out`` / ``hook_resid_mid`` on a family outside
+            :data:`BLOCK_SITE_FAMILIES`.
+    """
+    model_type = getattr(handle.config, "model_type", "?")
+    if point in BLOCK_POINTS and model_type not in BLOCK_SITE_FAMILIES:
+        raise ValueError(
+            f"{where}: {hook_name!r} is not served on the vLLM engine for {model_type!r} models: labkit has not "
+            "established that vLLM's attention / feed-forward child output there is TransformerLens's value (some "
+            "families normalise the attention output before adding it). The stream between blocks "
+            "(hook_resid_pre, hook_resid_post) and the router logits are; or use engine='hf'."
+        )
 
 
 def engine_reads(handle, hook_name: str, where: str) -> tuple[int, str, tuple[tuple[int, str], ...]]:
@@ -80,6 +112,7 @@ def engine_reads(handle, hook_name: str, where: str) -> tuple[int, str, tuple[tu
             "a request's tokens run on other ranks than the one that would record them. Load the model with tensor "
             "parallelism only."
         )
+    check_block_point(handle, hook_name, point, where)
     if point == ROUTER_LOGITS:
         handle.check_mask_dispatch(where)  # a model labkit does not route: the reason
         moe_layers = sorted(int(k) for k in handle.routing.get("layers", {}))
