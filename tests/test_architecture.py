@@ -100,13 +100,13 @@ def test_the_position_rule_and_the_mask_merge_are_written_once():
 
 
 def test_every_hook_goes_through_the_registrar():
-    """Plain torch hook registration appears only in labkit.backends.hooks (and the vLLM worker's install)."""
+    """Plain torch hook registration appears only in labkit.backends.registrar (and the vLLM worker's install)."""
     offenders = []
     for _path, module, tree in _modules():
         for node in ast.walk(tree):
             attr = getattr(getattr(node, "func", None), "attr", None)
             if isinstance(node, ast.Call) and attr in ("register_forward_hook", "register_forward_pre_hook"):
-                if module not in ("labkit.backends.hooks", "labkit.engines.vllm_worker"):
+                if module not in ("labkit.backends.registrar", "labkit.engines.vllm_worker"):
                     offenders.append(f"{module}:{node.lineno} {attr}")
     assert not offenders, offenders
 
