@@ -21,6 +21,7 @@ __all__ = [
     "check_trace_pair",
     "describe_trace",
     "check_coefficient",
+    "check_columns",
     "check_names",
     "check_out_dir",
     "check_path",
@@ -81,6 +82,17 @@ def check_coefficient(coefficient: Any, where: str) -> float:
             "as 4.0 (0 = no steering)."
         )
     return float(coefficient)
+
+
+def check_columns(table: Any, needed: set[str], where: str) -> None:
+    """Check that a table (a ``pandas.DataFrame`` or anything with ``.columns``) has the ``needed`` columns.
+
+    Raises:
+        ValueError: a column is missing; the message names ``where``, the needed and the present columns.
+    """
+    columns = set(getattr(table, "columns", ()))
+    if not needed <= columns:
+        raise ValueError(f"{where}: the table needs columns {sorted(needed)}, got {sorted(columns)}.")
 
 
 def layer_of(hook_name: str) -> int | None:

@@ -1,6 +1,6 @@
 """labkit's hooks by TransformerLens hook name, on any model handle that runs in this process.
 
-The registrar itself lives with the Hugging Face backend (:mod:`labkit.backends.hooks`, where
+The registrar itself lives with the Hugging Face backend (:mod:`labkit.backends.registrar`, where
 every hook labkit attaches is registered); these are its public entry points, taking the model a
 user holds: :func:`attach` for one run, :func:`intervene` for an open intervention,
 :func:`resolve_hook` / :func:`hook_names` to look names up, :func:`count_hooks` to check that

@@ -222,9 +222,9 @@ def _fake_generate(delay: float = 0.0, fail_at: float | None = None):
 
 @pytest.fixture()
 def fake_tokenizer(monkeypatch):
-    import labkit.widgets
+    import labkit.widgets.defaults
 
-    monkeypatch.setattr(labkit.widgets, "_tokenizer", lambda model: _Tokenizer())
+    monkeypatch.setattr(labkit.widgets.defaults, "tokenizer", lambda model: _Tokenizer())
 
 
 def _steering_panel(generate, **kwargs):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from labkit.backends.hooks import register_module_hook
+from labkit.backends.registrar import register_module_hook
 from labkit.interventions import Selection, merge_selections
 from labkit.moe.routers import MoELayer, RouterFamily
 

@@ -25,6 +25,7 @@ Two kinds of attachment:
 
 Every attachment is a context manager that registers inside ``try`` and removes its own handles
 in ``finally``: no hook survives an exception or a ``KeyboardInterrupt`` (an interrupted cell).
+The torch registration itself is :mod:`labkit.backends.registrar` (re-exported here).
 """
 
 from __future__ import annotations
@@ -33,48 +34,25 @@ import contextlib
 import difflib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from labkit.backends.registrar import (
+    HookFn,
+    HookSite,
+    count_hooks,
+    module_hooks,
+    register_at_site,
+    register_module_hook,
+)
 from labkit.checks import layer_of
 
 __all__ = [
     "HookPointNeverFiresError", "HookSite", "HookFn", "attach", "count_hooks", "hook_names", "intervene",
-    "module_hooks", "probe", "register_module_hook", "reprobe", "resolve_hook",
+    "module_hooks", "probe", "register_at_site", "register_module_hook", "reprobe", "resolve_hook",
 ]
-
-#: A hook function: receives the activation at the hook point (``Float[Tensor, "batch pos ..."]``)
-#: and its :class:`HookSite`; returns a replacement tensor or ``None`` to leave it unchanged.
-HookFn = Callable[[Tensor, "HookSite"], "Tensor | None"]
-
-
-@dataclass(frozen=True)
-class HookSite:
-    """Where a TransformerLens hook name lands.
-
-    Attributes:
-        name: the name as the user gave it, e.g. ``"blocks.6.hook_resid_pre"``.
-        canonical: the bridge's own hook point name after alias resolution, e.g.
-            ``"blocks.6.hook_in"``.
-        module_path: path of the plain Hugging Face module whose input/output this is, e.g.
-            ``"model.layers.6"``; ``None`` when the hook point is served by the bridge only
-            (it exists only inside the bridge, or the bridge converts its value).
-        side: ``"input"`` or ``"output"`` of that module; ``None`` for bridge-only points.
-        layer: the block index for ``blocks.{L}.…`` names, else ``None``.
-    """
-
-    name: str
-    canonical: str
-    module_path: str | None
-    side: Literal["input", "output"] | None
-    layer: int | None
-
-    @property
-    def on_twin(self) -> bool:
-        """True when the hook point is a twin module's input/output with the bridge's meaning."""
-        return self.module_path is not None
 
 
 class HookPointNeverFiresError(ValueError):
@@ -204,7 +182,7 @@ def _probe_firing(model, index: _HookIndex) -> set[int]:
             def grab(activation, _site, key=key):
                 twin_seen.setdefault(key, activation.detach().clone())
 
-            handles.append(_register(twin.get_submodule(path), site, grab))
+            handles.append(register_at_site(twin.get_submodule(path), site, grab))
         with torch.inference_mode():
             twin(input_ids=tokens, use_cache=False)
     finally:
@@ -320,42 +298,6 @@ def resolve_hook(model, name: str) -> HookSite:
     return site
 
 
-def _replace_first(value, new: Tensor):
-    if isinstance(value, Tensor):
-        return new
-    if isinstance(value, tuple):
-        return (new, *value[1:])
-    if isinstance(value, list):
-        return [new, *value[1:]]
-    raise TypeError(f"cannot replace activation inside a {type(value).__name__}")
-
-
-def _first_tensor(value) -> Tensor:
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
-        return value[0]
-    raise TypeError(f"hooked module produced {type(value).__name__}, expected a tensor or tuple")
-
-
-def _register(module: torch.nn.Module, site: HookSite, fn: HookFn):
-    if site.side == "input":
-
-        def pre_hook(_module, args, kwargs):
-            if args:
-                new = fn(args[0], site)
-                return None if new is None else ((new, *args[1:]), kwargs)
-            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-            new = fn(kwargs[key], site)
-            return None if new is None else (args, {**kwargs, key: new})
-
-        return register_module_hook(module, pre_hook, kind="pre", with_kwargs=True)
-
-    def forward_hook(_module, _inputs, output):
-        new = fn(_first_tensor(output), site)
-        return None if new is None else _replace_first(output, new)
-
-    return register_module_hook(module, forward_hook)
 
 
 HookSpec = Mapping[str, HookFn] | Sequence[tuple[str, HookFn]]
@@ -427,7 +369,7 @@ def attach(model, hooks: HookSpec, *, target: Literal["auto", "bridge"] = "auto"
     try:
         for site, fn in sites:
             if use_twin:
-                handles.append(_register(runner.get_submodule(site.module_path), site, fn))
+                handles.append(register_at_site(runner.get_submodule(site.module_path), site, fn))
             else:
                 handles.append(_register_on_bridge(model, site, fn))
         yield runner
@@ -482,7 +424,7 @@ def intervene(
                     register_module_hook(top, lambda _m, args, kwargs: observe(args, kwargs), kind="pre", with_kwargs=True)
                 )
         for site, fn in sites:
-            handles.append(_register(twin.get_submodule(site.module_path), site, fn))
+            handles.append(register_at_site(twin.get_submodule(site.module_path), site, fn))
             handles.append(_register_on_bridge(model, site, fn))
         yield
     finally:
@@ -490,61 +432,3 @@ def intervene(
             handle.remove()
 
 
-def count_hooks(*modules: torch.nn.Module) -> int:
-    """Number of forward / pre-forward / backward hooks on the modules and all their submodules.
-
-    Each distinct submodule is counted once, so ``count_hooks(bridge, bridge.original_model,
-    bridge.labkit.twin)`` counts every hook anywhere a labkit model can run. Use it as a
-    before/after comparison: a TransformerLens bridge keeps hooks of its own (added on its first
-    forward pass, which ``load_model`` runs), so only the plain twin is expected to have none at
-    rest.
-    """
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for sub in module.modules():
-            if id(sub) in seen:
-                continue
-            seen.add(id(sub))
-            total += len(sub._forward_hooks) + len(sub._forward_pre_hooks)
-            total += len(sub._backward_hooks) + len(getattr(sub, "_backward_pre_hooks", {}))
-    return total
-
-
-def register_module_hook(
-    module: torch.nn.Module,
-    fn: Callable[..., Any],
-    *,
-    kind: Literal["forward", "pre"] = "forward",
-    prepend: bool = False,
-    with_kwargs: bool = False,
-):
-    """Register one plain ``torch`` hook on a module: every hook labkit attaches goes through here.
-
-    The caller owns the returned handle and removes it in a ``finally`` (or uses
-    :func:`module_hooks`). ``kind="pre"`` is a forward pre-hook.
-
-    Raises:
-        ValueError: an unknown ``kind``.
-    """
-    if kind == "forward":
-        return module.register_forward_hook(fn, prepend=prepend, with_kwargs=with_kwargs)
-    if kind == "pre":
-        return module.register_forward_pre_hook(fn, prepend=prepend, with_kwargs=with_kwargs)
-    raise ValueError(f"register_module_hook: kind must be 'forward' or 'pre', got {kind!r}.")
-
-
-@contextlib.contextmanager
-def module_hooks(hooks: Sequence[tuple[torch.nn.Module, Callable[..., Any]]], **options: Any) -> Iterator[None]:
-    """Hook ``(module, fn)`` pairs for the block (options as :func:`register_module_hook`).
-
-    Every handle is removed in ``finally``: none survives an exception or a ``KeyboardInterrupt``.
-    """
-    handles = []
-    try:
-        for module, fn in hooks:
-            handles.append(register_module_hook(module, fn, **options))
-        yield
-    finally:
-        for handle in reversed(handles):
-            handle.remove()

@@ -248,6 +248,40 @@ def steerability(per_prompt) -> "pandas.DataFrame":
     return pd.DataFrame(rows, columns=["method", "layer", "prompt", "slope"])
 
 
+def _describe_vector(vector) -> tuple[str, int]:
+    """``(method, layer)`` of a vector or a list of vectors (layer ``-1``: several layers or none)."""
+    first = vector[0] if isinstance(vector, (list, tuple)) else vector
+    method = first.source.get("method", "custom")
+    layer = -1 if (isinstance(vector, (list, tuple)) and len(vector) > 1) or first.layer is None else first.layer
+    return method, layer
+
+
+def _scaled(vector, coefficient: float):
+    """The vector (or each vector of a list) at ``coefficient``."""
+    if isinstance(vector, (list, tuple)):
+        return [v.with_coefficient(coefficient) for v in vector]
+    return vector.with_coefficient(coefficient)
+
+
+def _sweep_settings(vectors, coefficients) -> tuple[list, list[tuple[str, int, float, int]]]:
+    """The steering settings of a sweep and a label per (vector, coefficient).
+
+    Setting 0 is unsteered (every zero coefficient points at it); then one per vector and
+    non-zero coefficient. Labels are ``(method, layer, coefficient, setting index)``.
+    """
+    settings: list = [None]
+    labels: list[tuple[str, int, float, int]] = []
+    for vector in vectors:
+        method, layer = _describe_vector(vector)
+        for coefficient in coefficients:
+            if coefficient == 0:
+                labels.append((method, layer, 0.0, 0))
+            else:
+                settings.append(_scaled(vector, float(coefficient)))
+                labels.append((method, layer, float(coefficient), len(settings) - 1))
+    return settings, labels
+
+
 def topic_steering_sweep(
     model,
     vectors,
@@ -323,29 +357,7 @@ def topic_steering_sweep(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"topic_steering_sweep: {name} must be a positive int, got {value!r}.")
 
-    def describe(vector) -> tuple[str, int]:
-        first = vector[0] if isinstance(vector, (list, tuple)) else vector
-        method = first.source.get("method", "custom")
-        layer = -1 if (isinstance(vector, (list, tuple)) and len(vector) > 1) or first.layer is None else first.layer
-        return method, layer
-
-    def scaled(vector, coefficient):
-        if isinstance(vector, (list, tuple)):
-            return [v.with_coefficient(coefficient) for v in vector]
-        return vector.with_coefficient(coefficient)
-
-    # settings: 0 = unsteered, then every vector at every non-zero coefficient
-    settings: list = [None]
-    labels: list[tuple[str, int, float, int]] = []  # (method, layer, coefficient, setting index)
-    for vector in vectors:
-        method, layer = describe(vector)
-        for coefficient in coefficients:
-            if coefficient == 0:
-                labels.append((method, layer, 0.0, 0))
-            else:
-                settings.append(scaled(vector, float(coefficient)))
-                labels.append((method, layer, float(coefficient), len(settings) - 1))
-
+    settings, labels = _sweep_settings(vectors, coefficients)
     rows = [(k, p) for k in range(len(settings)) for p in range(len(prompts)) for _ in range(samples_per_prompt)]
     texts: list[str] = []
     for start in range(0, len(rows), batch_size):

@@ -158,13 +158,7 @@ def compare_conditions(
         ...     behavior_prompts=split.behavior_heldout, control_prompts=split.control_heldout,
         ...     task_sets={"addition": (questions, answers)}, n_values=(2, 5))
     """
-    import numpy as np
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from labkit.evals import RefusalDetector, behavior_rate, exact_match_accuracy
-    from labkit.generation import generate
-    from labkit.moe.masking import ExpertMask, masked
+    from labkit.evals import RefusalDetector
 
     task_sets = dict(task_sets or {})
     behavior_prompts, control_prompts = list(behavior_prompts), list(control_prompts)
@@ -172,13 +166,32 @@ def compare_conditions(
     detector = RefusalDetector() if detector is None else detector
     n_values = tuple(n_values)
     bias_n = max(n_values) if bias_n is None else bias_n
+    all_sets = ("behavior", "control", *task_sets)
+    plan = _plan(model, attribution, n_values, random_seeds, force_on, bias_values, bias_n, all_sets)
+    sets = {"behavior": (behavior_prompts, None), "control": (control_prompts, None)}
+    sets.update({name: (list(prompts), list(answers)) for name, (prompts, answers) in task_sets.items()})
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat)
+    rows, examples = _measure(
+        model, plan, sets, settings, detector=detector, normalize=normalize, confidence=confidence,
+        batch_size=batch_size, progress=progress,
+    )
+    value_columns = [f"{name}_rate" for name in ("behavior", "control")] + [f"{name}_accuracy" for name in task_sets]
+    return _frame(_with_random_means(rows, random_seeds, value_columns), task_sets, examples, detector)
+
+
+#: One planned condition: its row key (condition, n, seed, bias, experts), its mask (``None``:
+#: no mask) and the prompt sets it is measured on.
+_PlannedRow = tuple[dict[str, Any], Any, tuple[str, ...]]
+
+
+def _plan(model, attribution, n_values, random_seeds, force_on, bias_values, bias_n, all_sets) -> list[_PlannedRow]:
+    """Every condition of :func:`compare_conditions`, in table order, with its mask."""
+    from labkit.moe.masking import ExpertMask
+
     excluded = attribution.top(max(n_values)) if n_values else []
     top_k = getattr(attribution, "top_k", None)
     forced_sets: list[list[tuple[int, int]]] = []
-
-    # --- the plan: (row key, mask, which sets to measure) ------------------------------------
-    all_sets = ("behavior", "control", *task_sets)
-    plan: list[tuple[dict[str, Any], Any, tuple[str, ...]]] = [
+    plan: list[_PlannedRow] = [
         ({"condition": "baseline", "n": 0, "seed": math.nan, "bias": math.nan, "experts": ""}, None, all_sets)
     ]
     for n in n_values:
@@ -202,11 +215,23 @@ def compare_conditions(
         mask = ExpertMask.from_attribution(attribution, bias_n, mode="bias", value=float(value), model=model)
         key = {"condition": "top_bias", "n": bias_n, "seed": math.nan, "bias": float(value)}
         plan.append(({**key, "experts": _experts_label(attribution.top(bias_n))}, mask, all_sets))
+    return plan
 
-    sets = {"behavior": (behavior_prompts, None), "control": (control_prompts, None)}
-    sets.update({name: (list(prompts), list(answers)) for name, (prompts, answers) in task_sets.items()})
+
+def _measure(model, plan: list[_PlannedRow], sets, settings, *, detector, normalize, confidence, batch_size, progress):
+    """Generate every planned condition's completions under its mask and score them.
+
+    Returns:
+        ``(rows, examples)``: one dict per planned condition (its key plus the measured
+        columns), and the first three behaviour completions per condition.
+    """
+    from tqdm.auto import tqdm
+
+    from labkit.evals import behavior_rate, exact_match_accuracy
+    from labkit.generation import generate
+    from labkit.moe.masking import masked
+
     calls = sum(math.ceil(len(sets[name][0]) / batch_size) for _, _, names in plan for name in names)
-
     rows, examples = [], {}
     with tqdm(total=calls, desc="compare_conditions", disable=not progress) as bar:
         for key, mask, names in plan:
@@ -218,11 +243,7 @@ def compare_conditions(
                     prompts, answers = sets[name]
                     texts: list[str] = []
                     for start in range(0, len(prompts), batch_size):
-                        out = generate(
-                            model, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, seed=seed, chat=chat,
-                        )
-                        texts += out.texts
+                        texts += generate(model, prompts[start : start + batch_size], **settings).texts
                         bar.update(1)
                     if answers is None:
                         rate = behavior_rate(texts, detector, confidence=confidence)
@@ -240,9 +261,13 @@ def compare_conditions(
                             f"{name}_ci_high": accuracy.ci_high,
                         })
             rows.append(row)
+    return rows, examples
 
-    # --- mean and spread of the random masks, per n --------------------------------------------
-    value_columns = [f"{name}_rate" for name in ("behavior", "control")] + [f"{name}_accuracy" for name in task_sets]
+
+def _with_random_means(rows: list[dict[str, Any]], random_seeds, value_columns: list[str]) -> list[dict[str, Any]]:
+    """The rows with a ``random_off_mean`` row (mean and sd over seeds) after each N's last random seed."""
+    import numpy as np
+
     ordered = []
     for row in rows:
         ordered.append(row)
@@ -255,6 +280,12 @@ def compare_conditions(
                 mean[column] = float(values.mean())
                 mean[f"{stem}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             ordered.append(mean)
+    return ordered
+
+
+def _frame(ordered: list[dict[str, Any]], task_sets, examples, detector):
+    """The rows as the documented ``pandas.DataFrame`` (fixed columns; examples and detector in ``attrs``)."""
+    import pandas as pd
 
     columns = ["condition", "n", "seed", "bias", "experts"]
     for name in ("behavior", "control"):

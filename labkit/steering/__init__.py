@@ -27,16 +27,18 @@ vectors (``labkit.generate(..., steering_per_row=...)``): a sweep of settings in
 row bit-for-bit the arithmetic of its solo run.
 """
 
+from labkit.steering.aggregators import Aggregator, Direction, logistic_aggregator, mean_aggregator, pca_aggregator
 from labkit.steering.apply import steered
 from labkit.steering.builders import (
     actadd,
+    contrast_vector,
     directional_ablation,
     logistic_regression,
     mean_difference,
     pca_direction,
     probe_direction,
 )
-from labkit.steering.contrast import residual_activations
+from labkit.steering.contrast import ContrastReading, residual_activations
 from labkit.steering.vector import KIND, OPERATIONS, POSITIONS, VERSION, SteeringVector, flatten_vectors
 
 __all__ = [
@@ -44,12 +46,19 @@ __all__ = [
     "OPERATIONS",
     "POSITIONS",
     "VERSION",
+    "Aggregator",
+    "ContrastReading",
+    "Direction",
     "SteeringVector",
     "actadd",
+    "contrast_vector",
     "directional_ablation",
     "flatten_vectors",
+    "logistic_aggregator",
     "logistic_regression",
+    "mean_aggregator",
     "mean_difference",
+    "pca_aggregator",
     "pca_direction",
     "probe_direction",
     "residual_activations",

@@ -3,21 +3,29 @@ paired differences, a logistic-probe direction, and directional ablation.
 
 Each returns a :class:`~labkit.steering.vector.SteeringVector` recording its method and inputs
 (``source``); each runs on any backend that reads the residual stream (``capture_resid``).
+
+The three contrast-pair methods are one pipeline, :func:`contrast_vector`: check the prompts,
+read activations as a :class:`~labkit.steering.contrast.ContrastReading` says, hand them to an
+aggregator (:mod:`labkit.steering.aggregators`: a plain function with one signature, as in
+steering-vectors), wrap the direction in a vector. :func:`mean_difference`,
+:func:`pca_direction` and :func:`probe_direction` are that pipeline with their aggregator; each
+takes the reading options as keywords or as one ``reading=ContrastReading(...)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from labkit.checks import check_coefficient, check_prompt
 from labkit.models import model_name_of, tokenizer_of
+from labkit.steering.aggregators import Aggregator, logistic_aggregator, logistic_regression, mean_aggregator, pca_aggregator
 from labkit.steering.contrast import (
     SPACE_HINT,
+    ContrastReading,
     check_model_hook_point,
     check_model_layer,
     check_paired,
@@ -25,11 +33,13 @@ from labkit.steering.contrast import (
     encode_one,
     prompt_activations,
     residual_activations,
-    scaled_to_separation,
 )
 from labkit.steering.vector import Positions, SteeringVector
 
-__all__ = ["actadd", "directional_ablation", "logistic_regression", "mean_difference", "pca_direction", "probe_direction"]
+__all__ = [
+    "actadd", "contrast_vector", "directional_ablation", "logistic_regression", "mean_difference", "pca_direction",
+    "probe_direction",
+]
 
 
 def actadd(
@@ -125,6 +135,7 @@ def mean_difference(
     hook_point: str = "hook_resid_pre",
     batch_size: int = 16,
     prepend_bos: bool | None = None,
+    reading: ContrastReading | None = None,
 ) -> SteeringVector:
     """Mean-difference steering direction over many contrast pairs (the "CAA" variant).
 
@@ -146,6 +157,8 @@ def mean_difference(
         hook_point: residual hook inside the block (default ``"hook_resid_pre"``).
         batch_size: prompts per forward pass.
         prepend_bos: override the model's BOS rule (``None`` keeps it).
+        reading: the options above as one :class:`~labkit.steering.contrast.ContrastReading`
+            (e.g. shared by several builders); then leave those keywords at their defaults.
 
     Returns:
         A :class:`SteeringVector` with ``activations`` of shape ``(d_model,)``.
@@ -157,24 +170,10 @@ def mean_difference(
     Example:
         >>> vec = mean_difference(model, ["I love it"], ["I hate it"], layer=6)  # doctest: +SKIP
     """
-    where = "mean_difference"
-    positive, negative, coefficient, hook_name = contrast_setup(
-        model, positive_prompts, negative_prompts, layer, coefficient, positions, token, batch_size, hook_point, where
-    )
-    acts_positive = prompt_activations(model, positive, hook_name, token, batch_size, prepend_bos, where)
-    acts_negative = prompt_activations(model, negative, hook_name, token, batch_size, prepend_bos, where)
-    return SteeringVector(
-        hook_name=hook_name,
-        activations=acts_positive.mean(0) - acts_negative.mean(0),
-        coefficient=coefficient,
-        positions=positions,
-        model_name=model_name_of(model),
-        source={
-            "method": "mean_difference",
-            "token": token,
-            "positive_prompts": positive,
-            "negative_prompts": negative,
-        },
+    return _contrast_vector(
+        model, positive_prompts, negative_prompts, layer, coefficient, mean_aggregator(), where="mean_difference",
+        reading=reading, positions=positions, token=token, hook_point=hook_point, batch_size=batch_size,
+        prepend_bos=prepend_bos,
     )
 
 
@@ -190,6 +189,7 @@ def pca_direction(
     hook_point: str = "hook_resid_pre",
     batch_size: int = 16,
     prepend_bos: bool | None = None,
+    reading: ContrastReading | None = None,
 ) -> SteeringVector:
     """Steering direction = first principal component of the paired activation differences.
 
@@ -212,6 +212,8 @@ def pca_direction(
         hook_point: residual hook inside the block (default ``"hook_resid_pre"``).
         batch_size: prompts per forward pass.
         prepend_bos: override the model's BOS rule (``None`` keeps it).
+        reading: the options above as one :class:`~labkit.steering.contrast.ContrastReading`
+            (e.g. shared by several builders); then leave those keywords at their defaults.
 
     Returns:
         A :class:`SteeringVector` with ``activations`` of shape ``(d_model,)``;
@@ -224,82 +226,11 @@ def pca_direction(
     Example:
         >>> vec = pca_direction(model, ["I love it"], ["I hate it"], layer=6)  # doctest: +SKIP
     """
-    where = "pca_direction"
-    positive, negative, coefficient, hook_name = contrast_setup(
-        model, positive_prompts, negative_prompts, layer, coefficient, positions, token, batch_size, hook_point, where
+    return _contrast_vector(
+        model, positive_prompts, negative_prompts, layer, coefficient, pca_aggregator(), where="pca_direction",
+        paired=True, reading=reading, positions=positions, token=token, hook_point=hook_point, batch_size=batch_size,
+        prepend_bos=prepend_bos,
     )
-    check_paired(positive, negative, where)
-    acts_positive = prompt_activations(model, positive, hook_name, token, batch_size, prepend_bos, where)
-    acts_negative = prompt_activations(model, negative, hook_name, token, batch_size, prepend_bos, where)
-    differences = (acts_positive - acts_negative).double()  # (pair, d_model)
-    _u, singular, vh = torch.linalg.svd(differences, full_matrices=False)
-    explained = float(singular[0] ** 2 / (singular**2).sum())
-    return SteeringVector(
-        hook_name=hook_name,
-        activations=scaled_to_separation(vh[0], acts_positive.double(), acts_negative.double()).float(),
-        coefficient=coefficient,
-        positions=positions,
-        model_name=model_name_of(model),
-        source={
-            "method": "pca",
-            "token": token,
-            "positive_prompts": positive,
-            "negative_prompts": negative,
-            "explained_variance_ratio": explained,
-        },
-    )
-
-
-def logistic_regression(
-    features: Float[Tensor, "sample d_model"], labels: Float[Tensor, " sample"], *, inverse_regularization: float = 1.0,
-    max_iter: int = 500,
-) -> tuple[Float[Tensor, " d_model"], float]:
-    """L2-regularised logistic regression, fitted exactly (L-BFGS on the convex objective).
-
-    Minimises ``C · Σ_i log(1 + exp(-y_i (w·x_i + b))) + ½‖w‖²`` with ``y_i ∈ {-1, +1}`` and an
-    unpenalised intercept ``b`` — the objective of scikit-learn's ``LogisticRegression`` (default
-    ``C = 1``), in float64. Features are centred on their mean first (``b`` absorbs it).
-
-    Args:
-        features: one row per sample.
-        labels: 1 for positives, 0 for negatives.
-        inverse_regularization: ``C > 0``.
-        max_iter: L-BFGS iterations.
-
-    Returns:
-        ``(w, b)``: the weight vector (float64) and intercept, on the centred features.
-
-    Raises:
-        ValueError: fewer than one sample per class, mismatched lengths, or ``C <= 0``.
-    """
-    x = features.double()
-    y = labels.double() * 2 - 1
-    if x.ndim != 2 or y.shape != (x.shape[0],):
-        raise ValueError(
-            f"logistic_regression: features must be (sample, d_model) and labels (sample,), got "
-            f"{tuple(features.shape)} and {tuple(labels.shape)}."
-        )
-    if not (bool((y > 0).any()) and bool((y < 0).any())):
-        raise ValueError("logistic_regression: needs at least one sample of each class (labels 0 and 1).")
-    if not inverse_regularization > 0:
-        raise ValueError(f"logistic_regression: inverse_regularization must be > 0, got {inverse_regularization!r}.")
-    x = x - x.mean(0)
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-14,
-        history_size=50, line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        optimizer.zero_grad()
-        loss = inverse_regularization * torch.nn.functional.softplus(-y * (x @ w + b)).sum() + 0.5 * (w @ w)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return w.detach(), float(b.detach())
 
 
 def probe_direction(
@@ -315,6 +246,7 @@ def probe_direction(
     batch_size: int = 16,
     prepend_bos: bool | None = None,
     inverse_regularization: float = 1.0,
+    reading: ContrastReading | None = None,
 ) -> SteeringVector:
     """Steering direction = the weight vector of a logistic-regression probe (positive vs negative).
 
@@ -329,6 +261,9 @@ def probe_direction(
         layer, coefficient, positions, token, hook_point, batch_size, prepend_bos: as in
             :func:`mean_difference`.
         inverse_regularization: the probe's ``C`` (larger = weaker L2 penalty).
+        reading: positions, token, hook_point, batch_size and prepend_bos as one
+            :class:`~labkit.steering.contrast.ContrastReading` (e.g. shared by several builders);
+            then leave those keywords at their defaults.
 
     Returns:
         A :class:`SteeringVector` with ``activations`` of shape ``(d_model,)``;
@@ -341,30 +276,93 @@ def probe_direction(
     Example:
         >>> vec = probe_direction(model, ["I love it", "Great"], ["I hate it", "Awful"], layer=6)  # doctest: +SKIP
     """
-    where = "probe_direction"
-    positive, negative, coefficient, hook_name = contrast_setup(
-        model, positive_prompts, negative_prompts, layer, coefficient, positions, token, batch_size, hook_point, where
+    return _contrast_vector(
+        model, positive_prompts, negative_prompts, layer, coefficient, logistic_aggregator(inverse_regularization),
+        where="probe_direction", reading=reading, positions=positions, token=token, hook_point=hook_point,
+        batch_size=batch_size, prepend_bos=prepend_bos,
     )
-    acts_positive = prompt_activations(model, positive, hook_name, token, batch_size, prepend_bos, where)
-    acts_negative = prompt_activations(model, negative, hook_name, token, batch_size, prepend_bos, where)
-    features = torch.cat([acts_positive, acts_negative])
-    labels = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))])
-    weights, intercept = logistic_regression(features, labels, inverse_regularization=inverse_regularization)
-    scores = (features.double() - features.double().mean(0)) @ weights + intercept
-    accuracy = float(((scores > 0).double() == labels.double()).double().mean())
+
+
+def contrast_vector(
+    model,
+    positive_prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    layer: int,
+    coefficient: float = 1.0,
+    *,
+    aggregator: Aggregator,
+    reading: ContrastReading | None = None,
+    paired: bool = False,
+) -> SteeringVector:
+    """A steering direction from contrast prompts and any aggregator: the pipeline of every contrast method.
+
+    Reads each prompt's activation at ``blocks.{layer}.{reading.hook_point}`` (its last token or
+    its token mean, ``reading.token``), calls ``aggregator(acts_positive, acts_negative)``
+    (:mod:`labkit.steering.aggregators`; e.g. ``mean_aggregator()`` gives
+    :func:`mean_difference`'s vector) and wraps the returned direction in a vector applied at
+    ``reading.positions``.
+
+    Args:
+        model: a labkit bridge, or any backend that reads the residual stream.
+        positive_prompts, negative_prompts: the two sides (any counts ≥ 1; equal with ``paired``).
+        layer: block index, ``0 .. n_layers-1``.
+        coefficient: finite multiplier.
+        aggregator: ``aggregate(acts_positive, acts_negative) -> Direction``.
+        reading: where and how to read (default ``ContrastReading()``).
+        paired: the aggregator pairs positive ``i`` with negative ``i`` (counts must match).
+
+    Returns:
+        A :class:`SteeringVector` with ``activations`` of shape ``(d_model,)``; ``source``
+        holds the aggregator's ``method`` and diagnostics, ``token`` and the prompts.
+
+    Raises:
+        ValueError: no prompts or an empty prompt, unequal counts with ``paired``, a layer out
+            of range, a non-finite coefficient.
+        TypeError: ``reading`` is not a :class:`ContrastReading`.
+
+    Example:
+        >>> from labkit.steering.aggregators import mean_aggregator  # doctest: +SKIP
+        >>> vec = contrast_vector(model, ["I love it"], ["I hate it"], 6, aggregator=mean_aggregator())  # doctest: +SKIP
+    """
+    return _contrast_vector(
+        model, positive_prompts, negative_prompts, layer, coefficient, aggregator, where="contrast_vector",
+        paired=paired, reading=ContrastReading() if reading is None else reading, **_DEFAULT_KEYWORDS,
+    )
+
+
+#: The reading keywords of the contrast builders at their defaults (what ``reading=`` stands in for).
+_DEFAULT_KEYWORDS: dict[str, Any] = {
+    "positions": "all", "token": "last", "hook_point": "hook_resid_pre", "batch_size": 16, "prepend_bos": None,
+}
+
+
+def _contrast_vector(
+    model, positive_prompts, negative_prompts, layer, coefficient, aggregator: Aggregator, *, where: str,
+    paired: bool = False, reading: ContrastReading | None, **keywords: Any,
+) -> SteeringVector:
+    """:func:`contrast_vector` for a named builder: its name in messages, its reading as keywords or ``reading``."""
+    positive, negative, coefficient, hook_name, reading = contrast_setup(
+        model, positive_prompts, negative_prompts, layer, coefficient, where, reading, **keywords
+    )
+    if paired:
+        check_paired(positive, negative, where)
+    read = (reading.token, reading.batch_size, reading.prepend_bos, where)
+    acts_positive = prompt_activations(model, positive, hook_name, *read)
+    acts_negative = prompt_activations(model, negative, hook_name, *read)
+    direction = aggregator(acts_positive, acts_negative)
+    extra = {key: value for key, value in direction.source.items() if key != "method"}
     return SteeringVector(
         hook_name=hook_name,
-        activations=scaled_to_separation(weights, acts_positive.double(), acts_negative.double()).float(),
+        activations=direction.activations,
         coefficient=coefficient,
-        positions=positions,
+        positions=reading.positions,
         model_name=model_name_of(model),
         source={
-            "method": "probe",
-            "token": token,
+            "method": direction.source.get("method", "custom"),
+            "token": reading.token,
             "positive_prompts": positive,
             "negative_prompts": negative,
-            "inverse_regularization": float(inverse_regularization),
-            "train_accuracy": accuracy,
+            **extra,
         },
     )
 

@@ -1,218 +1,23 @@
-"""Expert-selection rules as one family: six published ways to pick "the experts of a behaviour".
+"""The four expert-selection rules that read routing traces: fTRI, SteerMoE, RICE, SAFEx.
 
-Every rule scores each routed ``(layer, expert)`` cell and returns the same result type,
-:class:`ExpertSelection` (a score per cell, the rule's own filter of eligible cells, the source
-equation); ``selection.top(n)`` is the set a paper would switch off or force on, and
-:func:`labkit.moe.scorecard.selection_scorecard` compares the rules against matched random sets.
-
-Four rules read routing traces (:func:`~labkit.moe.trace.trace_routing` of behaviour and control
-prompts), two read the model:
-
-============================  ===================================================================
-rule                          score of cell ``(l, e)`` (B: behaviour tokens, C: control tokens)
-============================  ===================================================================
-``frequency_difference``      fTRI, MoTE (2025) §3: mean over B prompts of the share of the
-                              prompt's tokens whose top-k holds ``e``, minus the same over C
-                              (labkit's :func:`~labkit.moe.attribution.attribute_experts`).
-``risk_difference``           SteerMoE (Fayyaz et al. 2025, §3.1, eq. 1): ``A_B/N_B - A_C/N_C``,
-                              ``A`` = tokens whose top-k holds ``e``, ``N`` = tokens, pooled over
-                              *paired* prompts.
-``npmi``                      RICE (Wang et al. 2025, §3.1): normalised pointwise mutual
-                              information between "expert ``e`` chosen" and "the token is a
-                              behaviour token", ``ln(p(x,y) / p(x) p(y)) / -ln p(x,y)``.
-``stability_selection``       SAFEx (Lai et al. 2025, §2.2) after Meinshausen & Bühlmann (2010):
-                              share of half-subsamples of the prompts in which the cell is among
-                              a base rule's top ``top`` positive cells.
-``ablation_effect``           exact causal effect: ``score(no mask) - score(e off)``
-                              (:func:`~labkit.moe.causal.causal_attribution`).
-``first_order_effect``        attribution patching of the mask: one forward + backward pass.
-============================  ===================================================================
-
-Where labkit differs from the papers (each function says so too): SteerMoE ranks ``|Δ|`` and
-uses the sign to decide on/off, here the signed ``Δ`` is ranked (the experts that carry the
-behaviour); RICE's ``x`` is the occurrence of a marker token (``<think>``) in generated text,
-here ``x`` is "a token of a behaviour prompt" unless ``marker_token_ids`` names marker tokens;
-SAFEx's base statistic is its own activation-frequency ranking on harmful prompts, here any
-trace rule of this module (default fTRI).
+Each takes the :class:`~labkit.moe.trace.RoutingTrace` of behaviour and control prompts and
+returns an :class:`~labkit.moe.selection.ExpertSelection`; see :mod:`labkit.moe.selection` for the
+table of rules and where labkit differs from the papers.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float
 from torch import Tensor
 
-from labkit import storage
 from labkit.checks import check_int, check_trace_pair
+from labkit.moe.selection.result import BaseRule, ExpertSelection, nan_as_lowest, selection_from_scores
 
-__all__ = [
-    "ExpertSelection",
-    "RULES",
-    "ablation_effect",
-    "first_order_effect",
-    "frequency_difference",
-    "npmi",
-    "risk_difference",
-    "rule_agreement",
-    "stability_selection",
-    "trace_rules",
-]
-
-KIND = "labkit.ExpertSelection"
-VERSION = 1
-RULES = ("frequency_difference", "risk_difference", "npmi", "stability_selection", "ablation_effect", "first_order_effect")
-BaseRule = Literal["frequency_difference", "risk_difference", "npmi"]
-
-
-@dataclass(frozen=True)
-class ExpertSelection:
-    """One rule's score for every routed expert, and which experts its filter keeps.
-
-    Attributes:
-        rule: the rule's name (one of :data:`RULES`, or your own).
-        score: ``Float[Tensor, "layer expert"]``; higher means more tied to the behaviour.
-        eligible: ``Bool[Tensor, "layer expert"]``; the cells the rule's own filter keeps
-            (e.g. a positive difference, a selection probability above the threshold).
-        tiebreak: ``Float[Tensor, "layer expert"]``; second sort key (stability selection: the
-            base rule's full-data score), zeros where the rule has none.
-        layers: true model layer of each row.
-        n_experts, top_k: routing shape of the model.
-        model_name: the model the scores come from.
-        filter: the eligibility rule in words.
-        source: the paper, section and equation the score implements.
-        settings: the rule's settings (JSON-able), for the record.
-    """
-
-    rule: str
-    score: Float[Tensor, "layer expert"]
-    eligible: Bool[Tensor, "layer expert"]
-    layers: tuple[int, ...]
-    n_experts: int
-    top_k: int
-    model_name: str
-    filter: str
-    source: str
-    tiebreak: Float[Tensor, "layer expert"] | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        shape = (len(self.layers), self.n_experts)
-        if self.tiebreak is None:
-            object.__setattr__(self, "tiebreak", torch.zeros(shape, dtype=torch.float64))
-        for name in ("score", "eligible", "tiebreak"):
-            value = getattr(self, name)
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"ExpertSelection({self.rule!r}).{name} must have shape (layer, expert) = {shape}, got {got}.")
-        object.__setattr__(self, "eligible", self.eligible.bool())
-        object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
-
-    @property
-    def n_eligible(self) -> int:
-        """How many cells the rule's filter keeps."""
-        return int(self.eligible.sum())
-
-    def ranked(self) -> list[tuple[int, int]]:
-        """Every eligible cell as ``(layer, expert)``, best first (score, then tiebreak, then layer, expert)."""
-        score, tiebreak = self.score.flatten().tolist(), self.tiebreak.flatten().tolist()
-        eligible = self.eligible.flatten().tolist()
-        order = sorted(
-            (i for i in range(len(score)) if eligible[i]),
-            key=lambda i: (-_finite(score[i]), -_finite(tiebreak[i]), i),
-        )
-        return [(self.layers[i // self.n_experts], i % self.n_experts) for i in order]
-
-    def top(self, n: int, per_layer_cap: int | None = None) -> list[tuple[int, int]]:
-        """The ``n`` best eligible experts as ``[(layer, expert), ...]``, true layer numbers.
-
-        Args:
-            n: how many (≥ 1).
-            per_layer_cap: at most this many from one layer (forcing on: ``top_k``; switching
-                off: ``n_experts - top_k``, so every token keeps ``top_k`` choices).
-
-        Raises:
-            ValueError: ``n < 1``, a cap < 1, or fewer than ``n`` eligible experts under the cap
-                (the message names the rule's filter and how many it keeps).
-        """
-        check_int(n, "n", caller=f"ExpertSelection({self.rule!r}).top", minimum=1)
-        if per_layer_cap is not None:
-            check_int(per_layer_cap, "per_layer_cap", caller=f"ExpertSelection({self.rule!r}).top", minimum=1)
-        chosen: list[tuple[int, int]] = []
-        per_layer: dict[int, int] = {}
-        for layer, expert in self.ranked():
-            if len(chosen) == n:
-                break
-            if per_layer_cap is not None and per_layer.get(layer, 0) >= per_layer_cap:
-                continue
-            per_layer[layer] = per_layer.get(layer, 0) + 1
-            chosen.append((layer, expert))
-        if len(chosen) < n:
-            cap = "" if per_layer_cap is None else f"; under the cap of {per_layer_cap} per layer only {len(chosen)} can be chosen"
-            raise ValueError(
-                f"ExpertSelection({self.rule!r}).top: asked for n={n} experts but the rule's filter "
-                f"({self.filter}) keeps {self.n_eligible} of {self.score.numel()}{cap}. Ask for fewer, or relax the "
-                "rule's filter."
-            )
-        return chosen
-
-    def to_frame(self):
-        """One row per cell (``layer, expert, score, tiebreak, eligible, rank``), best first."""
-        import pandas as pd
-
-        ranked = {cell: rank for rank, cell in enumerate(self.ranked(), start=1)}
-        rows = [
-            {
-                "layer": layer, "expert": expert, "score": float(self.score[r, expert]),
-                "tiebreak": float(self.tiebreak[r, expert]), "eligible": bool(self.eligible[r, expert]),
-                "rank": ranked.get((layer, expert), math.nan),
-            }
-            for r, layer in enumerate(self.layers)
-            for expert in range(self.n_experts)
-        ]
-        frame = pd.DataFrame(rows)
-        return frame.sort_values(["rank", "layer", "expert"], na_position="last").reset_index(drop=True)
-
-    def __repr__(self) -> str:
-        best = self.ranked()[:3]
-        return (
-            f"ExpertSelection({self.rule}, {len(self.layers)} layers x {self.n_experts} experts, "
-            f"{self.n_eligible} eligible ({self.filter}), top {best})"
-        )
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``<stem>.json`` + ``<stem>.safetensors`` (:mod:`labkit.storage`); return the JSON path."""
-        tensors = {"score": self.score.double(), "eligible": self.eligible.to(torch.uint8), "tiebreak": self.tiebreak.double()}
-        metadata = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in tensors}
-        metadata["layers"] = list(self.layers)
-        return storage.save(path, kind=KIND, version=VERSION, metadata=metadata, tensors=tensors)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "ExpertSelection":
-        """Read what :meth:`save` wrote (the stem or either file).
-
-        Raises:
-            FileNotFoundError / ValueError: as :func:`labkit.storage.load`.
-        """
-        metadata, tensors = storage.load(path, kind=KIND, version=VERSION, caller="ExpertSelection.load", writer="ExpertSelection.save")
-        names = ["rule", "layers", "n_experts", "top_k", "model_name", "filter", "source"]
-        storage.require_keys(metadata, names, caller="ExpertSelection.load", source=repr(str(path)))
-        values = {name: metadata[name] for name in names}
-        values["layers"] = tuple(values["layers"])
-        return cls(
-            score=tensors["score"], eligible=tensors["eligible"].bool(), tiebreak=tensors["tiebreak"],
-            settings=dict(metadata.get("settings", {})), **values,
-        )
-
-
-def _finite(value: float) -> float:
-    return -math.inf if math.isnan(value) else value
+__all__ = ["frequency_difference", "npmi", "risk_difference", "stability_selection", "trace_rules"]
 
 
 # --- per-prompt counts of a trace ------------------------------------------------------------
@@ -295,18 +100,6 @@ def _npmi_score(b: _Counts, c: _Counts, markers: bool, pick_b=None, pick_c=None)
     return np.where(n_xy == total, 1.0, value)  # x and y on every token: complete co-occurrence
 
 
-def _selection(rule, score, eligible, trace, *, filter, source, tiebreak=None, settings=None) -> ExpertSelection:
-    def as_tensor(array):
-        return torch.as_tensor(np.asarray(array, dtype=np.float64))
-
-    return ExpertSelection(
-        rule=rule, score=as_tensor(score), eligible=torch.as_tensor(np.asarray(eligible, dtype=bool)),
-        layers=tuple(trace.layers), n_experts=int(trace.n_experts), top_k=int(trace.top_k),
-        model_name=str(trace.model_name), filter=filter, source=source,
-        tiebreak=None if tiebreak is None else as_tensor(tiebreak), settings=dict(settings or {}),
-    )
-
-
 def _check_last_tokens(last_tokens, caller):
     if last_tokens is not None:
         check_int(last_tokens, "last_tokens", caller=caller, minimum=1)
@@ -352,7 +145,7 @@ def frequency_difference(behavior, control, *, last_tokens: int | None = None) -
         behavior, control, metric="frequency", aggregate="prompt", n_bootstrap=0, n_splits=0, last_tokens=last_tokens
     )
     score = attribution.score.double().numpy()
-    return _selection(
+    return selection_from_scores(
         "frequency_difference", score, score > 0, behavior, filter="score > 0",
         source="MoTE (2025) §3, fTRI: mean per-prompt selection rate on behaviour minus control prompts",
         settings={"last_tokens": last_tokens, "aggregate": "prompt"},
@@ -384,7 +177,7 @@ def risk_difference(behavior, control, *, last_tokens: int | None = None) -> Exp
     check_trace_pair(behavior, control, caller="risk_difference", paired=True)
     _check_last_tokens(last_tokens, "risk_difference")
     score = _risk_difference_score(_counts(behavior, last_tokens), _counts(control, last_tokens))
-    return _selection(
+    return selection_from_scores(
         "risk_difference", score, score > 0, behavior, filter="Δ > 0",
         source="SteerMoE (Fayyaz et al. 2025) §3.1 eq. 1: A_B/N_B - A_C/N_C over paired prompts, tokens pooled",
         settings={"last_tokens": last_tokens},
@@ -430,7 +223,7 @@ def npmi(behavior, control, *, last_tokens: int | None = None, marker_token_ids=
             "trace; pass ids of tokens the traces contain (tokenizer.encode(marker, add_special_tokens=False))."
         )
     score = _npmi_score(counts_b, counts_c, markers)
-    return _selection(
+    return selection_from_scores(
         "npmi", score, score > 0, behavior, filter="nPMI > 0",
         source="RICE (Wang et al. 2025) §3.1: nPMI(x, y) = ln[p(x,y)/(p(x)p(y))] / -ln p(x,y)",
         settings={"last_tokens": last_tokens, "x": "marker tokens" if markers else "behaviour-set tokens",
@@ -510,13 +303,13 @@ def stability_selection(
         pick_b = _subsample(rng, counts_b.tokens.shape[0], fraction)
         pick_c = pick_b if paired else _subsample(rng, counts_c.tokens.shape[0], fraction)
         flat = score_of(counts_b, counts_c, pick_b, pick_c).ravel()
-        order = sorted(range(flat.size), key=lambda i: (-_finite(float(flat[i])), i))[:top]
+        order = sorted(range(flat.size), key=lambda i: (-nan_as_lowest(float(flat[i])), i))[:top]
         for i in order:
             if flat[i] > 0:
                 hits.flat[i] += 1
     probability = hits / n_resamples
     full = score_of(counts_b, counts_c)
-    return _selection(
+    return selection_from_scores(
         "stability_selection", probability, probability >= threshold, behavior, tiebreak=full,
         filter=f"selection probability >= {threshold}",
         source="SAFEx (Lai et al. 2025) §2.2 stability-based selection; Meinshausen & Bühlmann (2010)",
@@ -540,89 +333,3 @@ def trace_rules(behavior, control, *, last_tokens: int | None = None, paired: bo
     return out
 
 
-# --- the model rules -----------------------------------------------------------------------------
-
-
-def _causal(rule: str, method: str, model, prompts, targets, source: str, kwargs) -> ExpertSelection:
-    from labkit.moe.causal import causal_attribution
-    from labkit.moe.families import find_routers
-
-    result = causal_attribution(model, prompts, targets, method=method, **kwargs)
-    effect = result.effect.double()
-    return ExpertSelection(
-        rule=rule, score=effect, eligible=effect > 0, layers=tuple(result.layers), n_experts=result.n_experts,
-        top_k=int(find_routers(model)[0].top_k), model_name=result.model_name, filter="effect > 0", source=source,
-        settings={"method": result.method, "score": result.score, "baseline": result.baseline, "n_prompts": result.n_prompts},
-    )
-
-
-def ablation_effect(model, prompts, targets, **kwargs: Any) -> ExpertSelection:
-    """Exact causal effect of switching each expert off (one masked pass per expert).
-
-    ``score(l, e) = S(no mask) - S(e off)``, ``S`` = mean over prompts of ``p(target | prompt)``
-    (``score="logprob"``: mean log-probability per target token); "off" is
-    :func:`~labkit.moe.masking.masked`'s rule (the next-best expert takes the slot). Filter:
-    ``effect > 0``. This is :func:`~labkit.moe.causal.causal_attribution` with
-    ``method="ablation"``; keyword arguments go to it (``score=``, ``layers=``, ``batch_size=``).
-
-    Raises:
-        ValueError / TypeError: as :func:`~labkit.moe.causal.causal_attribution`.
-    """
-    return _causal("ablation_effect", "ablation", model, prompts, targets,
-                   "exact ablation: S(no mask) - S(expert off) (labkit.moe.causal)", kwargs)
-
-
-def first_order_effect(model, prompts, targets, **kwargs: Any) -> ExpertSelection:
-    """First-order estimate of the same effect from one forward and one backward pass.
-
-    Attribution patching (Nanda 2023; Syed, Rager & Conmy 2023) of the mask:
-    ``effect(l, e) ≈ -Σ_t g_t · Δh_t(e)``, ``g_t`` the gradient of the score at layer ``l``'s
-    routed-expert output, ``Δh_t(e)`` the exact change of that output when ``e``'s slot is
-    re-routed. :func:`~labkit.moe.causal.causal_attribution` with ``method="first_order"``.
-    Filter: ``effect > 0``.
-
-    Raises:
-        ValueError / TypeError / NotImplementedError: as :func:`~labkit.moe.causal.causal_attribution`.
-    """
-    return _causal("first_order_effect", "first_order", model, prompts, targets,
-                   "attribution patching of the mask (Syed, Rager & Conmy 2023) (labkit.moe.causal)", kwargs)
-
-
-# --- agreement -------------------------------------------------------------------------------------
-
-
-def rule_agreement(selections):
-    """Spearman rank correlation between every two rules' scores over all ``layer x expert`` cells.
-
-    Args:
-        selections: ``{name: ExpertSelection}`` (or a list, named by ``rule``), all of one model.
-
-    Returns:
-        A square ``pandas.DataFrame`` of ρ (``scipy.stats.spearmanr``), rows and columns named
-        by rule; NaN where a rule's scores are constant.
-
-    Raises:
-        ValueError: fewer than two selections, or selections of different models / shapes.
-    """
-    import pandas as pd
-    from scipy.stats import spearmanr
-
-    items = dict(selections) if isinstance(selections, dict) else {s.rule: s for s in selections}
-    if len(items) < 2:
-        raise ValueError(f"rule_agreement: needs at least two selections, got {len(items)}.")
-    first = next(iter(items.values()))
-    for name, selection in items.items():
-        if (selection.model_name, selection.layers, selection.n_experts) != (first.model_name, first.layers, first.n_experts):
-            raise ValueError(
-                f"rule_agreement: {name!r} scores model {selection.model_name!r} layers {selection.layers} x "
-                f"{selection.n_experts} experts, but {first.rule!r} scores {first.model_name!r} {first.layers} x "
-                f"{first.n_experts}; compare selections of one model."
-            )
-    names = list(items)
-    matrix = np.eye(len(names))
-    for i, a in enumerate(names):
-        for j in range(i + 1, len(names)):
-            x, y = items[a].score.flatten().numpy(), items[names[j]].score.flatten().numpy()
-            rho = np.nan if np.ptp(x) == 0 or np.ptp(y) == 0 else float(spearmanr(x, y).statistic)
-            matrix[i, j] = matrix[j, i] = rho
-    return pd.DataFrame(matrix, index=names, columns=names)

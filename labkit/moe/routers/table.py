@@ -1,302 +1,41 @@
-"""Per-family router specs: where each MoE layer's router lives and how it chooses experts.
+"""The family table: one declarative :class:`RouterFamily` entry per architecture, and router lookup.
 
-One declarative :class:`RouterFamily` entry per architecture (the TransformerLens adapter idea:
-one dict per family), built from a handful of shared :class:`Scheme` values: a family that is a
-variant of another (DeepSeek-V3 routing reused by GLM-4.5, dots1, Kimi, MiMo, ...) is the same
-``Scheme`` with its own model types and router class, not a copy of code. The Hugging Face router
-module of every supported family is called once per MoE layer on the flattened ``batch * pos``
-tokens; labkit hooks that module with a plain ``torch`` forward hook on the plain twin
-(:func:`labkit.moe.families.hf_of`): tracing reads its output, masking replaces it.
-
-Each family's routing is recomputed from the router's own logits by one function,
-:func:`route`, driven by the family's :class:`Scheme` — the *exact* tensor ops of
-``transformers`` 5.23 (read from ``transformers/models/<family>/modeling_<family>.py``), so that
-with no selection adjustment the recomputation equals the router's output bit for bit (tested
-for every family). The schemes:
-
-===================  ==========================================================================
-scheme               router math (transformers 5.23)
-===================  ==========================================================================
-softmax top-k        softmax over all experts (float32) → top-k → renormalise per flag /
-                     always / never (OLMoE, Qwen-MoE, Mixtral, MiniMax, Jamba, Hunyuan, ...)
-top-k then softmax   top-k on the logits → softmax over the k chosen (GPT-OSS, Granite-MoE,
-                     Aria, Cohere2-MoE ``expert_selection_fn="softmax"``)
-top-k then sigmoid   top-k on the logits (+ correction bias) → sigmoid of the k chosen
-                     (Llama 4, Kolibri, Cohere2-MoE ``"sigmoid"``)
-sigmoid (+bias)      sigmoid scores; choose on scores + ``e_score_correction_bias`` (a router
-                     buffer or a block tensor passed to the router); optionally within the
-                     top ``topk_group`` of ``n_group`` groups (group score = sum of its top-2;
-                     AXK2 fills unchosen groups with 0, not -inf); weight with the unbiased
-                     scores; renormalise; × a scaling factor (DeepSeek-V3 and its variants,
-                     MiniMax-M2, Hunyuan-V3, AFMoE, LFM2-MoE, Laguna, Flint, ...)
-DeepSeek-V2          softmax; greedy or group-limited greedy (group score = max), never
-                     renormalised, × ``routed_scaling_factor``
-ERNIE 4.5            softmax; choose on probabilities + ``moe_statics`` correction bias;
-                     renormalise with the sum clamped at ``moe_norm_min``
-LongCat-Flash        softmax over routed + zero (identity) experts; choose on + correction
-                     bias; × ``routed_scaling_factor``; zero experts are indices ≥ ``n_routed``
-===================  ==========================================================================
-
-A family's entry also names every attribute, parameter, buffer and submodule of its router
-that the scheme accounts for; :func:`find_routers` refuses a router with any other (a routing
-option a future ``transformers`` adds must never be silently ignored), and option values the
-scheme does not implement (DeepSeek-V2 ``topk_method``, Cohere2 ``expert_selection_fn``,
-Inkling-2 ``scoring_func``) are refused by name.
-
-Families of the pinned ``transformers`` that labkit does *not* route are listed with the reason
-in :data:`NOT_ROUTED`; ``tests/test_moe_families.py`` lists every MoE text-generation family
-``transformers`` ships and fails on one that is in neither table.
-
-TransformerLens 4.3 boots most of these families (its ``MoEBridge`` wraps the Hugging Face block
-and calls its forward); labkit never routes through the bridge, only through the plain twin.
-
-Layers without experts keep their true layer numbers: :func:`moe_layers` of a Qwen3-MoE with
-``mlp_only_layers=[1]`` and three layers is ``[0, 2]``.
+Each entry names the family's ``model_type`` values, its Hugging Face router class, its
+:class:`~labkit.moe.routers.scheme.Scheme` and every router attribute the scheme accounts for;
+:func:`find_routers_in` finds and checks the routers of a model. See :mod:`labkit.moe.routers`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
-from labkit.interventions import Selection
+from labkit.moe.routers.scheme import (
+    DEEPSEEK_V3,
+    GRANITE,
+    LLAMA4,
+    MIXTRAL,
+    SIGMOID_BIAS_SCALED,
+    SOFTMAX_ALWAYS,
+    SOFTMAX_FLAG,
+    SOFTMAX_NEVER_INPUT,
+    TOPK_SOFTMAX,
+    Scheme,
+    read_llama4,
+    read_standard,
+    route,
+    write_llama4,
+    write_standard,
+)
 
 __all__ = [
-    "RouterFamily",
-    "Scheme",
-    "Selection",
-    "FAMILIES",
-    "NOT_ROUTED",
-    "MoELayer",
-    "check_router",
-    "decoder_layers",
-    "family_of_config",
-    "find_routers_in",
-    "route",
-    "router_keys",
-    "supported_families",
+    "BASE", "DS_KEYS", "FAMILIES", "NOT_ROUTED", "MoELayer", "RouterFamily", "check_router", "decoder_layers",
+    "family_of_config", "find_routers_in", "router_keys", "supported_families",
 ]
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """The routing rule of a family, as data (see the module table).
-
-    Attributes:
-        score: ``"softmax"`` / ``"sigmoid"`` over all experts before the choice, or ``"none"``
-            (top-k runs on the logits themselves).
-        softmax_float: softmax computed in float32 (``dtype=torch.float``), else in the
-            logits' dtype.
-        upcast: logits cast to float32 before scoring (Mixtral's ``router_logits.float()``).
-        correction: where the selection-only correction bias comes from: ``None``; ``"attr:<name>"``
-            a router attribute / buffer (dotted path allowed; squeezed); ``"input"`` the router's
-            second forward argument (the block's ``e_score_correction_bias`` / ``expert_bias``).
-        choose_plus_bias: the plain softmax families rank by ``probs * exp(user bias)``; the
-            others by ``score + user bias``.
-        groups: ``None``; ``"top2_sum"`` (DeepSeek-V3: group score = sum of its top-2 choice
-            scores); ``"max"`` (DeepSeek-V2: max score in the group).
-        group_fill: value given to experts outside the chosen groups (``-inf`` or ``0.0``).
-        group_sorted: ``sorted=`` of the group top-k (irrelevant to the set chosen).
-        sorted: ``sorted=`` of the final top-k.
-        weight: ``"score"`` (gather the unbiased scores), ``"softmax_of_chosen"`` /
-            ``"sigmoid_of_chosen"`` (of the chosen logits).
-        weight_float: the softmax / sigmoid over the chosen is computed in float32 (else in the
-            logits' dtype).
-        renormalise: ``True``, ``False`` or the router attribute holding the flag.
-        eps: added to the renormalisation denominator.
-        clamp_attr: router attribute whose value clamps the denominator from below (ERNIE).
-        scale: router attribute holding a scaling factor applied after renormalisation.
-        cast: final dtype of the weights: ``"logits"``, ``"input"`` (hidden states) or ``None``.
-    """
-
-    score: str = "softmax"
-    softmax_float: bool = True
-    upcast: bool = False
-    correction: str | None = None
-    choose_plus_bias: bool = False
-    groups: str | None = None
-    group_fill: float = -math.inf
-    group_sorted: bool = False
-    sorted: bool = True
-    weight: str = "score"
-    weight_float: bool = False
-    renormalise: bool | str = False
-    eps: float = 0.0
-    clamp_attr: str | None = None
-    scale: str | None = None
-    cast: str | None = "logits"
-
-
-def _correction(scheme: Scheme, router: torch.nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
-    if scheme.correction is None:
-        return None
-    if scheme.correction == "input":
-        if len(args) > 1:
-            return args[1]
-        for name in ("expert_bias", "e_score_correction_bias"):
-            if name in kwargs:
-                return kwargs[name]
-        raise ValueError(f"{type(router).__name__} was called without its correction-bias argument.")
-    owner: Any = router
-    for part in scheme.correction.removeprefix("attr:").split("."):
-        owner = getattr(owner, part)
-    return owner.squeeze()
-
-
-def route(
-    scheme: Scheme,
-    router: torch.nn.Module,
-    router_logits: Float[Tensor, "token expert"],
-    selection: Selection | None = None,
-    args: tuple = (),
-    kwargs: dict | None = None,
-) -> tuple[Int[Tensor, "token k"], Float[Tensor, "token k"]]:
-    """Recompute ``(topk_indices, topk_weights)`` from the router's logits under a selection.
-
-    With ``selection=None`` these are the family router's own tensor ops (transformers 5.23),
-    bit for bit. Under a selection, off experts score ``-inf`` and on experts ``+inf`` in the
-    choice (group-limited families: every group holding an on expert is forced into the chosen
-    groups, and off experts stay ``-inf`` even where unchosen groups are filled with 0); the
-    weights are gathered from the unadjusted scores.
-
-    Args:
-        scheme: the family's :class:`Scheme`.
-        router: the Hugging Face router module (its ``top_k``, flags and buffers are read).
-        router_logits: ``[token, expert]`` logits the router returned.
-        selection: per-expert off / on / bias, or ``None``.
-        args, kwargs: the router's forward inputs (for a correction bias passed as an argument,
-            and the hidden-state dtype).
-
-    Returns:
-        ``topk_indices`` ``[token, k]`` (int64) and ``topk_weights`` ``[token, k]``.
-    """
-    kwargs = kwargs or {}
-    k = int(router.top_k)
-    logits = router_logits.float() if scheme.upcast else router_logits
-    if scheme.score == "softmax":
-        if scheme.softmax_float:
-            scores = torch.nn.functional.softmax(logits, dim=-1, dtype=torch.float)
-        else:
-            scores = torch.nn.functional.softmax(logits, dim=-1, dtype=logits.dtype)
-    elif scheme.score == "sigmoid":
-        scores = logits.sigmoid()
-    else:
-        scores = logits
-    correction = _correction(scheme, router, args, kwargs)
-    choice = scores if correction is None else scores + correction
-    if selection is not None and selection.bias is not None:
-        if scheme.score == "softmax" and not scheme.choose_plus_bias:
-            choice = choice * selection.bias.to(choice).exp()
-        else:
-            choice = choice + selection.bias.to(choice)
-    off = on = None
-    if selection is not None:
-        off = selection.off.to(choice.device) if selection.off.any() else None
-        on = selection.on.to(choice.device) if selection.on.any() else None
-    if off is not None:
-        choice = choice.masked_fill(off, -math.inf)
-    weight_source = scores
-    if scheme.groups is not None:
-        n_group, n_experts = int(router.num_group), choice.shape[-1]
-        grouped = choice.view(-1, n_group, n_experts // n_group)
-        if scheme.groups == "top2_sum":
-            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
-        else:
-            group_scores = grouped.max(dim=-1).values
-        if on is not None:
-            group_scores = group_scores.masked_fill(on.view(n_group, -1).any(dim=-1), math.inf)
-        group_idx = torch.topk(group_scores, k=int(router.topk_group), dim=-1, sorted=scheme.group_sorted)[1]
-        group_mask = torch.zeros_like(group_scores)
-        group_mask.scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, n_experts // n_group).reshape(-1, n_experts)
-        choice = choice.masked_fill(~score_mask.bool(), scheme.group_fill)
-        if scheme.groups == "max":  # DeepSeek-V2 weights with the group-masked scores themselves
-            weight_source = scores.masked_fill(~score_mask.bool(), scheme.group_fill)
-        if off is not None and scheme.group_fill != -math.inf:
-            choice = choice.masked_fill(off, -math.inf)
-    if on is not None:
-        choice = choice.masked_fill(on, math.inf)
-    if selection is None and scheme.groups == "max":
-        topk_weights, topk_indices = torch.topk(choice, k=k, dim=-1, sorted=scheme.sorted)
-    else:
-        topk_indices = torch.topk(choice, k=k, dim=-1, sorted=scheme.sorted)[1]
-        topk_weights = weight_source.gather(1, topk_indices)
-    if scheme.weight == "softmax_of_chosen":
-        dtype = torch.float if scheme.weight_float else topk_weights.dtype
-        topk_weights = torch.nn.functional.softmax(topk_weights, dim=-1, dtype=dtype)
-    elif scheme.weight == "sigmoid_of_chosen":
-        topk_weights = (topk_weights.float() if scheme.weight_float else topk_weights).sigmoid()
-    norm = scheme.renormalise
-    if isinstance(norm, str):
-        norm = bool(getattr(router, norm))
-    if norm:
-        denominator = topk_weights.sum(dim=-1, keepdim=True)
-        if scheme.clamp_attr is not None:
-            denominator = torch.clamp(denominator, min=getattr(router, scheme.clamp_attr))
-        elif scheme.eps:
-            denominator = denominator + scheme.eps
-        topk_weights = topk_weights / denominator
-    if scheme.scale is not None:
-        topk_weights = topk_weights * getattr(router, scheme.scale)
-    if scheme.cast == "logits":
-        topk_weights = topk_weights.to(router_logits.dtype)
-    elif scheme.cast == "input" and args:
-        topk_weights = topk_weights.to(args[0].dtype)
-    return topk_indices, topk_weights
-
-
-# --- router output protocols ------------------------------------------------------------------
-
-
-def _read_standard(output, router) -> tuple[Tensor, Tensor, Tensor]:
-    """``(router_logits, topk_weights, topk_indices, ...)``: the transformers 5.x router output."""
-    return output[0], output[1], output[2]
-
-
-def _write_standard(output, router, topk_indices, topk_weights):
-    return (output[0], topk_weights, topk_indices, *output[3:])
-
-
-def _read_llama4(output, router) -> tuple[Tensor, Tensor, Tensor]:
-    """Llama 4 returns ``(router_scores [token, expert], router_logits)``; scores are 0 off the top-k.
-
-    The chosen experts are those with a non-zero score, in the router's order (by logit).
-    """
-    router_scores, router_logits = output
-    ranked = router_logits.masked_fill(router_scores == 0, -math.inf)
-    topk_indices = torch.topk(ranked, int(router.top_k), dim=-1)[1]
-    return router_logits, router_scores.gather(1, topk_indices), topk_indices
-
-
-def _write_llama4(output, router, topk_indices, topk_weights):
-    router_scores, router_logits = output
-    scores = torch.zeros_like(router_scores).scatter_(1, topk_indices, topk_weights.to(router_scores.dtype))
-    return scores, router_logits
-
-
-# --- schemes (the routing rules, shared by the families that use them) ------------------------
-
-SOFTMAX_FLAG = Scheme("softmax", renormalise="norm_topk_prob")
-SOFTMAX_ALWAYS = Scheme("softmax", renormalise=True)
-SOFTMAX_NEVER_INPUT = Scheme("softmax", renormalise=False, cast="input")
-MIXTRAL = Scheme("softmax", upcast=True, renormalise=True, cast=None)
-TOPK_SOFTMAX = Scheme("none", weight="softmax_of_chosen", cast=None)
-GRANITE = Scheme("none", upcast=True, weight="softmax_of_chosen", cast="input")
-LLAMA4 = Scheme("none", weight="sigmoid_of_chosen", weight_float=True)
-DEEPSEEK_V3 = Scheme(
-    "sigmoid", correction="attr:e_score_correction_bias", groups="top2_sum", sorted=False,
-    renormalise="norm_topk_prob", eps=1e-20, scale="routed_scaling_factor", cast=None,
-)
-SIGMOID_BIAS_SCALED = Scheme(
-    "sigmoid", correction="attr:e_score_correction_bias", sorted=False, renormalise=True, eps=1e-20,
-    scale="routed_scaling_factor", cast=None,
-)
 
 # Router attributes every standard router has.
 BASE = frozenset({"top_k", "num_experts", "hidden_dim", "weight"})
@@ -370,8 +109,8 @@ class RouterFamily:
     scheme: Scheme
     router_keys: frozenset[str] = BASE
     options: Callable[[torch.nn.Module, Scheme], Scheme] | None = None
-    read: Callable = field(default=_read_standard, repr=False)
-    write: Callable = field(default=_write_standard, repr=False)
+    read: Callable = field(default=read_standard, repr=False)
+    write: Callable = field(default=write_standard, repr=False)
     n_experts_attr: str = "num_experts"
     shared_experts: str | None = None
     dense_rule: str = "every layer is a MoE layer"
@@ -469,7 +208,7 @@ _ENTRIES = (
     # top-k on the logits, sigmoid of the chosen ------------------------------------------------
     RouterFamily(
         "Llama-4", ("llama4_text", "llama4"), "Llama4Router", LLAMA4, frozenset({"num_experts", "top_k", "weight",
-        "in_features", "out_features", "bias"}), read=_read_llama4, write=_write_llama4,
+        "in_features", "out_features", "bias"}), read=read_llama4, write=write_llama4,
         n_experts_attr="num_experts", shared_experts="one shared expert",
         dense_rule="layers not in moe_layers (interleave_moe_layer_step) are dense",
         note="the router returns dense [token, expert] sigmoid scores (0 off the top-k) that scale the "
@@ -632,7 +371,7 @@ class MoELayer:
 
     def read(self, output) -> tuple[Tensor, Tensor, Tensor]:
         """``(router_logits, topk_weights, topk_indices)`` from the router module's output."""
-        return (self.family.read if self.family is not None else _read_standard)(output, self.router)
+        return (self.family.read if self.family is not None else read_standard)(output, self.router)
 
 
 def family_of_config(config: Any) -> RouterFamily:
