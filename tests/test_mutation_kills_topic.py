@@ -4,6 +4,10 @@ from an independent computation (a by-hand loop over tokens, numpy)."""
 
 from __future__ import annotations
 
+import math
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +53,92 @@ def test_topic_probability_refuses_prompt_plus_topic_prefix_past_the_context(sha
             start = len(ids) - len(form)
             expected += float(sum(logp[start + j, form[j]] for j in range(len(form))).exp())
     assert 0 < got == pytest.approx(expected, rel=1e-4)
+
+
+# --- topic_steering_sweep: every cell against solo greedy runs counted by hand -------------------
+
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+
+
+def _count(texts, topic):
+    words = [w for text in texts for w in _WORD.findall(text.lower())]
+    return sum(w in topic for w in words), len(words)
+
+
+def test_topic_steering_sweep_every_cell_equals_solo_greedy_runs_counted_by_hand(shared_tiny_llama):
+    """Greedy rows (``temperature=0``) equal their solo runs, so every cell of both tables can be
+    recomputed from one ``generate`` per (setting, prompt): topic fraction pooled over the
+    setting's texts (each prompt's text counted ``samples_per_prompt`` times), word counts, the
+    coefficient-0 row reusing the baseline, a list of vectors labelled layer -1, the
+    anti-steerable fraction from a least-squares slope per prompt (numpy.polyfit on
+    ``[0, coefficients]``), all across batches of 5 rows."""
+    import labkit
+    from labkit.steering import SteeringVector, steered
+
+    model = shared_tiny_llama
+    prompts = ["the cat sat on the", "a dog ran to", "my friend said that"]
+    torch.manual_seed(1)
+    first = labkit.actadd(model, " wedding", " ", layer=1)
+    second = SteeringVector("blocks.2.hook_resid_pre", 0.003 * torch.randn(32), coefficient=1.0, model_name="tiny-llama")
+    vectors = [first, second, [first, second]]
+    coefficients = [0, 2.0, -3.0]
+    samples, new = 2, 10
+
+    texts = {}  # (vector index or None, coefficient, prompt) -> solo greedy completion
+    for p in prompts:
+        texts[None, 0.0, p] = labkit.generate(model, p, max_new_tokens=new, temperature=0).texts[0]
+        for v, vector in enumerate(vectors):
+            for c in coefficients[1:]:
+                applied = [x.with_coefficient(c) for x in (vector if isinstance(vector, list) else [vector])]
+                with steered(model, *applied):
+                    texts[v, c, p] = labkit.generate(model, p, max_new_tokens=new, temperature=0).texts[0]
+    counts = {}
+    for text in texts.values():
+        for w in _WORD.findall(text.lower()):
+            counts[w] = counts.get(w, 0) + 1
+    topic = sorted(counts, key=lambda w: (-counts[w], w))[:3]  # words that do occur, unevenly
+
+    table, per_prompt = evals.topic_steering_sweep(
+        model, vectors, coefficients, prompts=prompts, topic_words=topic, samples_per_prompt=samples,
+        max_new_tokens=new, temperature=0.0, batch_size=5, per_prompt=True,
+    )
+    labels = [("unsteered", -1, 0.0, None)]
+    labels += [(m, layer, float(c), v) for v, (m, layer) in enumerate([("actadd", 1), ("custom", 2), ("actadd", -1)])
+               for c in coefficients]
+    assert list(zip(table.method, table.layer, table.coefficient)) == [(m, layer, c) for m, layer, c, _ in labels]
+    fractions = {}
+    for row, (method, layer, c, v) in zip(table.itertuples(), labels):
+        key = (None, 0.0) if c == 0 else (v, c)
+        setting_texts = [texts[(*key, p)] for p in prompts for _ in range(samples)]
+        hits, total = _count(setting_texts, set(topic))
+        assert row.n_words == total, (method, layer, c)
+        assert row.topic_fraction == pytest.approx(hits / total if total else 0.0), (method, layer, c)
+        assert math.isnan(row.perplexity)
+        for p in prompts:
+            h, t = _count([texts[(*key, p)]] * samples, set(topic))
+            fractions[v, c, p] = h / t if t else 0.0
+    assert 0 < table.topic_fraction.max() and len(set(table.topic_fraction)) > 2
+    # the per-prompt table, cell by cell
+    assert len(per_prompt) == len(labels) * len(prompts)
+    for row in per_prompt.itertuples():
+        v = next(v for m, layer, c, v in labels if (m, layer, c) == (row.method, row.layer, row.coefficient))
+        key = (None, 0.0) if row.coefficient == 0 else (v, row.coefficient)
+        h, t = _count([texts[(*key, row.prompt)]] * samples, set(topic))
+        assert row.n_words == t and row.topic_fraction == pytest.approx(h / t if t else 0.0)
+    # the anti-steerable fraction: share of prompts with a negative least-squares slope
+    assert math.isnan(table.anti_steerable_fraction.iloc[0])
+    for v in range(len(vectors)):
+        negative = []
+        for p in prompts:
+            base = fractions[None, 0.0, p]
+            x = [0.0] + [float(c) for c in coefficients]
+            y = [base] + [base if c == 0 else fractions[v, float(c), p] for c in coefficients]
+            negative.append(np.polyfit(x, y, 1)[0] < -1e-12)
+        rows = table[[lv == v for *_, lv in labels]]
+        assert rows.anti_steerable_fraction.tolist() == pytest.approx([np.mean(negative)] * 3), v
+    # one batch of everything gives the same table
+    whole = evals.topic_steering_sweep(
+        model, vectors, coefficients, prompts=prompts, topic_words=topic, samples_per_prompt=samples,
+        max_new_tokens=new, temperature=0.0,
+    )
+    assert whole.drop(columns="perplexity").equals(table.drop(columns="perplexity"))
