@@ -136,9 +136,12 @@ mutate-engine: install-engine
 	$(PY) tests/mutation_scores.py --engine-pyproject > .mutate-engine/pyproject.toml
 	@if [ -n "$(SAMPLE)" ]; then \
 		{ ($(ENGINE_MUTMUT) "labkit.no_module_has_this_name.*") >/dev/null 2>&1 || true; } && \
+		(cd .mutate-engine && ../$(PY) tests/mutation_scores.py --credit-all-tests labkit.engines) && \
 		names=$$(cd .mutate-engine && ../$(PY) tests/mutation_scores.py --sample $(SAMPLE) $(if $(MODULE),--module $(MODULE))) && \
 		[ -n "$$names" ] && $(ENGINE_MUTMUT) $$names; \
-	else $(ENGINE_MUTMUT) $(MUTANTS); fi
+	else { ($(ENGINE_MUTMUT) "labkit.no_module_has_this_name.*") >/dev/null 2>&1 || true; } && \
+		(cd .mutate-engine && ../$(PY) tests/mutation_scores.py --credit-all-tests labkit.engines) && \
+		$(ENGINE_MUTMUT) $(or $(MUTANTS),"labkit.engines.*"); fi
 	cd .mutate-engine && ../$(PY) tests/mutation_scores.py --survivors
 
 clean:

@@ -71,7 +71,31 @@ def engine_pyproject(pyproject: str, engine: str) -> str:
     return table.sub(lambda _: ours, pyproject, count=1)
 
 
+def credit_all_tests(stats_path: Path, prefix: str) -> int:
+    """Map every function under ``prefix`` to every test in mutmut's stats; returns how many functions.
+
+    mutmut runs, per mutant, the tests its stats run saw reaching the mutated function. A
+    module-scoped fixture (the engine of tests/test_vllm.py) is built inside the module's *first*
+    test, so the code that runs while it is built -- loading, the workers' install, and the hook
+    closures the install creates, which then run in every later test -- is credited to that one
+    test only, and its mutants would "survive" the other tests unseen. Every engine test uses the
+    engine, so each is a test of that code.
+    """
+    stats = json.loads(stats_path.read_text())
+    tests = sorted(stats["duration_by_test"])
+    functions = [name for name in stats["tests_by_mangled_function_name"] if name.startswith(prefix)]
+    for name in functions:
+        stats["tests_by_mangled_function_name"][name] = tests
+    stats_path.write_text(json.dumps(stats, indent=4))
+    return len(functions)
+
+
 def main(argv: list[str]) -> int:
+    if "--credit-all-tests" in argv:  # e.g. --credit-all-tests labkit.engines (after the stats run)
+        prefix = argv[argv.index("--credit-all-tests") + 1]
+        count = credit_all_tests(Path("mutants/mutmut-stats.json"), prefix)
+        print(f"{count} functions under {prefix} now credited to every test.", file=sys.stderr)
+        return 0
     if "--engine-pyproject" in argv:  # print pyproject.toml with the engine's mutmut config
         root = Path(__file__).resolve().parents[1]
         print(engine_pyproject((root / "pyproject.toml").read_text(), (root / "tests/mutmut_engine.toml").read_text()), end="")

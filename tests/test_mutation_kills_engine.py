@@ -1,0 +1,228 @@
+"""The vLLM engine's driver side without an engine: the handle's facts, its tokenisation, the
+hook-point mapping, the CPU core split and the routing settings sent to the workers (issue 22,
+mutation survivors of labkit/engines/). Each value is checked against an independent
+computation (the Hugging Face bridge on the same tokenizer, the config, a by-hand split).
+
+No engine is started, so these run in a second; they are marked ``vllm`` because they belong to
+the engine path (``make test`` runs them in the engine's environment, and ``make mutate-engine``
+under the mutation harness). Only ``vllm``'s ``SamplingParams`` is imported, by the stub tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.conftest import make_tokenizer, tiny_llama_hf
+
+pytestmark = pytest.mark.vllm
+
+
+def _handle(config, tokenizer, *, prepend_bos=True, tp=1, max_model_len=48, llm=None, generation_config=None):
+    from labkit.engines.vllm import VLLMModel
+
+    return VLLMModel("tiny-handle", llm, tokenizer, config, prepend_bos=prepend_bos, tensor_parallel_size=tp,
+                     max_model_len=max_model_len, generation_config=generation_config)
+
+
+def _bos_tokenizer(*, bos: bool, eos: bool):
+    """The tiny tokenizer, made to prepend BOS and / or append EOS by itself."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    base = make_tokenizer()
+    backend = base.backend_tokenizer
+    special = base.convert_tokens_to_ids("<|endoftext|>")
+    template = ("<|endoftext|> " if bos else "") + "$A" + (" <|endoftext|>" if eos else "")
+    backend.post_processor = TemplateProcessing(single=template, special_tokens=[("<|endoftext|>", special)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+# --- the handle's facts ---------------------------------------------------------------------------
+
+
+def test_handle_facts_come_from_its_config_and_arguments():
+    tokenizer = make_tokenizer()
+    config = tiny_llama_hf(tokenizer).config
+    handle = _handle(config, tokenizer, tp=2, max_model_len=40, prepend_bos=False)
+    assert handle.config is config  # the engine keeps the config it was started with
+    assert vars(handle.cfg) == {
+        "n_layers": config.num_hidden_layers, "d_model": config.hidden_size, "n_ctx": 40,
+        "default_prepend_bos": False, "tokenizer_prepends_bos": False, "tokenizer_appends_eos": False,
+    }
+    assert handle.n_ctx == 40 and handle.tensor_parallel_size == 2 and handle.vocab_size == config.vocab_size
+    assert repr(handle) == "VLLMModel('tiny-handle', tensor_parallel_size=2)"
+    assert handle.last_cached_tokens == [] and handle.open_selections(0) == []
+    with pytest.raises(ValueError, match=r"^residual_activations: prompt 0 is 41 tokens; the model's context window is 40"):
+        handle.check_context([41], caller="residual_activations")
+
+
+@pytest.mark.parametrize("bos, eos", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("prepend_bos", [True, False])
+def test_encode_equals_the_bridge_on_the_same_tokenizer(bos, eos, prepend_bos):
+    """One BOS rule on both paths, whatever the tokenizer adds by itself: by hand, the ids are the
+    tokenizer's plain ids, with one BOS in front iff ``prepend_bos``, and no EOS."""
+    from labkit.models import from_hf
+
+    tokenizer = _bos_tokenizer(bos=bos, eos=eos)
+    special = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    handle = _handle(tiny_llama_hf(make_tokenizer()).config, tokenizer, prepend_bos=prepend_bos)
+    assert (handle.cfg.tokenizer_prepends_bos, handle.cfg.tokenizer_appends_eos) == (bos, eos)
+    bridge = from_hf(tiny_llama_hf(make_tokenizer()), tokenizer, prepend_bos=prepend_bos)
+    for prompt in ("the cat sat", "a"):
+        plain = tokenizer(prompt, add_special_tokens=False).input_ids
+        expected = ([special] if prepend_bos else []) + plain
+        assert handle.encode(prompt) == expected == bridge.labkit.encode(prompt)
+        assert handle.encode(prompt, prepend_bos=not prepend_bos) == ([special] if not prepend_bos else []) + plain
+
+
+def test_hook_points_map_to_decoder_layer_inputs():
+    """``blocks.L.hook_resid_pre`` is the input of layer L, ``hook_resid_post`` of layer L+1 (not
+    after the last layer); everything else is refused with the supported points."""
+    tokenizer = make_tokenizer()
+    handle = _handle(tiny_llama_hf(tokenizer).config, tokenizer)  # 3 layers
+    for layer in range(3):
+        assert handle.hook_layer(f"blocks.{layer}.hook_resid_pre", "w") == layer
+    for layer in range(2):
+        assert handle.hook_layer(f"blocks.{layer}.hook_resid_post", "w") == layer + 1
+    for bad in ("blocks.2.hook_resid_post", "blocks.0.hook_resid_mid", "blocks.1.attn.hook_z", "hook_embed"):
+        with pytest.raises(ValueError, match=r"^w: hook point .* is not supported on the vLLM engine.*L < 2"):
+            handle.hook_layer(bad, "w")
+    with pytest.raises(ValueError, match="out of range"):
+        handle.hook_layer("blocks.3.hook_resid_pre", "w")
+    assert handle.check_hook_point("blocks.1.hook_resid_post", "w") is None
+
+
+def test_cpu_cores_split_into_equal_groups(monkeypatch):
+    from labkit.engines import vllm as engine
+
+    cases = [([0, 1], 2, "0|1"), ([3, 0, 2, 1], 2, "0,1|2,3"), ([0, 1, 2, 3, 4], 2, "0,1|2,3"),
+             ([5, 6, 7], 1, "5,6,7"), ([0, 1, 2, 3, 4, 5], 3, "0,1|2,3|4,5")]
+    for cores, tp, expected in cases:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, cores=cores: set(cores))
+        assert engine._cpu_thread_binding(tp) == expected
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 on the CPU needs at least that many cores; this process may use 2 \(\[0, 1\]\)"):
+        engine._cpu_thread_binding(3)
+
+
+# --- the routing settings the workers receive -----------------------------------------------------
+
+
+def test_router_settings_of_a_routed_and_a_dense_model():
+    from labkit.engines.vllm_router import ENGINE_ROUTING_KIND, router_settings
+    from tests.moe_fixtures import tiny_moe_hf
+
+    tokenizer = make_tokenizer()
+    model = tiny_moe_hf("qwen2_moe", tokenizer)  # MoE on every second layer (decoder_sparse_step=2)
+    config = model.config
+    settings = router_settings(SimpleNamespace(config=config, skeleton=model))
+    json.dumps(settings)  # JSON-ready: it crosses the process boundary as text
+    moe_layers = [i for i in range(config.num_hidden_layers) if (i + 1) % config.decoder_sparse_step == 0]
+    assert settings["kind"] == ENGINE_ROUTING_KIND and settings["model_type"] == "qwen2_moe"
+    assert settings["routed"] is True and settings["reason"] == ""
+    assert sorted(settings["layers"], key=int) == [str(i) for i in moe_layers]
+    for entry in settings["layers"].values():
+        assert entry["n_experts"] == config.num_experts and entry["top_k"] == config.num_experts_per_tok
+        assert entry["attrs"]["norm_topk_prob"] is False
+        assert all(isinstance(v, (bool, int, float, str, type(None))) for v in entry["attrs"].values())
+
+    dense = tiny_llama_hf(tokenizer)
+    settings = router_settings(SimpleNamespace(config=dense.config, skeleton=dense))
+    assert settings["kind"] == ENGINE_ROUTING_KIND and settings["model_type"] == "llama"
+    assert settings["routed"] is False and settings["layers"] == {}
+    assert "llama" in settings["reason"] and len(settings["reason"]) > 20
+
+
+# --- the driver's requests, on a stub engine ------------------------------------------------------
+
+
+class _StubLLM:
+    """Records what the driver sends; answers like vLLM with fixed token ids per request."""
+
+    def __init__(self, answers, *, budget=64, max_seqs=8):
+        self.answers = answers
+        self.calls = []
+        self.llm_engine = SimpleNamespace(
+            vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
+                                        parallel_config=SimpleNamespace(data_parallel_size=1, enable_expert_parallel=False)),
+            engine_core=SimpleNamespace(shutdown=lambda: self.calls.append(("shutdown",))),
+        )
+
+    def collective_rpc(self, method, args=()):
+        self.calls.append((method, args))
+        return [b""] if method.startswith("labkit_collect") else [None]
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append(("generate", prompts, params))
+        return [SimpleNamespace(num_cached_tokens=i, outputs=[SimpleNamespace(token_ids=list(self.answers[i]))])
+                for i in range(len(prompts))]
+
+
+def test_generate_ids_sends_each_row_its_interventions_and_sampling(tiny_tokenizer):
+    """Per row: the prompt ids, a cache salt and extra-args key only where an intervention applies
+    (the same key for the same interventions, registered once, released after), SamplingParams
+    (greedy zeroes top_p / top_k), completions trimmed after EOS."""
+    pytest.importorskip("vllm")
+    from labkit.steering import SteeringVector
+
+    config = tiny_llama_hf(tiny_tokenizer).config
+    eos = tiny_tokenizer.eos_token_id
+    llm = _StubLLM([[5, 6, eos, 9], [7], [8, eos]])
+    handle = _handle(config, tiny_tokenizer, llm=llm, generation_config=SimpleNamespace(eos_token_id=eos))
+    vector = SteeringVector("blocks.1.hook_resid_pre", torch.ones(config.hidden_size), model_name="tiny-handle")
+    rows = [[0, 11, 12], [0, 13], [0, 14, 15, 16]]
+    out = handle.generate_ids(rows, max_new_tokens=4, temperature=0.0, top_p=0.5, top_k=3,
+                              steering_per_row=[[vector], [], [vector]], min_new_tokens=2)
+    assert out == [[5, 6, eos], [7], [8, eos]]
+    assert handle.last_cached_tokens == [0, 1, 2]
+    methods = [c[0] for c in llm.calls]
+    assert methods == ["labkit_register", "generate", "labkit_release"]
+    key = llm.calls[0][1][0]
+    _, prompts, params = llm.calls[1]
+    assert [p["prompt_token_ids"] for p in prompts] == rows
+    assert [p.get("cache_salt") for p in prompts] == [key, None, key]
+    assert [p.extra_args for p in params] == [{"labkit": key}, None, {"labkit": key}]
+    for p in params:
+        assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_tokens) == (4, 0.0, 1.0, 0, 2)
+    assert json.loads(llm.calls[2][1][0]) == [key]
+    spec = json.loads(llm.calls[0][1][1])
+    assert spec["steering"][0]["layer"] == 1 and spec["trace"] is False
+
+    llm.calls.clear()
+    handle.generate_ids([[0, 11]], max_new_tokens=2, temperature=0.7, top_p=0.5, top_k=3, seed=4)
+    (_, prompts, params), = llm.calls  # no intervention: nothing registered or released
+    assert "cache_salt" not in prompts[0] and params[0].extra_args is None
+    assert (params[0].temperature, params[0].top_p, params[0].top_k, params[0].seed) == (0.7, 0.5, 3, 4)
+
+
+def test_seeded_sampling_refused_only_when_the_prompts_exceed_one_step(tiny_tokenizer):
+    pytest.importorskip("vllm")
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("the refusal applies to vLLM's CPU worker only")
+    config = tiny_llama_hf(tiny_tokenizer).config
+    llm = _StubLLM([[1]] * 3, budget=6, max_seqs=2)
+    handle = _handle(config, tiny_tokenizer, llm=llm)
+    handle.generate_ids([[0, 1, 2], [0, 1, 2]], max_new_tokens=1, temperature=1.0, seed=0)  # 6 tokens = the budget
+    handle.generate_ids([[0] * 7], max_new_tokens=1, temperature=1.0)  # no seed: fine
+    handle.generate_ids([[0] * 7], max_new_tokens=1, temperature=0.0, seed=0)  # greedy: fine
+    with pytest.raises(ValueError, match=r"these 2 prompts hold 7 tokens, the step budget is max_num_batched_tokens=6 \(max_num_seqs=2\)"):
+        handle.generate_ids([[0, 1, 2], [0, 1, 2, 3]], max_new_tokens=1, temperature=1.0, seed=0)
+    with pytest.raises(ValueError, match=r"these 3 prompts hold 3 tokens"):
+        handle.generate_ids([[0], [0], [0]], max_new_tokens=1, temperature=1.0, seed=0)
+
+
+def test_close_shuts_the_engine_down_once(tiny_tokenizer):
+    llm = _StubLLM([])
+    handle = _handle(tiny_llama_hf(tiny_tokenizer).config, tiny_tokenizer, llm=llm)
+    with handle as same:
+        assert same is handle
+    handle.close()
+    assert llm.calls == [("shutdown",)]
