@@ -142,3 +142,59 @@ def test_topic_steering_sweep_every_cell_equals_solo_greedy_runs_counted_by_hand
         max_new_tokens=new, temperature=0.0,
     )
     assert whole.drop(columns="perplexity").equals(table.drop(columns="perplexity"))
+
+
+def test_topic_steering_sweep_arguments_named_and_seed_reproducible(shared_tiny_llama):
+    import labkit
+
+    model = shared_tiny_llama
+    vector = labkit.actadd(model, " wedding", " ", layer=1)
+    with pytest.raises(ValueError, match=r"^topic_steering_sweep: samples_per_prompt must be a positive int, got 0"):
+        evals.topic_steering_sweep(model, vector, [1.0], prompts=["a"], topic_words=["a"], samples_per_prompt=0)
+    with pytest.raises(ValueError, match=r"^topic_steering_sweep: batch_size must be a positive int, got True"):
+        evals.topic_steering_sweep(model, vector, [1.0], prompts=["a"], topic_words=["a"], batch_size=True)
+    # sampled rows: the same seed gives the same table, and it is the seeded generate call's texts
+    kwargs = dict(prompts=["the cat sat", "a dog"], topic_words=["the", "a", "cat"], samples_per_prompt=3,
+                  max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    first = evals.topic_steering_sweep(model, vector, [2.0], **kwargs)
+    again = evals.topic_steering_sweep(model, vector, [2.0], **kwargs)
+    assert first.drop(columns="perplexity").equals(again.drop(columns="perplexity"))
+    steered = vector.with_coefficient(2.0)
+    rows = [None] * 6 + [steered] * 6
+    prompts = [p for p in kwargs["prompts"] for _ in range(3)] * 2
+    out = labkit.generate(model, prompts, steering_per_row=rows, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    for k, row in enumerate(first.itertuples()):
+        hits, total = _count(out.texts[6 * k:6 * k + 6], {"the", "a", "cat"})
+        assert row.n_words == total and row.topic_fraction == pytest.approx(hits / total if total else 0.0)
+
+
+def test_topic_probability_on_a_padded_batch_of_an_absolute_position_model(tiny_tokenizer):
+    """GPT-2 adds a learned embedding per absolute position, so a left-padded row must get
+    positions counted from its first real token (a rotary model would not notice): each prompt's
+    probability in one padded batch equals the prompt run alone, by hand."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from labkit.models import from_hf
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                        architectures=["GPT2LMHeadModel"])
+    hf = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        hf.transformer.wpe.weight.mul_(50)  # positions matter a lot
+    model = from_hf(hf, tiny_tokenizer, name="tiny-gpt2")
+    prompts = ["the cat sat on the mat and", "a dog", "we went"]
+    words = ["wedding", "cat"]
+    got = evals.topic_probability(model, prompts, words, [None], batch_size=64)[0]
+    forms = evals.topic_token_sequences(tiny_tokenizer, words)
+    record = lab_model(model)
+    expected = 0.0
+    with torch.no_grad():
+        for prompt in prompts:
+            for form in forms:
+                ids = record.encode(prompt) + list(form[:-1])
+                logp = torch.log_softmax(hf(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+                start = len(ids) - len(form)
+                expected += float(sum(logp[start + j, form[j]] for j in range(len(form))).exp())
+    assert got == pytest.approx(expected / len(prompts), rel=1e-4)

@@ -1,0 +1,141 @@
+"""labkit.models, labkit.backends, labkit.moe.routers: value tests that kill mutation survivors
+(issue 22). Tiny random-weight models and the shipped organism; expected values are spelled out
+or recomputed independently."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import labkit
+from labkit.models import lab_model, lab_model_or_none, load_model
+
+
+# --- load_model: which engine gets which arguments ------------------------------------------------
+
+
+def test_engine_vllm_hands_every_argument_to_the_engine_loader(monkeypatch):
+    """``engine="vllm"`` calls :func:`labkit.engines.vllm.load_vllm` with the name, the TP degree,
+    the dtype, the BOS rule and every engine keyword, unchanged (a stub stands in for vLLM)."""
+    import labkit.engines.vllm as engine
+
+    calls = []
+    monkeypatch.setattr(engine, "load_vllm", lambda *args, **kwargs: calls.append((args, kwargs)) or "handle")
+    got = load_model("moe-organism", engine="vllm", tensor_parallel_size=2, dtype=torch.bfloat16, prepend_bos=False,
+                     max_num_batched_tokens=16, block_size=32)
+    assert got == "handle"
+    assert calls == [(("moe-organism",), {"tensor_parallel_size": 2, "dtype": torch.bfloat16, "prepend_bos": False,
+                                          "max_num_batched_tokens": 16, "block_size": 32})]
+    with pytest.raises(ValueError, match=r"^load_model: engine='VLLM' is not known"):
+        load_model("moe-organism", engine="VLLM")
+
+
+def test_engine_options_on_the_hf_path_are_listed_exactly():
+    with pytest.raises(ValueError, match=r"^load_model: \['tensor_parallel_size'\] apply to engine='vllm' only"):
+        load_model("moe-organism", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match=r"^load_model: \['block_size', 'max_num_batched_tokens'\] apply to engine='vllm' only"):
+        load_model("moe-organism", max_num_batched_tokens=16, block_size=32)
+    with pytest.raises(ValueError, match=r"^load_model: \['block_size', 'tensor_parallel_size'\] apply"):
+        load_model("moe-organism", tensor_parallel_size=3, block_size=32)
+
+
+def test_a_loaded_model_is_named_canonically():
+    from labkit.sources import organism_dirs
+
+    model = load_model("MOE-Organism".lower())
+    assert lab_model(model).name == "moe-organism"
+    again = load_model(organism_dirs()["moe-organism"])  # the directory: the organism's name, not the path
+    assert lab_model(again).name == "moe-organism"
+
+
+def test_lab_model_or_none_only_for_a_backend_that_runs_forward_passes(shared_tiny_llama, tiny_tokenizer):
+    from labkit.engines.vllm import VLLMModel
+
+    assert lab_model_or_none(shared_tiny_llama) is lab_model(shared_tiny_llama)
+    assert lab_model_or_none(torch.nn.Linear(2, 2)) is None and lab_model_or_none("text") is None
+    handle = VLLMModel("h", None, tiny_tokenizer, shared_tiny_llama.labkit.config, prepend_bos=True,
+                       tensor_parallel_size=1, max_model_len=64)
+    assert lab_model_or_none(handle) is None  # the engine handle runs no forward pass in this process
+
+
+# --- hooks: reprobe -----------------------------------------------------------------------------------
+
+
+def test_reprobe_forgets_the_fired_hook_points_and_probes_again(tiny_llama):
+    from labkit import hooks
+    from labkit.backends.hooks import _index
+
+    names = hooks.hook_names(tiny_llama)
+    index = _index(tiny_llama.labkit)
+    assert index.probed[0] is True
+    index.sites["stale"] = object()
+    hooks.reprobe(tiny_llama)
+    assert index.probed[0] is False and not index.sites
+    hooks.probe(tiny_llama)
+    assert index.probed[0] is True and hooks.hook_names(tiny_llama) == names
+
+
+# --- masks: the selection open on a router ------------------------------------------------------------
+
+
+def test_active_selection_is_the_merge_of_the_open_masks(shared_tiny_olmoe):
+    from labkit.backends.hf_masking import active_selection, open_selections
+    from labkit.moe import ExpertMask, masked
+    from labkit.moe.families import find_routers
+
+    router = find_routers(shared_tiny_olmoe)[1].router
+    assert active_selection(router) is None and open_selections(router) == []
+    with masked(shared_tiny_olmoe, ExpertMask.off([(1, 2)])):
+        outer = active_selection(router)
+        assert outer.off.nonzero().flatten().tolist() == [2] and len(open_selections(router)) == 1
+        with masked(shared_tiny_olmoe, ExpertMask.off([(1, 5)])):
+            assert active_selection(router).off.nonzero().flatten().tolist() == [2, 5]
+            assert len(open_selections(router)) == 2
+        assert active_selection(router).off.nonzero().flatten().tolist() == [2]
+    assert active_selection(router) is None
+
+
+# --- routers: family table ------------------------------------------------------------------------------
+
+
+def test_deepseek_style_families_carry_their_names():
+    from labkit.moe.routers import FAMILIES, supported_families
+
+    assert FAMILIES["deepseek_v3"].name == "DeepSeek-V3" and FAMILIES["glm4_moe"].name == "GLM-4.5 / 4.6"
+    assert "DeepSeek-V3 ('deepseek_v3')" in supported_families()
+    assert all(isinstance(f.name, str) and f.name for f in FAMILIES.values())
+
+
+def test_lfm2_correction_bias_only_when_the_router_uses_it():
+    from labkit.moe.routers import FAMILIES
+
+    family = FAMILIES["lfm2_moe"]
+    assert family.scheme.correction is not None
+    assert family.scheme_for(SimpleNamespace(use_expert_bias=True)).correction == family.scheme.correction
+    assert family.scheme_for(SimpleNamespace(use_expert_bias=False)).correction is None
+
+
+def test_transformers_version_gate(monkeypatch):
+    """A family routed only from a later transformers is moved to NOT_ROUTED (with the release);
+    a gated type that is not a family is left alone."""
+    import transformers
+
+    from labkit.moe import routers
+
+    families, not_routed = dict(routers.FAMILIES), dict(routers.NOT_ROUTED)
+    monkeypatch.setattr(routers, "FAMILIES", families)
+    monkeypatch.setattr(routers, "NOT_ROUTED", not_routed)
+    monkeypatch.setattr(routers, "_ROUTED_FROM", {"mixtral": "9.0", "not_a_family": "9.0"})
+    monkeypatch.setattr(transformers, "__version__", "5.1.0")
+    family = families["mixtral"]
+    routers._gate_by_transformers_version()
+    assert "mixtral" not in families
+    for alias in family.model_types:
+        assert not_routed[alias].startswith("routed from transformers 9.0: under the installed 5.1.0")
+    assert "not_a_family" not in not_routed
+    monkeypatch.setattr(transformers, "__version__", "9.0")  # new enough: nothing moves
+    families["mixtral"] = family
+    routers._gate_by_transformers_version()
+    assert families["mixtral"] is family
