@@ -139,3 +139,91 @@ def test_transformers_version_gate(monkeypatch):
     families["mixtral"] = family
     routers._gate_by_transformers_version()
     assert families["mixtral"] is family
+
+
+# --- messages that name the caller -----------------------------------------------------------------
+
+
+def test_messages_name_the_caller_and_the_fix(shared_tiny_llama):
+    from labkit.cache import cache_activations
+    from labkit.models import hf_model_of
+    from labkit.steering import SteeringVector
+
+    far = SteeringVector("blocks.9.hook_resid_pre", torch.ones(32), model_name="tiny-llama")
+    with pytest.raises(ValueError, match=r"SteeringVector 'blocks\.9\.hook_resid_pre'"):
+        with labkit.steered(shared_tiny_llama, far):
+            pass
+    from labkit.engines.vllm import VLLMModel
+
+    handle = VLLMModel("h", None, shared_tiny_llama.labkit.tokenizer, shared_tiny_llama.labkit.config, prepend_bos=True,
+                       tensor_parallel_size=1, max_model_len=64)
+    with pytest.raises(TypeError, match=r"hf_model_of"):
+        hf_model_of(handle)
+    with pytest.raises(ValueError, match=r"set model\.cfg\.use_attn_result = True \(TransformerLens's switch\), "
+                       r"then call labkit\.hooks\.reprobe\(model\)\."):
+        cache_activations(shared_tiny_llama, ["the cat"], ["blocks.0.attn.hook_result"], progress=False)
+
+
+# --- hooks survive TransformerLens's reset_hooks inside an intervention ---------------------------
+
+
+def test_a_bridge_hook_survives_reset_hooks_inside_the_block(tiny_llama):
+    """labkit's bridge hooks are permanent in TransformerLens's sense: a ``reset_hooks()`` (or a
+    ``run_with_cache``) inside the block keeps them; labkit removes them itself at the end."""
+    from labkit import hooks
+
+    seen = []
+    with hooks.attach(tiny_llama, {"blocks.1.hook_resid_pre": lambda a, site: seen.append(a.shape) or None},
+                      target="bridge") as module:
+        assert module is tiny_llama
+        tiny_llama.reset_hooks()
+        tiny_llama(torch.tensor([[0, 5, 6]]))
+    assert seen == [torch.Size([1, 3, 32])]
+    tiny_llama(torch.tensor([[0, 5, 6]]))
+    assert len(seen) == 1
+
+
+# --- generation stops at the lab's end-of-sequence ids ---------------------------------------------
+
+
+def test_generation_stops_at_the_first_eos(tiny_tokenizer):
+    """The twin's generate is told labkit's EOS ids: a model whose every next token is EOS runs one
+    forward pass, not ``max_new_tokens`` of them (its configs name no EOS; the tokenizer's counts)."""
+    from labkit.models import from_hf, hf_model_of
+    from tests.conftest import tiny_llama_hf
+
+    hf = tiny_llama_hf(tiny_tokenizer)
+    with torch.no_grad():
+        hf.lm_head.weight.zero_()  # uniform logits: greedy picks id 0, the tokenizer's <|endoftext|>
+    hf.config.eos_token_id = None  # no EOS in the configs: labkit takes the tokenizer's
+    hf.generation_config.eos_token_id = None
+    model = from_hf(hf, tiny_tokenizer, name="tiny-llama")
+    assert tiny_tokenizer.eos_token_id == 0
+    calls = []
+    handle = hf_model_of(model).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = labkit.generate(model, ["the cat"], max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert out.token_ids == [[0]] and len(calls) == 1  # the completion ends with its EOS
+
+
+# --- mixed batches: one row's ActAdd and another row's prompt-only vector at one hook point -------
+
+
+def test_front_and_prompt_vectors_of_different_rows_at_one_hook_point(shared_tiny_llama):
+    model = shared_tiny_llama
+    front = labkit.actadd(model, " wedding", " ", layer=1, coefficient=6.0)
+    torch.manual_seed(3)
+    prompt_only = SteeringVector_("blocks.1.hook_resid_pre", 3 * torch.randn(32), positions="prompt")
+    prompts = ["the cat sat on", "a dog ran"]
+    batch = labkit.generate(model, prompts, steering_per_row=[[front], [prompt_only]], max_new_tokens=5)
+    solo = [labkit.generate(model, [p], steering=[v], max_new_tokens=5).token_ids[0] for p, v in zip(prompts, [front, prompt_only])]
+    plain = labkit.generate(model, prompts, max_new_tokens=5).token_ids
+    assert batch.token_ids == solo and solo[1] != plain[1]
+
+
+def SteeringVector_(hook, tensor, positions):
+    from labkit.steering import SteeringVector
+
+    return SteeringVector(hook, tensor, coefficient=1.0, positions=positions, model_name="tiny-llama")
