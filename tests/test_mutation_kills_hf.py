@@ -227,3 +227,20 @@ def SteeringVector_(hook, tensor, positions):
     from labkit.steering import SteeringVector
 
     return SteeringVector(hook, tensor, coefficient=1.0, positions=positions, model_name="tiny-llama")
+
+
+# --- generate's keywords ---------------------------------------------------------------------------------
+
+
+def test_generate_keyword_hints_and_nucleus_sampling(shared_tiny_llama):
+    model = shared_tiny_llama
+    with pytest.raises(ValueError, match=r"^generate: unknown keyword argument\(s\) 'top_pp' \(did you mean 'top_p'\?\); extra"):
+        labkit.generate(model, ["the cat"], max_new_tokens=2, top_pp=0.5)
+    with pytest.raises(ValueError, match=r"^generate: unknown keyword argument\(s\) 'qqqqzz'; extra keywords"):
+        labkit.generate(model, ["the cat"], max_new_tokens=2, qqqqzz=1)
+    # top_p reaches the sampler: a nucleus of ~0 mass keeps only the most likely token, i.e. greedy
+    prompts = ["the cat sat", "a dog"]
+    greedy = labkit.generate(model, prompts, max_new_tokens=8).token_ids
+    nucleus = labkit.generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=1e-9, seed=0).token_ids
+    free = labkit.generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=0).token_ids
+    assert nucleus == greedy and free != greedy
