@@ -226,3 +226,34 @@ def test_close_shuts_the_engine_down_once(tiny_tokenizer):
         assert same is handle
     handle.close()
     assert llm.calls == [("shutdown",)]
+
+
+# --- the worker's install, on a stub model runner ---------------------------------------------------
+
+
+class _Layer(torch.nn.Module):
+    hidden_size = 8
+
+    def forward(self, positions, hidden_states, residual):
+        return hidden_states, residual
+
+
+def test_worker_install_reports_what_this_rank_holds_and_hooks_once():
+    """``labkit_install`` on a stub runner (a dense 3-layer model, layers 1..2 on this rank): one
+    steering pre-hook per held layer plus the step observer, and the info the driver may read."""
+    from labkit.engines.vllm_worker import LabkitWorkerExtension
+
+    inner = torch.nn.Module()
+    inner.layers = torch.nn.ModuleList([_Layer() for _ in range(3)])
+    inner.start_layer, inner.end_layer = 1, 3
+    model = torch.nn.Module()
+    model.model = inner
+    worker = LabkitWorkerExtension()
+    worker.model_runner = SimpleNamespace(model=model)
+    settings = json.dumps({"routed": False, "model_type": "llama", "layers": {}})
+    info = json.loads(worker.labkit_install(settings))
+    assert info == {"n_layers": 3, "layers_here": [1, 3], "moe_layers": [], "d_model": 8}
+    assert [len(layer._forward_pre_hooks) for layer in inner.layers] == [0, 1, 1]
+    assert len(model._forward_pre_hooks) == 1
+    assert json.loads(worker.labkit_install(settings)) == info  # a second install hooks nothing more
+    assert [len(layer._forward_pre_hooks) for layer in inner.layers] == [0, 1, 1]

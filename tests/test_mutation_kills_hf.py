@@ -244,3 +244,21 @@ def test_generate_keyword_hints_and_nucleus_sampling(shared_tiny_llama):
     nucleus = labkit.generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=1e-9, seed=0).token_ids
     free = labkit.generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=0).token_ids
     assert nucleus == greedy and free != greedy
+
+
+def test_hook_probe_value_comparison_is_relative_to_the_tensor_scale():
+    """Two activations mean the same when they differ by at most 1e-4 of the reference's largest
+    magnitude (+1e-6) in float32, 2e-2 in half precision; integers must be equal."""
+    from labkit.backends.hooks import _same_value
+
+    big = torch.tensor([1000.0, -3.0])
+    assert _same_value(big + torch.tensor([0.09, 0.0]), big)  # 0.09 <= 1e-4 * 1000 + 1e-6
+    assert not _same_value(big + torch.tensor([0.11, 0.0]), big)
+    small = torch.tensor([0.001, 0.0])
+    assert not _same_value(small + torch.tensor([0.0, 1e-5]), small)  # 1e-5 > 1e-4 * 0.001 + 1e-6
+    assert _same_value(small + torch.tensor([0.0, 1e-6]), small)
+    half = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    assert _same_value(half + 0.03, half) and not _same_value(half + 0.1, half)
+    assert _same_value(torch.tensor([1, 2]), torch.tensor([1, 2])) and not _same_value(torch.tensor([1, 2]), torch.tensor([1, 3]))
+    assert not _same_value(big, big.double()) and not _same_value(big, big[:1])
+    assert _same_value(torch.zeros(0), torch.zeros(0))
