@@ -257,3 +257,167 @@ def test_worker_install_reports_what_this_rank_holds_and_hooks_once():
     assert len(model._forward_pre_hooks) == 1
     assert json.loads(worker.labkit_install(settings)) == info  # a second install hooks nothing more
     assert [len(layer._forward_pre_hooks) for layer in inner.layers] == [0, 1, 1]
+
+
+# --- where the residual stream enters a layer (every signature vLLM uses) --------------------------
+
+
+class _PreNorm(torch.nn.Module):
+    def forward(self, positions, hidden_states, residual):
+        return hidden_states
+
+
+class _GptOss(torch.nn.Module):
+    def forward(self, hidden_states, positions, residual):
+        return hidden_states
+
+
+class _NoResidual(torch.nn.Module):
+    def forward(self, positions, hidden_states):
+        return hidden_states
+
+
+def test_layer_inputs_find_read_and_replace_the_stream_by_name():
+    from labkit.engines.vllm_layers import LayerInputs
+
+    h, r, p = torch.full((2, 3), 1.0), torch.full((2, 3), 10.0), torch.arange(2)
+    new = torch.full((2, 3), 5.0)
+    pre = LayerInputs(_PreNorm(), 0)
+    assert pre.names == ["positions", "hidden_states", "residual"] and pre.has_residual
+    assert pre.get((p, h, r), {}, "hidden_states") is h and pre.get((p, h, r), {}, "residual") is r
+    assert pre.get((p, h), {"residual": r}, "residual") is r and pre.get((p, h), {}, "residual") is None
+    assert torch.equal(pre.stream((p, h, r), {}), h + r) and pre.stream((p, h, None), {}) is h
+    args, kwargs = pre.replace((p, h, r), {}, "hidden_states", new)
+    assert args[0] is p and args[1] is new and args[2] is r and kwargs == {}
+    args, kwargs = pre.replace((p,), {"hidden_states": h, "residual": r}, "hidden_states", new)
+    assert args == (p,) and kwargs["hidden_states"] is new and kwargs["residual"] is r
+    args, kwargs = pre.replace((p,), {}, "hidden_states", new)  # not passed yet: becomes a keyword
+    assert args == (p,) and kwargs == {"hidden_states": new}
+
+    gpt = LayerInputs(_GptOss(), 1)
+    assert gpt.get((h, p, r), {}, "hidden_states") is h and torch.equal(gpt.stream((h, p, r), {}), h + r)
+    args, _ = gpt.replace((h, p, r), {}, "hidden_states", new)
+    assert args[0] is new and args[1] is p and args[2] is r
+
+    bare = LayerInputs(_NoResidual(), 2)
+    assert not bare.has_residual and bare.stream((p, h), {}) is h
+    assert bare.get((p, h), {}, "residual") is None
+    with pytest.raises(RuntimeError, match=r"decoder layer 4 \(Linear\) takes \['input'\], with no hidden_states"):
+        LayerInputs(torch.nn.Linear(2, 2), 4)
+
+
+# --- the routing seam, on a stub fused-MoE runner ---------------------------------------------------
+
+
+class _Router:
+    def __init__(self, n_experts, bias=None):
+        self.global_num_experts = n_experts
+        self.e_score_correction_bias = bias
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type):
+        raise AssertionError("vLLM's own routing must be replaced")
+
+
+def _runner(n_experts=8, scale=1.0, monolithic=False, bias=None):
+    return SimpleNamespace(router=_Router(n_experts, bias), routed_scaling_factor=scale,
+                           routed_experts=SimpleNamespace(quant_method=SimpleNamespace(is_monolithic=monolithic)))
+
+
+def _softmax_topk_by_hand(logits, k, off=None):
+    probs = torch.softmax(logits.float(), -1)
+    ranked = probs if off is None else probs.masked_fill(off, -1.0)
+    indices = torch.topk(ranked, k, dim=-1).indices
+    return indices, probs.gather(-1, indices)
+
+
+def test_installed_routing_is_the_family_rule_per_request_mask_and_trace():
+    """OLMoE (softmax, top-2, no renormalisation) on 4 tokens: unmasked rows get softmax top-2 by
+    hand; rows under a mask lose the switched-off experts to the next best with their natural
+    weights; traced rows are recorded with their positions; the kernel gets float32 weights
+    divided by the runner's scaling factor and int32 ids."""
+    from labkit.engines.vllm_router import install_routing
+    from labkit.interventions import Selection
+    from labkit.moe.routers import FAMILIES
+
+    family = FAMILIES["olmoe"]
+    entry = {"n_experts": 8, "top_k": 2, "attrs": {"norm_topk_prob": False, "num_experts": 8}}
+    runner = _runner(scale=2.0)
+    off = torch.zeros(8, dtype=torch.bool)
+    off[[0, 1, 2]] = True
+    plan = SimpleNamespace(masks={5: [(torch.tensor([1, 3, 9]), Selection(off=off, on=torch.zeros(8, dtype=torch.bool)))]},
+                           traced=[("k1", torch.tensor([0, 3, 7]), torch.tensor([10, 13, 17]))])
+    records = []
+    install_routing(family, entry, runner, lambda: plan, lambda *a: records.append(a), 5)
+    torch.manual_seed(0)
+    logits = torch.randn(4, 8) * 3
+    logits[:, :3] += 5  # experts 0..2 win unmasked
+    weights, ids = runner.router._compute_routing(torch.randn(4, 16), logits, torch.int32)
+    plain_i, plain_w = _softmax_topk_by_hand(logits, 2)
+    masked_i, masked_w = _softmax_topk_by_hand(logits, 2, off)
+    expected_i, expected_w = plain_i.clone(), plain_w.clone()
+    expected_i[[1, 3]], expected_w[[1, 3]] = masked_i[[1, 3]], masked_w[[1, 3]]
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32 and ids.is_contiguous()
+    assert torch.equal(ids.long(), expected_i)
+    torch.testing.assert_close(weights, expected_w / 2.0)
+    ((key, layer, positions, rec_i, rec_w, rec_logits),) = records
+    assert (key, layer) == ("k1", 5) and positions.tolist() == [10, 13]  # row 7 is past this step's 4 tokens
+    assert torch.equal(rec_i.long(), expected_i[[0, 3]])
+    torch.testing.assert_close(rec_w.float(), expected_w[[0, 3]])  # the family's own weights, not divided
+    assert torch.equal(rec_logits, logits[[0, 3]])
+
+    runner = _runner(scale=1.0)
+    install_routing(family, entry, runner, lambda: SimpleNamespace(masks={}, traced=[]), lambda *a: None, 0)
+    weights, ids = runner.router._compute_routing(torch.randn(4, 16), logits, torch.int32)
+    torch.testing.assert_close(weights, plain_w)  # factor 1: nothing divided
+
+
+def test_installed_routing_refusals():
+    from labkit.engines.vllm_router import install_routing
+    from labkit.moe.routers import FAMILIES
+
+    entry = {"n_experts": 8, "top_k": 2, "attrs": {"norm_topk_prob": False}}
+    with pytest.raises(RuntimeError, match=r"layer 3's MoE kernel \(SimpleNamespace\) is monolithic"):
+        install_routing(FAMILIES["olmoe"], entry, _runner(monolithic=True), lambda: None, lambda *a: None, 3)
+    with pytest.raises(RuntimeError, match=r"layer 2: vLLM's router serves 9 experts, the model's config 8"):
+        install_routing(FAMILIES["olmoe"], entry, _runner(n_experts=9), lambda: None, lambda *a: None, 2)
+    ds = {"n_experts": 8, "top_k": 2, "attrs": {"norm_topk_prob": True, "n_group": 1, "topk_group": 1,
+                                                 "routed_scaling_factor": 1.0}}
+    with pytest.raises(RuntimeError, match=r"the DeepSeek-V3 family chooses experts with a correction bias, but vLLM's router \(_Router\) holds none"):
+        install_routing(FAMILIES["deepseek_v3"], ds, _runner(), lambda: None, lambda *a: None, 1)
+
+
+def test_correction_bias_reaches_the_family_proxy_at_its_attribute_path():
+    from labkit.engines.vllm_router import _proxy
+    from labkit.moe.routers import FAMILIES
+
+    bias = torch.arange(8.0)
+    proxy, correction = _proxy(FAMILIES["ernie4_5_moe"], {"top_k": "2", "attrs": {"norm_min": 1e-12}}, _Router(8, bias))
+    assert correction is bias and proxy.moe_statics.e_score_correction_bias is bias
+    assert proxy.top_k == 2 and proxy.norm_min == 1e-12
+    proxy, correction = _proxy(FAMILIES["afmoe"], {"top_k": 4, "attrs": {}}, _Router(8, bias))
+    assert correction is bias and not hasattr(proxy, "e_score_correction_bias")  # "input": passed, not set
+    proxy, correction = _proxy(FAMILIES["olmoe"], {"top_k": 2, "attrs": {"norm_topk_prob": True}}, _Router(8, bias))
+    assert correction is None and vars(proxy) == {"norm_topk_prob": True, "top_k": 2}
+
+
+def test_moe_runners_are_found_once_in_a_layer():
+    from labkit.engines.vllm_router import find_moe_runners
+
+    class Runner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = _Router(8)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = Runner()
+
+    layer = torch.nn.Module()
+    layer.mlp = Block()
+    layer.other = torch.nn.Linear(2, 2)
+    found = find_moe_runners(layer)
+    assert found == [layer.mlp.experts]
+    plain = SimpleNamespace(block_sparse_moe=SimpleNamespace(experts=SimpleNamespace(router=_Router(4))))
+    assert find_moe_runners(plain) == [plain.block_sparse_moe.experts]
+    assert find_moe_runners(torch.nn.Linear(2, 2)) == [] and find_moe_runners(SimpleNamespace()) == []
