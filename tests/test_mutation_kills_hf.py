@@ -262,3 +262,33 @@ def test_hook_probe_value_comparison_is_relative_to_the_tensor_scale():
     assert _same_value(torch.tensor([1, 2]), torch.tensor([1, 2])) and not _same_value(torch.tensor([1, 2]), torch.tensor([1, 3]))
     assert not _same_value(big, big.double()) and not _same_value(big, big[:1])
     assert _same_value(torch.zeros(0), torch.zeros(0))
+
+
+# --- steering at a module's output (not only at a layer's input) ----------------------------------
+
+
+def test_steering_at_output_hook_points_adds_where_transformer_lens_would(tiny_llama):
+    """``blocks.0.hook_resid_post`` is the tensor ``blocks.1.hook_resid_pre`` is (the output of
+    layer 0, the input of layer 1): the same vector there gives the same logits; and a vector at
+    ``blocks.0.hook_mlp_out`` (a module output on the twin) equals TransformerLens's own
+    ``run_with_hooks`` adding it at that hook point."""
+    from labkit.models import hf_model_of
+    from labkit.steering import SteeringVector
+
+    torch.manual_seed(5)
+    vector = torch.randn(32)
+    ids = torch.tensor([tiny_llama.labkit.encode("the cat sat on the mat")])
+    twin = hf_model_of(tiny_llama)
+
+    def logits_under(hook_name):
+        steering = SteeringVector(hook_name, vector, coefficient=2.0, model_name="tiny-llama")
+        with labkit.steered(tiny_llama, steering), torch.no_grad():
+            return twin(input_ids=ids).logits
+
+    with torch.no_grad():
+        plain = twin(input_ids=ids).logits
+        lens = tiny_llama.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_mlp_out", lambda a, hook: a + 2.0 * vector)])
+    post, pre = logits_under("blocks.0.hook_resid_post"), logits_under("blocks.1.hook_resid_pre")
+    assert not torch.allclose(post, plain, atol=1e-3)
+    torch.testing.assert_close(post, pre, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_under("blocks.0.hook_mlp_out"), lens, rtol=1e-4, atol=1e-4)
