@@ -421,3 +421,18 @@ def test_moe_runners_are_found_once_in_a_layer():
     plain = SimpleNamespace(block_sparse_moe=SimpleNamespace(experts=SimpleNamespace(router=_Router(4))))
     assert find_moe_runners(plain) == [plain.block_sparse_moe.experts]
     assert find_moe_runners(torch.nn.Linear(2, 2)) == [] and find_moe_runners(SimpleNamespace()) == []
+
+
+def test_a_router_that_states_no_expert_count_is_taken_at_the_config_count():
+    from labkit.engines.vllm_router import install_routing
+    from labkit.moe.routers import FAMILIES
+
+    runner = _runner()
+    del runner.router.global_num_experts
+    runner.routed_experts = SimpleNamespace(quant_method=SimpleNamespace())  # no is_monolithic: modular
+    entry = {"n_experts": 8, "top_k": 2, "attrs": {"norm_topk_prob": False}}
+    install_routing(FAMILIES["olmoe"], entry, runner, lambda: SimpleNamespace(masks={}, traced=[]), lambda *a: None, 0)
+    logits = torch.randn(2, 8)
+    weights, ids = runner.router._compute_routing(torch.randn(2, 4), logits, torch.int32)
+    indices, expected = _softmax_topk_by_hand(logits, 2)
+    assert torch.equal(ids.long(), indices) and torch.allclose(weights, expected)

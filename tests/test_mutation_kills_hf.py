@@ -292,3 +292,26 @@ def test_steering_at_output_hook_points_adds_where_transformer_lens_would(tiny_l
     assert not torch.allclose(post, plain, atol=1e-3)
     torch.testing.assert_close(post, pre, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits_under("blocks.0.hook_mlp_out"), lens, rtol=1e-4, atol=1e-4)
+
+
+def test_an_input_correction_bias_may_come_by_keyword():
+    """Families whose router takes the correction bias as an argument (AFMoE): positional or by
+    keyword, the same routing; sigmoid scores + bias choose, the unbiased scores weigh (by hand)."""
+    from labkit.moe.routers import FAMILIES, route
+
+    scheme = FAMILIES["afmoe"].scheme
+    router = SimpleNamespace(top_k=2, route_scale=1.5, num_experts=6)
+    torch.manual_seed(2)
+    logits, hidden, bias = torch.randn(3, 6), torch.randn(3, 4), torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 5.0])
+    positional = route(scheme, router, logits, args=(hidden, bias))
+    for name in ("expert_bias", "e_score_correction_bias"):
+        keyword = route(scheme, router, logits, args=(hidden,), kwargs={name: bias})
+        assert torch.equal(keyword[0], positional[0]) and torch.equal(keyword[1], positional[1])
+    scores = torch.sigmoid(logits)
+    chosen = torch.topk(scores + bias, 2, dim=-1).indices
+    assert (chosen == 5).any(-1).all()  # the bias pulls expert 5 in everywhere
+    assert sorted(map(sorted, positional[0].tolist())) == sorted(map(sorted, chosen.tolist()))
+    weights = scores.gather(-1, positional[0])
+    torch.testing.assert_close(positional[1].float(), 1.5 * weights / weights.sum(-1, keepdim=True))
+    with pytest.raises(ValueError, match="was called without its correction-bias argument"):
+        route(scheme, router, logits, args=(hidden,), kwargs={})
