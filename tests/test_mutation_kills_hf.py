@@ -315,3 +315,24 @@ def test_an_input_correction_bias_may_come_by_keyword():
     torch.testing.assert_close(positional[1].float(), 1.5 * weights / weights.sum(-1, keepdim=True))
     with pytest.raises(ValueError, match="was called without its correction-bias argument"):
         route(scheme, router, logits, args=(hidden,), kwargs={})
+
+
+def test_deepseek_v2_group_limited_pick_outside_the_groups_weighs_zero():
+    """DeepSeek-V2 (group-limited greedy) weighs its picks with the group-masked scores: when a
+    mask leaves fewer experts in the chosen group than top-k, the extra pick comes from outside
+    the chosen groups, with weight 0 -- as transformers' ``tmp_scores`` gives it (by hand)."""
+    from labkit.interventions import Selection
+    from labkit.moe.routers import FAMILIES, route
+
+    router = SimpleNamespace(top_k=2, num_group=2, topk_group=1, routed_scaling_factor=2.0,
+                             topk_method="group_limited_greedy", num_experts=4)
+    scheme = FAMILIES["deepseek_v2"].scheme_for(router)
+    logits = torch.tensor([[4.0, 3.0, 1.0, 0.5]])
+    scores = torch.softmax(logits, -1)
+    off = torch.tensor([False, True, False, False])
+    indices, weights = route(scheme, router, logits, Selection(off=off, on=torch.zeros(4, dtype=torch.bool)))
+    picks = dict(zip(indices[0].tolist(), weights[0].tolist()))
+    assert 0 in picks and len(picks) == 2 and 1 not in picks
+    (outside,) = set(picks) - {0}
+    assert outside in (2, 3) and picks[outside] == 0.0
+    assert picks[0] == pytest.approx(2.0 * float(scores[0, 0]))
