@@ -436,3 +436,24 @@ def test_a_router_that_states_no_expert_count_is_taken_at_the_config_count():
     weights, ids = runner.router._compute_routing(torch.randn(2, 4), logits, torch.int32)
     indices, expected = _softmax_topk_by_hand(logits, 2)
     assert torch.equal(ids.long(), indices) and torch.allclose(weights, expected)
+
+
+def test_masked_rows_of_an_input_cast_family_get_weights_in_the_hidden_dtype():
+    """Cohere2-MoE (softmax of the chosen logits, weights cast to the input's dtype): a masked
+    row's weights are computed from its hidden states' dtype too -- by hand, softmax over the
+    two best non-masked logits."""
+    from labkit.engines.vllm_router import install_routing
+    from labkit.interventions import Selection
+    from labkit.moe.routers import FAMILIES
+
+    entry = {"n_experts": 8, "top_k": 2, "attrs": {"expert_selection_fn": "softmax", "norm_topk_prob": False}}
+    off = torch.zeros(8, dtype=torch.bool)
+    off[0] = True
+    plan = SimpleNamespace(masks={0: [(torch.tensor([1]), Selection(off=off, on=torch.zeros(8, dtype=torch.bool)))]}, traced=[])
+    runner = _runner()
+    install_routing(FAMILIES["cohere2_moe"], entry, runner, lambda: plan, lambda *a: None, 0)
+    logits = torch.tensor([[5.0, 4.0, 3.0, 0, 0, 0, 0, 0], [5.0, 4.0, 3.0, 0, 0, 0, 0, 0]])
+    weights, ids = runner.router._compute_routing(torch.randn(2, 4, dtype=torch.bfloat16), logits, torch.int32)
+    assert ids.tolist() == [[0, 1], [1, 2]]
+    expected = torch.softmax(torch.tensor([5.0, 4.0]), -1).to(torch.bfloat16).float()
+    torch.testing.assert_close(weights, torch.stack([expected, expected]))  # 4,3 differ by 1 as 5,4 do
