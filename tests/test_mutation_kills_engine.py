@@ -457,3 +457,38 @@ def test_masked_rows_of_an_input_cast_family_get_weights_in_the_hidden_dtype():
     assert ids.tolist() == [[0, 1], [1, 2]]
     expected = torch.softmax(torch.tensor([5.0, 4.0]), -1).to(torch.bfloat16).float()
     torch.testing.assert_close(weights, torch.stack([expected, expected]))  # 4,3 differ by 1 as 5,4 do
+
+
+# --- the workers' records, collected ------------------------------------------------------------------
+
+
+def test_collected_records_are_sorted_by_position_and_a_repeated_position_keeps_its_last_record():
+    """Records arrive per step (prefill chunks, recomputation after a preemption); the blob holds
+    each position once, sorted, with its last record. A key with no records gives nothing."""
+    from safetensors.torch import load
+
+    from labkit.engines.vllm_worker import LabkitWorkerExtension
+
+    worker = LabkitWorkerExtension()
+    first, second = torch.tensor([2, 0]), torch.tensor([1, 2])
+    acts = [torch.tensor([[2.0], [0.0]]), torch.tensor([[1.0], [22.0]])]
+    idx = [torch.tensor([[5, 6], [1, 2]]), torch.tensor([[3, 4], [7, 0]])]
+    weights = [torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([[0.6, 0.4], [0.7, 0.3]])]
+    logits = [torch.randn(2, 8), torch.randn(2, 8)]
+    empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), torch.zeros(0, 8))
+    worker._labkit = {
+        "captures": {"a": {3: [(first, acts[0]), (second, acts[1])]}},
+        "traces": {"a": {3: [(first, idx[0], weights[0], logits[0]), (second, idx[1], weights[1], logits[1])]},
+                   "e": {1: [empty]}},
+    }
+    residuals = load(worker.labkit_collect_residuals(json.dumps(["none", "a"])))
+    assert set(residuals) == {"1.position.3", "1.resid_pre.3"}
+    assert residuals["1.position.3"].tolist() == [0, 1, 2]
+    assert residuals["1.resid_pre.3"].tolist() == [[0.0], [1.0], [22.0]] and residuals["1.resid_pre.3"].dtype == torch.float32
+    traces = load(worker.labkit_collect_traces(json.dumps(["a", "e"])))
+    assert traces["0.position"].tolist() == [0, 1, 2]
+    assert traces["0.topk_indices.3"].tolist() == [[1, 2], [3, 4], [7, 0]] and traces["0.topk_indices.3"].dtype == torch.int64
+    torch.testing.assert_close(traces["0.topk_weights.3"], torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]]))
+    torch.testing.assert_close(traces["0.router_logits.3"], torch.stack([logits[0][1], logits[1][0], logits[1][1]]))
+    assert traces["1.position"].numel() == 0 and traces["1.topk_indices.1"].shape == (0, 2)
+    assert worker.labkit_collect_residuals(json.dumps(["none"])) == b"" == worker.labkit_collect_traces(json.dumps(["x"]))
