@@ -4,6 +4,7 @@ or recomputed independently."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -336,3 +337,15 @@ def test_deepseek_v2_group_limited_pick_outside_the_groups_weighs_zero():
     (outside,) = set(picks) - {0}
     assert outside in (2, 3) and picks[outside] == 0.0
     assert picks[0] == pytest.approx(2.0 * float(scores[0, 0]))
+
+
+def test_objects_labkit_did_not_make_and_unrouted_families_are_refused_with_the_reason():
+    from labkit.backends import backend_of
+    from labkit.moe.routers import NOT_ROUTED, family_of_config
+
+    for thing in (torch.nn.Linear(2, 2), SimpleNamespace(config=object())):
+        with pytest.raises(TypeError, match=rf"^{type(thing).__name__} was not loaded by labkit"):
+            backend_of(thing)
+    model_type, why = next(iter(NOT_ROUTED.items()))
+    with pytest.raises(ValueError, match=rf"labkit does not route {model_type!r}: {re.escape(why)}\."):
+        family_of_config(SimpleNamespace(model_type=model_type, architectures=["SomeForCausalLM"]))
