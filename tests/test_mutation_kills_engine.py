@@ -492,3 +492,22 @@ def test_collected_records_are_sorted_by_position_and_a_repeated_position_keeps_
     torch.testing.assert_close(traces["0.router_logits.3"], torch.stack([logits[0][1], logits[1][0], logits[1][1]]))
     assert traces["1.position"].numel() == 0 and traces["1.topk_indices.1"].shape == (0, 2)
     assert worker.labkit_collect_residuals(json.dumps(["none"])) == b"" == worker.labkit_collect_traces(json.dumps(["x"]))
+
+
+def test_step_plan_reads_positions_passed_positionally_or_by_keyword():
+    """The step observer builds each layer's addition from the token positions, whether vLLM
+    passes ``positions`` by keyword or as the model's second positional argument: an "all"
+    vector on every token of the request, a "generated" one only past its 3-token prompt."""
+    from labkit.engines.vllm_worker import LabkitWorkerExtension, _Plan
+    from labkit.interventions import InterventionSpec, SteeringEntry
+
+    spec = InterventionSpec(steering=(SteeringEntry(0, "all", torch.ones(4)), SteeringEntry(1, "generated", torch.full((4,), 2.0))),
+                            masks={}, trace=False, capture=(), nonce="")
+    worker = LabkitWorkerExtension()
+    worker._labkit = {"specs": {"k": spec}, "plan": _Plan(), "view": SimpleNamespace(rows=lambda n: [("k", 1, 5, 3)])}
+    positions = torch.tensor([7, 0, 1, 2, 3])  # row 0: another request; rows 1..4: positions 0..3
+    for args, kwargs in (((None, positions), {}), ((None,), {"positions": positions})):
+        worker._labkit_observe(None, args, kwargs)
+        plan = worker._labkit["plan"]
+        assert plan.steering[0][:, 0].tolist() == [0, 1, 1, 1, 1]
+        assert plan.steering[1][:, 0].tolist() == [0, 0, 0, 0, 2]
