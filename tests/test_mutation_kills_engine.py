@@ -90,7 +90,8 @@ def test_hook_points_map_to_decoder_layer_inputs():
         assert handle.hook_layer(f"blocks.{layer}.hook_resid_pre", "w") == layer
     for layer in range(2):
         assert handle.hook_layer(f"blocks.{layer}.hook_resid_post", "w") == layer + 1
-    for bad in ("blocks.2.hook_resid_post", "blocks.0.hook_resid_mid", "blocks.1.attn.hook_z", "hook_embed"):
+    for bad in ("blocks.2.hook_resid_post", "blocks.0.hook_resid_mid", "blocks.1.attn.hook_z", "hook_embed",
+                "blocks.1.mlp.hook_resid_pre"):
         with pytest.raises(ValueError, match=r"^w: hook point .* is not supported on the vLLM engine.*L < 2"):
             handle.hook_layer(bad, "w")
     with pytest.raises(ValueError, match="out of range"):
@@ -511,3 +512,43 @@ def test_step_plan_reads_positions_passed_positionally_or_by_keyword():
         plan = worker._labkit["plan"]
         assert plan.steering[0][:, 0].tolist() == [0, 1, 1, 1, 1]
         assert plan.steering[1][:, 0].tolist() == [0, 0, 0, 0, 2]
+
+
+def test_masks_refused_under_data_or_expert_parallel_dispatch(tiny_tokenizer):
+    llm = _StubLLM([])
+    handle = _handle(tiny_llama_hf(tiny_tokenizer).config, tiny_tokenizer, llm=llm)
+    handle._routing = {"routed": True}
+    parallel = llm.llm_engine.vllm_config.parallel_config
+    handle.check_mask_dispatch("masked")  # dp=1, no expert parallel: fine
+    for dp, ep in ((2, False), (1, True)):
+        parallel.data_parallel_size, parallel.enable_expert_parallel = dp, ep
+        with pytest.raises(ValueError, match=rf"data_parallel_size={dp}, enable_expert_parallel={ep}"):
+            handle.check_mask_dispatch("masked")
+        handle.check_mask_dispatch("trace_routing")  # traces are per token: fine
+    llm.llm_engine.vllm_config.parallel_config = SimpleNamespace()  # an older config without the fields
+    handle.check_mask_dispatch("masked")
+
+
+class _ResidualLLM(_StubLLM):
+    def __init__(self, positions):
+        super().__init__([[1]])
+        self.positions = positions
+
+    def collective_rpc(self, method, args=()):
+        from safetensors.torch import save
+
+        if method == "labkit_collect_residuals":
+            self.calls.append((method, args))
+            return [save({"0.position.1": self.positions, "0.resid_pre.1": torch.ones(len(self.positions), 32)})]
+        return super().collective_rpc(method, args)
+
+
+def test_residuals_recorded_at_other_positions_are_refused(tiny_tokenizer):
+    pytest.importorskip("vllm")
+    config = tiny_llama_hf(tiny_tokenizer).config
+    good = _handle(config, tiny_tokenizer, llm=_ResidualLLM(torch.tensor([0, 1, 2])))
+    (out,) = good.residual_activations([[0, 5, 6]], "blocks.1.hook_resid_pre")
+    assert out.shape == (3, 32)
+    bad = _handle(config, tiny_tokenizer, llm=_ResidualLLM(torch.tensor([0, 2, 3])))
+    with pytest.raises(RuntimeError, match=r"recorded positions \[0, 2, 3\] for sequence 0, expected 0\.\.2"):
+        bad.residual_activations([[0, 5, 6]], "blocks.1.hook_resid_pre")
