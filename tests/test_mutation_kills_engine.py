@@ -159,7 +159,8 @@ class _StubLLM:
         self.calls.append((method, args))
         return [b""] if method.startswith("labkit_collect") else [None]
 
-    def generate(self, prompts, params, use_tqdm=False):
+    def generate(self, prompts, params, use_tqdm=True):
+        assert use_tqdm is False  # no progress bar per engine call inside labkit's own loops
         self.calls.append(("generate", prompts, params))
         return [SimpleNamespace(num_cached_tokens=i, outputs=[SimpleNamespace(token_ids=list(self.answers[i]))])
                 for i in range(len(prompts))]
