@@ -553,3 +553,45 @@ def test_residuals_recorded_at_other_positions_are_refused(tiny_tokenizer):
     bad = _handle(config, tiny_tokenizer, llm=_ResidualLLM(torch.tensor([0, 2, 3])))
     with pytest.raises(RuntimeError, match=r"recorded positions \[0, 2, 3\] for sequence 0, expected 0\.\.2"):
         bad.residual_activations([[0, 5, 6]], "blocks.1.hook_resid_pre")
+
+
+# --- load_vllm's arguments to vllm.LLM, with a stub engine class ------------------------------------
+
+
+def test_load_vllm_starts_the_engine_with_labkits_settings(monkeypatch):
+    """What ``load_vllm`` hands ``vllm.LLM`` and the handle it returns, on the shipped organism
+    (config read from disk): float32, eager, TP, the context window from the config (at most
+    4096), labkit's worker extension, seed 0 unless given, the caller's engine keywords; the
+    workers are installed with the routing settings; the BOS rule given wins over the organism's."""
+    pytest.importorskip("vllm")
+    import labkit.engines.vllm as engine
+    from labkit.sources import resolve_source
+    from transformers import AutoConfig
+
+    started = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            started.append(kwargs)
+            self.rpc = []
+
+        def collective_rpc(self, method, args=()):
+            self.rpc.append((method, args))
+            return [None]
+
+    monkeypatch.setattr(engine, "_vllm", lambda: SimpleNamespace(LLM=LLM))
+    config = AutoConfig.from_pretrained(resolve_source("moe-organism"))
+    handle = engine.load_vllm("moe-organism", prepend_bos=True, max_num_batched_tokens=16)
+    (kwargs,) = started
+    window = min(config.max_position_embeddings, 4096)
+    assert kwargs["dtype"] == "float32" and kwargs["enforce_eager"] is True and kwargs["tensor_parallel_size"] == 1
+    assert kwargs["max_model_len"] == window == handle.n_ctx and kwargs["seed"] == 0
+    assert kwargs["worker_extension_cls"] == "labkit.engines.vllm_worker.LabkitWorkerExtension"
+    assert kwargs["max_num_batched_tokens"] == 16 and kwargs["model"] == kwargs["tokenizer"]
+    assert handle.cfg.default_prepend_bos is True and handle.name == "moe-organism"
+    (install,) = handle.llm.rpc
+    assert install[0] == "labkit_install" and json.loads(install[1][0]) == handle._routing and handle._routing["routed"]
+    started.clear()
+    other = engine.load_vllm("moe-organism", max_model_len=32, seed=5)
+    assert started[0]["max_model_len"] == 32 == other.n_ctx and started[0]["seed"] == 5
+    assert other.cfg.default_prepend_bos is False  # the organism's labkit.json says no BOS
