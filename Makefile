@@ -128,21 +128,21 @@ mutate: install
 # The engine modules (labkit/engines/): tests/mutmut_engine.toml's config, in a scratch copy of the
 # tree (.mutate-engine/, mutmut reads only ./pyproject.toml), under the engine's environment, the
 # engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the mutated worker is what vLLM runs.
-# MODULE / SAMPLE as for `mutate`; scores: cd .mutate-engine && ../$(PY) tests/mutation_scores.py
+# MODULE / SAMPLE as for `mutate`; scores: cd .mutate-engine && $(abspath $(PY)) tests/mutation_scores.py
 ENGINE_MUTMUT := cd .mutate-engine && VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
-	OMP_NUM_THREADS=1 nice -n 15 ../$(ENGINE_VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN)
+	OMP_NUM_THREADS=1 nice -n 15 $(abspath $(ENGINE_VENV))/bin/mutmut run --max-children $(MUTATE_CHILDREN)
 mutate-engine: install-engine
 	mkdir -p .mutate-engine && git ls-files -co --exclude-standard | tar cf - -T - | tar xf - -C .mutate-engine
 	$(PY) tests/mutation_scores.py --engine-pyproject > .mutate-engine/pyproject.toml
 	@if [ -n "$(SAMPLE)" ]; then \
 		{ ($(ENGINE_MUTMUT) "labkit.no_module_has_this_name.*") >/dev/null 2>&1 || true; } && \
-		(cd .mutate-engine && ../$(PY) tests/mutation_scores.py --credit-all-tests labkit.engines) && \
-		names=$$(cd .mutate-engine && ../$(PY) tests/mutation_scores.py --sample $(SAMPLE) $(if $(MODULE),--module $(MODULE))) && \
+		(cd .mutate-engine && $(abspath $(PY)) tests/mutation_scores.py --credit-all-tests labkit.engines) && \
+		names=$$(cd .mutate-engine && $(abspath $(PY)) tests/mutation_scores.py --sample $(SAMPLE) $(if $(MODULE),--module $(MODULE))) && \
 		[ -n "$$names" ] && $(ENGINE_MUTMUT) $$names; \
 	else { ($(ENGINE_MUTMUT) "labkit.no_module_has_this_name.*") >/dev/null 2>&1 || true; } && \
-		(cd .mutate-engine && ../$(PY) tests/mutation_scores.py --credit-all-tests labkit.engines) && \
+		(cd .mutate-engine && $(abspath $(PY)) tests/mutation_scores.py --credit-all-tests labkit.engines) && \
 		$(ENGINE_MUTMUT) $(or $(MUTANTS),"labkit.engines.*"); fi
-	cd .mutate-engine && ../$(PY) tests/mutation_scores.py --survivors
+	cd .mutate-engine && $(abspath $(PY)) tests/mutation_scores.py --survivors
 
 clean:
 	rm -rf $(VENV) $(ENGINE_VENV) .pytest_cache artifacts mutants .mutate-engine
