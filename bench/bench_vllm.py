@@ -16,6 +16,8 @@ Batches (medians of ``--repeats`` runs after one warm-up each, wall-clock):
 1. steered: a mean-difference direction at layer 1, all positions — tokens/s
 2. masked: the two designated experts off — tokens/s
 3. traced: ``trace_routing`` of every prompt (prefill only) — prompt tokens/s
+4. cached: ``cache_activations`` of every layer's ``hook_resid_post`` and ``hook_mlp_out``, all
+   positions (prefill only; on the engine read inside the workers) — prompt tokens/s
 
 Ratios: vLLM TP=1 / HF and TP=2 / TP=1 per batch. Other processes on a shared machine slow every
 phase; the bench prints the 1-minute load average before and after each phase so a reader can
@@ -39,7 +41,7 @@ import harness  # sets the repo root on sys.path and the offline switches
 
 
 def batches(model, prompts, new_tokens):
-    """``{"steered", "masked", "traced"}`` -> ``(function, tokens it processes)`` on ``model``."""
+    """``{"steered", "masked", "traced", "cached"}`` -> ``(function, tokens it processes)`` on ``model``."""
     import labkit
     from labkit.datasets import read_prompts
     from labkit.moe import ExpertMask, masked, trace_routing
@@ -61,11 +63,22 @@ def batches(model, prompts, new_tokens):
     def traced():
         return trace_routing(model, prompts, **trace_options).topk_indices.tolist()
 
+    def cached():
+        """Every layer's hook_resid_post and hook_mlp_out, all positions (prefill only)."""
+        from labkit.cache import cache_activations
+
+        names = [f"blocks.{layer}.{point}" for layer in range(model.cfg.n_layers) for point in ("hook_resid_post", "hook_mlp_out")]
+        cache = cache_activations(model, prompts, names, batch_size=len(prompts), progress=False)
+        return cache.token_ids.tolist()  # the same token ids on every path; values are checked by tests/test_vllm.py
+
     from labkit.models import encode_prompts
 
     prompt_tokens = sum(len(row) for row in encode_prompts(model, prompts, caller="bench_vllm")[1])
     generated = len(prompts) * new_tokens
-    return {"steered": (steered, generated), "masked": (masked_batch, generated), "traced": (traced, prompt_tokens)}
+    return {
+        "steered": (steered, generated), "masked": (masked_batch, generated), "traced": (traced, prompt_tokens),
+        "cached": (cached, prompt_tokens),
+    }
 
 
 def phase(name: str, args) -> dict:

@@ -32,9 +32,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from labkit import storage
-from labkit.hooks import attach, resolve_hook
+from labkit.backends import backend_of
 from labkit.checks import check_names, check_out_dir, check_path, check_prompts, named_errors
-from labkit.models import check_context, encode_prompts, lab_model, left_pad
 
 __all__ = [
     "ActivationCache",
@@ -72,8 +71,8 @@ def tokenize_prompts(
     """Tokenise prompts with the lab's one rule (the bridge's ``to_tokens``, BOS included).
 
     Args:
-        model: a bridge from :func:`labkit.load_model`.
-        prompts: non-empty list of strings.
+        model: a model handle from :func:`labkit.load_model` (bridge or engine).
+        prompts: a string (one prompt) or a non-empty list of strings.
         chat: wrap each prompt as one user turn with the tokenizer's chat template
             (generation prompt added).
         prepend_bos: override the model's BOS rule (``None`` keeps it).
@@ -85,8 +84,9 @@ def tokenize_prompts(
         ValueError: empty list, a non-string item, an empty prompt, or a prompt longer than
             the model's context window.
     """
-    _prompts, ids = encode_prompts(model, prompts, caller="cache_activations", chat=chat, prepend_bos=prepend_bos)
-    check_context(model, [len(row) for row in ids], caller="cache_activations")
+    backend = backend_of(model)
+    _prompts, ids = backend.encode_prompts(prompts, caller="cache_activations", chat=chat, prepend_bos=prepend_bos)
+    backend.check_context([len(row) for row in ids], caller="cache_activations")
     return ids
 
 
@@ -250,42 +250,6 @@ class ActivationCache:
         )
 
 
-def _probe_widths(model, hook_names: Sequence[str], ids: Sequence[int]) -> dict[str, tuple[int, ...]]:
-    """Per-position trailing shape of each hook point, from a forward pass on one short prompt."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    length = len(ids)
-
-    def record(activation: Tensor, site) -> None:
-        if activation.dim() < 2 or activation.shape[0] != 1 or activation.shape[1] != length:
-            raise ValueError(
-                f"hook point {site.name!r} produces shape {tuple(activation.shape)}, not "
-                "[batch, pos, ...]; cache_activations keeps per-position activations. Use "
-                "model.run_with_cache for attention patterns and other per-head tensors."
-            )
-        shapes[site.name] = tuple(activation.shape[2:])
-
-    input_ids, attention_mask, position_ids = left_pad([ids], 0)
-    _run(model, [(name, record) for name in hook_names], input_ids, attention_mask, position_ids)
-    return shapes
-
-
-def _run(model, hooks, input_ids, attention_mask, position_ids) -> None:
-    # The logits are not cached: the twin computes the last position's only (the unembedding is a
-    # fifth of SmolLM2's forward), unless a hook point is the unembedding's own output.
-    reads_logits = any((resolve_hook(model, name).module_path or "").endswith("lm_head") for name, _fn in hooks)
-    with torch.inference_mode(), attach(model, hooks) as runner:
-        if runner is model:
-            runner(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        else:
-            runner(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-                **({} if reads_logits else {"logits_to_keep": 1}),
-            )
-
-
 def estimate_cache_bytes(
     model,
     prompts: Sequence[str],
@@ -298,11 +262,12 @@ def estimate_cache_bytes(
 ) -> int:
     """Bytes :func:`cache_activations` would hold for these arguments, before running them.
 
-    Tokenises the prompts and runs one forward pass on the shortest to learn each hook point's
-    per-position width; nothing is cached.
+    Tokenises the prompts and learns each hook point's per-position width (HF path: one forward
+    pass on the shortest prompt, the first time a hook point is asked for; the engine: from the
+    config); nothing is cached.
 
     Args:
-        model: a bridge from :func:`labkit.load_model`.
+        model: a model handle from :func:`labkit.load_model` (bridge or engine).
         prompts: the prompt strings.
         hook_names: TransformerLens hook names.
         positions: real-token positions to keep (see :data:`Positions`).
@@ -315,28 +280,110 @@ def estimate_cache_bytes(
     Raises:
         ValueError: as :func:`cache_activations` for bad prompts, names or positions.
     """
+    backend = backend_of(model)
+    backend.require("cache", "estimate_cache_bytes")
     token_rows = tokenize_prompts(model, prompts, chat=chat, prepend_bos=prepend_bos)
-    widths = _probe_widths(model, list(hook_names), min(token_rows, key=len))
-    element = torch.empty((), dtype=dtype or _model_dtype(model)).element_size()
+    widths = backend.activation_shapes(list(hook_names), min(token_rows, key=len))
+    element = torch.empty((), dtype=dtype or backend.dtype).element_size()
     n_rows = sum(len(select_positions(len(r), positions)) for r in token_rows)
     return n_rows * element * sum(math.prod(w) for w in widths.values())
 
 
-def _model_dtype(model) -> torch.dtype:
-    return next(lab_model(model).twin.parameters()).dtype
+class _ShardWriter:
+    """Holds a cache's rows in memory, or streams them to ``shard-NNNNN.safetensors`` files.
+
+    On failure :meth:`remove_partial` removes only what it wrote: the directories it created, or,
+    in the user's pre-existing empty directory, its shard and index files (the directory stays).
+    """
+
+    def __init__(self, hook_names: list[str], out_dir, shard_bytes: int) -> None:
+        self.parts: dict[str, list[Tensor]] = {name: [] for name in hook_names}
+        self.shards: list[str] = []
+        self.hashes: list[str] = []
+        self.pending = 0
+        self.shard_bytes = shard_bytes
+        self.directory = self.created = None
+        if out_dir is not None:
+            self.directory, existed = check_out_dir(out_dir, caller="cache_activations")
+            # the outermost directory this call creates (None: the user's own empty directory)
+            self.created = None if existed else next(
+                p for p in (*reversed(self.directory.parents), self.directory) if not p.exists()
+            )
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, batch: dict[str, Tensor], dtype: torch.dtype, n_bytes: int) -> None:
+        for name, part in self.parts.items():
+            part.append(batch[name].to(device="cpu", dtype=dtype))
+        self.pending += n_bytes
+        if self.pending >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.directory is None or not self.pending:
+            return
+        shard_name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file({n: torch.cat(p) for n, p in self.parts.items()}, str(self.directory / shard_name))
+        self.shards.append(shard_name)
+        self.hashes.append(storage.file_sha256(self.directory / shard_name))
+        for p in self.parts.values():
+            p.clear()
+        self.pending = 0
+
+    def remove_partial(self) -> None:
+        if self.directory is None:
+            return
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+            return
+        for name in (*self.shards, f"shard-{len(self.shards):05d}.safetensors", "index.json", "index.safetensors"):
+            (self.directory / name).unlink(missing_ok=True)
+
+    def finish(self, index: dict[str, Tensor], meta: dict) -> ActivationCache:
+        if self.directory is not None:
+            storage.save(
+                self.directory / "index", kind=FORMAT_KIND, version=FORMAT_VERSION,
+                metadata={"shards": self.shards, "shard_sha256": self.hashes, **meta}, tensors=index,
+            )
+            return ActivationCache.load(self.directory)
+        tensors = {name: torch.cat(p) for name, p in self.parts.items()}
+        self.parts.clear()
+        return ActivationCache(
+            hook_names=tuple(meta["hook_names"]),
+            prompts=tuple(meta["prompts"]),
+            prompt_index=index["prompt_index"],
+            position=index["position"],
+            token_ids=index["token_ids"],
+            model_name=meta["model_name"],
+            _tensors=tensors,
+        )
 
 
-def _remove_partial(directory: Path | None, created: Path | None, shards: list[str]) -> None:
-    """After a failed or interrupted streaming run, remove only what labkit wrote: the directories
-    it created, or, in the user's pre-existing empty directory, the shard files (the directory
-    itself stays)."""
-    if directory is None:
-        return
-    if created is not None:
-        shutil.rmtree(created, ignore_errors=True)
-        return
-    for name in (*shards, f"shard-{len(shards):05d}.safetensors", "index.json", "index.safetensors"):
-        (directory / name).unlink(missing_ok=True)
+def _check_options(hook_names: list[str], batch_size, max_bytes, dtype) -> None:
+    if not hook_names:
+        raise ValueError("cache_activations: hook_names is empty; name at least one hook point, e.g. 'blocks.0.hook_resid_pre'.")
+    if len(set(hook_names)) != len(hook_names):
+        raise ValueError(f"cache_activations: hook_names has duplicates: {hook_names}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"cache_activations: batch_size must be a positive int, got {batch_size!r}.")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
+        raise ValueError(f"cache_activations: max_bytes must be a positive int (bytes) or None (no budget), got {max_bytes!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"cache_activations: dtype must be a floating torch dtype (e.g. torch.float16) or None, got {dtype!r}; "
+            "activations would be truncated otherwise."
+        )
+
+
+def _check_budget(n_hooks: int, n_prompts: int, row_bytes: int, n_rows: int, max_bytes, out_dir, shard_bytes: int) -> None:
+    total_bytes = row_bytes * n_rows
+    held_bytes = min(total_bytes, max(shard_bytes, row_bytes)) if out_dir is not None else total_bytes
+    if max_bytes is not None and held_bytes > max_bytes:
+        raise MemoryBudgetError(
+            f"Caching {n_hooks} hook point(s) over {n_prompts} prompts would hold "
+            f"{_human(held_bytes)} in memory; the budget is max_bytes={_human(max_bytes)}. Lower it "
+            "with positions='last' (or a slice), fewer hook_names, dtype=torch.float16, or stream "
+            "to disk with out_dir=...; or raise max_bytes."
+        )
 
 
 def cache_activations(
@@ -363,10 +410,17 @@ def cache_activations(
     ``hook_mlp_out`` ...) run on the plain twin with one ``torch`` hook each; other per-position
     hook points (``attn.hook_q`` as ``[pos, head, d_head]``, ...) run on the bridge. Either way a
     cached tensor equals the bridge's ``run_with_cache`` value for that name, and any open
-    intervention (``steered``, ``masked``) applies.
+    intervention (``steered``, ``masked``) applies. ``blocks.{L}.mlp.hook_router_logits`` (labkit's
+    name) caches a MoE layer's router logits, ``[pos, n_experts]``.
+
+    On the vLLM engine (``load_model(..., engine="vllm")``) the same call caches
+    ``blocks.{L}.hook_resid_pre`` / ``hook_resid_mid`` / ``hook_resid_post`` / ``hook_attn_out`` /
+    ``hook_mlp_out`` and the router logits inside the workers (tensor-parallel shards are already
+    reduced there); only the kept positions leave the workers (:mod:`labkit.engines.vllm_capture`),
+    and each engine call sends ``batch_size`` prompts that vLLM schedules itself.
 
     Args:
-        model: a bridge from :func:`labkit.load_model`.
+        model: a model handle from :func:`labkit.load_model` (the bridge, or the vLLM engine).
         prompts: the prompt strings (a list or any iterable, e.g. a ``datasets`` column).
         hook_names: TransformerLens hook names, e.g. ``["blocks.6.hook_resid_pre"]``.
         batch_size: prompts per forward pass (>= 1).
@@ -403,24 +457,14 @@ def cache_activations(
         >>> cache["blocks.3.hook_resid_pre"].shape  # doctest: +SKIP
         torch.Size([2, 576])
     """
+    backend = backend_of(model)
     prompts = check_prompts(prompts, caller="cache_activations")
     hook_names = check_names(hook_names, caller="cache_activations", argument="hook_names")
-    if not hook_names:
-        raise ValueError("cache_activations: hook_names is empty; name at least one hook point, e.g. 'blocks.0.hook_resid_pre'.")
-    if len(set(hook_names)) != len(hook_names):
-        raise ValueError(f"cache_activations: hook_names has duplicates: {hook_names}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"cache_activations: batch_size must be a positive int, got {batch_size!r}.")
-    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
-        raise ValueError(f"cache_activations: max_bytes must be a positive int (bytes) or None (no budget), got {max_bytes!r}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(
-            f"cache_activations: dtype must be a floating torch dtype (e.g. torch.float16) or None, got {dtype!r}; "
-            "activations would be truncated otherwise."
-        )
+    _check_options(hook_names, batch_size, max_bytes, dtype)
+    backend.require("cache", "cache_activations")
     with named_errors("cache_activations"):
         for name in hook_names:
-            resolve_hook(model, name)  # unknown names fail here, before any work
+            backend.check_cache_point(name, "cache_activations")  # unknown names fail here, before any work
         token_rows = tokenize_prompts(model, prompts, chat=chat, prepend_bos=prepend_bos)
         kept = [select_positions(len(r), positions) for r in token_rows]
     for i, keep in enumerate(kept):
@@ -429,90 +473,22 @@ def cache_activations(
                 f"cache_activations: positions={positions!r} selects no position of prompt {i} "
                 f"({len(token_rows[i])} tokens); choose at least one."
             )
-    store_dtype = dtype or _model_dtype(model)
-    widths = _probe_widths(model, hook_names, min(token_rows, key=len))
-    row_bytes = torch.empty((), dtype=store_dtype).element_size() * sum(
-        math.prod(w) for w in widths.values()
-    )
-    total_bytes = row_bytes * sum(len(k) for k in kept)
-    held_bytes = min(total_bytes, max(shard_bytes, row_bytes)) if out_dir is not None else total_bytes
-    if max_bytes is not None and held_bytes > max_bytes:
-        raise MemoryBudgetError(
-            f"Caching {len(hook_names)} hook point(s) over {len(prompts)} prompts would hold "
-            f"{_human(held_bytes)} in memory; the budget is max_bytes={_human(max_bytes)}. Lower it "
-            "with positions='last' (or a slice), fewer hook_names, dtype=torch.float16, or stream "
-            "to disk with out_dir=...; or raise max_bytes."
-        )
-    directory = created = None
-    if out_dir is not None:
-        directory, existed = check_out_dir(out_dir, caller="cache_activations")
-        # the outermost directory this call creates (None: the user's own empty directory)
-        created = None if existed else next(p for p in (*reversed(directory.parents), directory) if not p.exists())
-        directory.mkdir(parents=True, exist_ok=True)
-
-    pad_id = lab_model(model).tokenizer.pad_token_id
-    parts: dict[str, list[Tensor]] = {name: [] for name in hook_names}
-    index_parts: dict[str, list[Tensor]] = {"prompt_index": [], "position": [], "token_ids": []}
-    shards: list[str] = []
-    shard_hashes: list[str] = []
-    pending_bytes = 0
-
-    def flush() -> None:
-        nonlocal pending_bytes
-        if directory is None or not pending_bytes:
-            return
-        shard_name = f"shard-{len(shards):05d}.safetensors"
-        save_file({n: torch.cat(p) for n, p in parts.items()}, str(directory / shard_name))
-        shards.append(shard_name)
-        shard_hashes.append(storage.file_sha256(directory / shard_name))
-        for p in parts.values():
-            p.clear()
-        pending_bytes = 0
-
+    store_dtype = dtype or backend.dtype
+    widths = backend.activation_shapes(hook_names, min(token_rows, key=len))
+    row_bytes = torch.empty((), dtype=store_dtype).element_size() * sum(math.prod(w) for w in widths.values())
+    _check_budget(len(hook_names), len(prompts), row_bytes, sum(map(len, kept)), max_bytes, out_dir, shard_bytes)
+    writer = _ShardWriter(hook_names, out_dir, shard_bytes)
     try:
-        order = range(0, len(token_rows), batch_size)
-        for start in tqdm(order, desc="caching activations", unit="batch", disable=not progress):
-            batch_rows = token_rows[start : start + batch_size]
-            input_ids, attention_mask, position_ids = left_pad(batch_rows, pad_id)
-            width = input_ids.shape[1]
-            batch_idx, seq_idx = [], []
-            for i, (row, keep) in enumerate(zip(batch_rows, kept[start : start + batch_size])):
-                offset = width - len(row)
-                batch_idx += [i] * len(keep)
-                seq_idx += [offset + p for p in keep]
-                index_parts["prompt_index"].append(torch.full((len(keep),), start + i, dtype=torch.long))
-                index_parts["position"].append(torch.tensor(keep, dtype=torch.long))
-                index_parts["token_ids"].append(torch.tensor([row[p] for p in keep], dtype=torch.long))
-            b_idx, s_idx = torch.tensor(batch_idx), torch.tensor(seq_idx)
-
-            def keep_rows(activation: Tensor, site) -> None:
-                # Advanced indexing copies exactly the kept rows: no view pins the whole batch.
-                parts[site.name].append(activation[b_idx, s_idx].to(store_dtype))
-
-            _run(model, [(n, keep_rows) for n in hook_names], input_ids, attention_mask, position_ids)
-            pending_bytes += row_bytes * len(batch_idx)
-            if pending_bytes >= shard_bytes:
-                flush()
-        flush()
+        for start in tqdm(range(0, len(token_rows), batch_size), desc="caching activations", unit="batch", disable=not progress):
+            rows, keep = token_rows[start : start + batch_size], kept[start : start + batch_size]
+            writer.add(backend.capture(rows, keep, hook_names), store_dtype, row_bytes * sum(map(len, keep)))
+        writer.flush()
     except BaseException:
-        _remove_partial(directory, created, shards)
+        writer.remove_partial()
         raise
-
-    index = {k: torch.cat(v) for k, v in index_parts.items()}
-    meta = dict(model_name=lab_model(model).name, hook_names=hook_names, prompts=prompts)
-    if directory is not None:
-        storage.save(
-            directory / "index", kind=FORMAT_KIND, version=FORMAT_VERSION, metadata={"shards": shards, "shard_sha256": shard_hashes, **meta}, tensors=index
-        )
-        return ActivationCache.load(directory)
-    tensors = {name: torch.cat(p) for name, p in parts.items()}
-    parts.clear()
-    return ActivationCache(
-        hook_names=tuple(hook_names),
-        prompts=tuple(prompts),
-        prompt_index=index["prompt_index"],
-        position=index["position"],
-        token_ids=index["token_ids"],
-        model_name=meta["model_name"],
-        _tensors=tensors,
-    )
+    index = {
+        "prompt_index": torch.cat([torch.full((len(k),), i, dtype=torch.long) for i, k in enumerate(kept)]),
+        "position": torch.cat([torch.tensor(k, dtype=torch.long) for k in kept]),
+        "token_ids": torch.cat([torch.tensor([row[p] for p in k], dtype=torch.long) for row, k in zip(token_rows, kept)]),
+    }
+    return writer.finish(index, dict(model_name=backend.name, hook_names=hook_names, prompts=prompts))

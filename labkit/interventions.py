@@ -31,6 +31,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 __all__ = [
+    "ENGINE_SITES",
     "POSITIONS",
     "InterventionSpec",
     "Selection",
@@ -191,14 +192,21 @@ def selection_from_json(data: Mapping[str, Any], device: str | torch.device | No
 # --------------------------------------------------------------------------------------------
 
 
+#: Where inside a decoder layer the engine adds or reads, by TransformerLens hook point:
+#: ``hook_resid_pre`` (the layer's input stream), ``hook_resid_post`` (its output stream),
+#: ``hook_attn_out`` (the attention block's output), ``hook_mlp_out`` (the MLP / MoE block's output).
+ENGINE_SITES: tuple[str, ...] = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+
+
 @dataclass(frozen=True)
 class SteeringEntry:
-    """One steering vector as the engine applies it: at the input of decoder ``layer``."""
+    """One steering vector as the engine applies it: at ``site`` of decoder ``layer``."""
 
     layer: int
     positions: str
     tensor: Float[Tensor, "*pos d_model"]
     hook_name: str = ""
+    site: str = "hook_resid_pre"
 
 
 @dataclass(frozen=True)
@@ -208,8 +216,10 @@ class InterventionSpec:
     Attributes:
         steering: the vectors, in the order they are added.
         masks: ``{layer: Selection}``, already merged across nested masks.
-        trace: record the router's choice on every prompt token.
-        capture: decoder layers whose input residual stream to record.
+        trace: record the router's choice on every prompt token (or on ``capture_positions``).
+        capture: ``(layer, site)`` pairs whose activations to record (sites: :data:`ENGINE_SITES`).
+        capture_positions: prompt positions to record (captures and traces); ``None``: every
+            prompt position. Only these rows leave the workers.
         nonce: makes otherwise equal specs distinct (each traced / capturing request owns its
             records and its prefix-cache salt).
     """
@@ -217,11 +227,20 @@ class InterventionSpec:
     steering: tuple[SteeringEntry, ...] = ()
     masks: Mapping[int, Selection] = field(default_factory=dict)
     trace: bool = False
-    capture: tuple[int, ...] = ()
+    capture: tuple[tuple[int, str], ...] = ()
+    capture_positions: tuple[int, ...] | None = None
     nonce: str = ""
 
     KIND = "labkit.vllm.Intervention"
-    VERSION = 2
+    VERSION = 3
+
+    def __post_init__(self) -> None:
+        for entry in self.steering:
+            if entry.site not in ENGINE_SITES:
+                raise ValueError(f"SteeringEntry.site {entry.site!r} is not one of {ENGINE_SITES}.")
+        for layer, site in self.capture:
+            if site not in ENGINE_SITES:
+                raise ValueError(f"InterventionSpec.capture site {site!r} (layer {layer}) is not one of {ENGINE_SITES}.")
 
     @property
     def empty(self) -> bool:
@@ -235,14 +254,17 @@ class InterventionSpec:
         for i, entry in enumerate(self.steering):
             name = f"steering.{i}"
             tensors[name] = entry.tensor.detach().to(torch.float32).cpu().contiguous()
-            steering.append({"layer": int(entry.layer), "positions": entry.positions, "tensor": name, "hook_name": entry.hook_name})
+            steering.append(
+                {"layer": int(entry.layer), "positions": entry.positions, "tensor": name, "hook_name": entry.hook_name, "site": entry.site}
+            )
         spec = {
             "kind": self.KIND,
             "version": self.VERSION,
             "steering": steering,
             "mask": {str(layer): selection_to_json(sel) for layer, sel in sorted(self.masks.items())},
             "trace": bool(self.trace),
-            "capture": sorted(int(layer) for layer in self.capture),
+            "capture": sorted([int(layer), str(site)] for layer, site in set(self.capture)),
+            "capture_positions": None if self.capture_positions is None else [int(p) for p in self.capture_positions],
             "nonce": self.nonce,
         }
         spec_json = json.dumps(spec, sort_keys=True)
@@ -273,6 +295,7 @@ class InterventionSpec:
                 positions=item["positions"],
                 tensor=arrays[item["tensor"]].to(device=device, dtype=dtype),
                 hook_name=item.get("hook_name", ""),
+                site=item.get("site", "hook_resid_pre"),
             )
             for item in spec.get("steering", [])
         )
@@ -281,6 +304,7 @@ class InterventionSpec:
             steering=steering,
             masks=masks,
             trace=bool(spec.get("trace")),
-            capture=tuple(int(layer) for layer in spec.get("capture", [])),
+            capture=tuple((int(layer), str(site)) for layer, site in spec.get("capture", [])),
+            capture_positions=None if spec.get("capture_positions") is None else tuple(spec["capture_positions"]),
             nonce=spec.get("nonce", ""),
         )

@@ -14,11 +14,24 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from labkit.backends import backend_of
 from labkit.cache import ActivationCache
 from labkit.hooks import resolve_hook
 from labkit.models import tokenizer_of
 
 __all__ = ["answer_rank_by_layer", "logit_lens", "logit_lens_table", "residual_norms"]
+
+#: Why the lens refuses the vLLM engine, and what to do instead.
+ENGINE_ALTERNATIVE = (
+    "The lens decodes residual vectors with the model's final norm and unembedding, which on the vLLM engine "
+    "live inside its worker processes. Cache the residual stream on the engine (cache_activations) and decode "
+    "that cache with the Hugging Face bridge of the same model: logit_lens_table(load_model(name), cache, ...)."
+)
+
+
+def _require_in_process(model, caller: str) -> None:
+    """Raise :class:`labkit.backends.NotOnBackendError` unless the model runs in this process."""
+    backend_of(model).require("forward", caller, ENGINE_ALTERNATIVE)
 
 
 def logit_lens(
@@ -36,7 +49,9 @@ def logit_lens(
 
     Raises:
         ValueError: ``resid`` is not ``[n, d_model]`` for this model, or ``k < 1``.
+        NotOnBackendError: a vLLM engine handle (the message says how to decode an engine cache).
     """
+    _require_in_process(model, "logit_lens")
     d_model = model.cfg.d_model
     if resid.dim() != 2 or resid.shape[1] != d_model:
         raise ValueError(f"resid must be [n, {d_model}] for this model; got {tuple(resid.shape)}.")
@@ -67,6 +82,7 @@ def logit_lens_table(
     Returns:
         DataFrame with columns ``hook``, ``layer``, ``top tokens`` and ``p(top-1)``.
     """
+    _require_in_process(model, "logit_lens_table")
     rows = []
     vectors = torch.stack([cache.per_prompt(name)[prompt][position] for name in hook_names])
     probs, tokens = logit_lens(model, vectors, k=k)
@@ -112,6 +128,7 @@ def answer_rank_by_layer(
     Raises:
         ValueError: ``len(answers)`` differs from the number of cached prompts.
     """
+    _require_in_process(model, "answer_rank_by_layer")
     if len(answers) != cache.n_prompts:
         raise ValueError(f"got {len(answers)} answers for {cache.n_prompts} cached prompts.")
     tokenizer = tokenizer_of(model)

@@ -116,7 +116,7 @@ def load_model(
         ModelNotAvailableError: the name is unknown offline (the message lists the offline
             models), a directory lacks config.json, or the config has no ``architectures``.
         ValueError: an unknown ``engine``; engine options given for ``engine="hf"``; the
-            refusals of :func:`labkit.engines.vllm.load_vllm`.
+            refusals of :func:`labkit.engines.vllm_load.load_vllm`.
 
     Example:
         >>> model = load_model("smollm2-135m-instruct")  # doctest: +SKIP
@@ -124,7 +124,7 @@ def load_model(
         30
     """
     if engine == "vllm":
-        from labkit.engines.vllm import load_vllm
+        from labkit.engines.vllm_load import load_vllm
 
         return load_vllm(
             name_or_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, prepend_bos=prepend_bos, **engine_kwargs

@@ -96,7 +96,7 @@ def test_the_position_rule_and_the_mask_merge_are_written_once():
     assert definitions["default_prepend_bos"] == ["labkit.tokens"]
     assert {"labkit.backends.hf_steering", "labkit.engines.vllm_worker"} <= _callers_of("steering_positions")
     assert {"labkit.backends.hf_masking", "labkit.engines.vllm", "labkit.moe.masking"} <= _callers_of("merge_selections")
-    assert {"labkit.models", "labkit.engines.vllm"} <= _callers_of("default_prepend_bos")
+    assert {"labkit.models", "labkit.engines.vllm_load"} <= _callers_of("default_prepend_bos")
 
 
 def test_every_hook_goes_through_the_registrar():
@@ -113,7 +113,8 @@ def test_every_hook_goes_through_the_registrar():
 
 def test_engine_modules_import_without_vllm():
     """The engine's driver and worker import only public labkit names, checked on every machine."""
-    for name in ("labkit.engines.vllm", "labkit.engines.vllm_worker"):
+    for name in ("labkit.engines.vllm", "labkit.engines.vllm_worker", "labkit.engines.vllm_capture", "labkit.engines.vllm_load",
+                 "labkit.engines.vllm_requests"):
         importlib.import_module(name)
 
 

@@ -11,6 +11,7 @@ What each capability means and what an open intervention reaches on each backend
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -19,6 +20,8 @@ import pytest
 import torch
 
 import labkit
+from labkit.cache import cache_activations
+from labkit.evals import perplexity
 from labkit.backends import CAPABILITIES, NotOnBackendError, backend_of
 from labkit.datasets import data_dir, read_prompts
 from labkit.hooks import count_hooks
@@ -95,6 +98,8 @@ def test_a_missing_capability_is_one_error_naming_the_backend(model, reference):
         "generate": lambda: labkit.generate(model, ["hi"], max_new_tokens=2),
         "steer": lambda: labkit.steered(model, vector).__enter__(),
         "forward": lambda: labkit.models.hf_model_of(model),
+        "cache": lambda: cache_activations(model, ["hi"], ["blocks.1.hook_resid_pre"], progress=False),
+        "logprobs": lambda: perplexity(model, ["war and peace"]),
     }
     for capability, call in calls.items():
         if backend.supports(capability):
@@ -115,6 +120,25 @@ def test_the_bos_rule_is_one_value_on_every_backend(model, reference, organism_d
     assert model.cfg.default_prepend_bos == expected  # the bridge's cfg, or the engine handle's
     for prompt in ("war and peace", " the cat"):
         assert backend.encode(prompt) == backend_of(reference).encode(prompt)
+
+
+def test_cached_activations_and_perplexity_agree_with_the_bridge(model, reference, prompts):
+    """Every backend that caches gives the bridge's cache (each row to 1e-5 of its norm), under an
+    open mask too; every backend with token logprobs gives the bridge's perplexity."""
+    backend = backend_of(model)
+    if not backend.supports("cache"):
+        pytest.skip("no caching on this backend (the missing-capability test checks its error)")
+    names = ["blocks.1.hook_resid_mid", "blocks.2.hook_mlp_out", "blocks.2.mlp.hook_router_logits"]
+    mask = ExpertMask.on([(2, 3)], model=reference)
+    for context in (None, mask):
+        with masked(model, context) if context else contextlib.nullcontext():
+            got = cache_activations(model, prompts, names, positions="last", progress=False)
+        with masked(reference, context) if context else contextlib.nullcontext():
+            expected = cache_activations(reference, prompts, names, positions="last", progress=False)
+        for name in names:
+            error = (got.stack(name).float() - expected.stack(name).float()).norm(dim=-1)
+            assert bool((error <= 1e-5 * expected.stack(name).float().norm(dim=-1) + 1e-6).all()), name
+    assert perplexity(model, prompts) == pytest.approx(perplexity(reference, prompts), rel=1e-5)
 
 
 def test_greedy_generation_agrees_with_the_bridge(model, reference, prompts):
@@ -212,7 +236,7 @@ def test_an_open_intervention_reaches_what_the_contract_says(model, reference, p
 
 
 def test_engine_loader_refusals_need_no_vllm():
-    from labkit.engines.vllm import load_vllm
+    from labkit.engines.vllm_load import load_vllm
 
     with pytest.raises(ValueError, match="enforce_eager=False is refused"):
         load_vllm("moe-organism", enforce_eager=False)
@@ -237,3 +261,64 @@ def test_engine_handle_validation_needs_no_vllm(reference):
         pass
     with pytest.raises(ValueError, match="uses its own tokenizer"):
         handle.check_tokenizer_override("trace_routing")
+
+
+def _offline_handle(dtype=torch.float32, layer_classes=("OlmoeDecoderLayer",), sites=None, expert_parallel=False):
+    """A VLLMModel with no engine behind it: what the driver checks before any request."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from labkit.engines.vllm import VLLMModel
+    from labkit.sources import resolve_source
+    from labkit.tokens import lab_tokenizer
+
+    source = resolve_source("moe-organism")
+    config = AutoConfig.from_pretrained(source)
+    handle = VLLMModel("moe-organism", None, lab_tokenizer(AutoTokenizer.from_pretrained(source)), config,
+                       prepend_bos=True, tensor_parallel_size=1, max_model_len=64, dtype=dtype)
+    every = ["hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out"]
+    handle.layout = [{"layer_classes": list(layer_classes),
+                      "sites": sites or {str(layer): every for layer in range(config.num_hidden_layers)}}]
+    handle.routing = {"routed": True, "layers": {str(layer): {"n_experts": 16} for layer in range(config.num_hidden_layers)}}
+    parallel = SimpleNamespace(data_parallel_size=1, enable_expert_parallel=expert_parallel)
+    handle.llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(parallel_config=parallel)))
+    return handle
+
+
+def test_engine_steering_and_cache_sites_need_no_vllm():
+    from labkit.engines.vllm_capture import engine_reads, shapes_on_engine
+
+    handle = _offline_handle()
+    assert handle.steering_site("blocks.1.hook_resid_post", "t") == (2, "hook_resid_pre")  # the next layer's input
+    assert handle.steering_site("blocks.2.hook_resid_post", "t") == (2, "hook_resid_post")  # the last: its output
+    assert handle.steering_site("blocks.0.hook_mlp_out", "t") == (0, "hook_mlp_out")
+    assert engine_reads(handle, "blocks.1.hook_resid_mid", "t") == (1, "hook_resid_mid", ((1, "hook_resid_pre"), (1, "hook_attn_out")))
+    assert shapes_on_engine(handle, ["blocks.0.hook_attn_out", "blocks.2.mlp.hook_router_logits"]) == {
+        "blocks.0.hook_attn_out": (128,), "blocks.2.mlp.hook_router_logits": (16,)}
+    with pytest.raises(ValueError, match="is not cached on the vLLM engine; it caches blocks"):
+        engine_reads(handle, "blocks.1.attn.hook_pattern", "cache_activations")
+    with pytest.raises(ValueError, match="not supported on the vLLM engine; it steers"):
+        handle.steering_site("blocks.1.ln2.hook_normalized", "steered")
+    hybrid = _offline_handle(sites={"0": ["hook_resid_pre", "hook_resid_post", "hook_mlp_out"]})
+    with pytest.raises(ValueError, match="no attn_out block"):
+        engine_reads(hybrid, "blocks.0.hook_resid_mid", "cache_activations")
+    with pytest.raises(ValueError, match="no attn_out block"):
+        hybrid.steering_site("blocks.0.hook_attn_out", "steered")
+    with pytest.raises(ValueError, match="under data- or expert-parallel dispatch is not supported"):
+        engine_reads(_offline_handle(expert_parallel=True), "blocks.0.hook_mlp_out", "cache_activations")
+
+
+def test_engine_refuses_the_float16_rescaled_deepseek_stream():
+    """vLLM's DeepSeek-V2/V3 layers divide the stream by routed_scaling_factor in float16: a vector
+    added or an activation read there would be off by that factor, so both are refused."""
+    from labkit.engines.vllm_capture import engine_reads
+
+    rescaled = _offline_handle(torch.float16, ("DeepseekV2DecoderLayer",))
+    with pytest.raises(ValueError, match="divides the residual stream by routed_scaling_factor"):
+        rescaled.steering_site("blocks.1.hook_resid_pre", "steered")
+    with pytest.raises(ValueError, match="Load the engine with dtype=torch.bfloat16 or torch.float32"):
+        engine_reads(rescaled, "blocks.1.hook_mlp_out", "cache_activations")
+    assert engine_reads(rescaled, "blocks.1.mlp.hook_router_logits", "t")[1] == "mlp.hook_router_logits"
+    for fine in (_offline_handle(torch.bfloat16, ("DeepseekV2DecoderLayer",)), _offline_handle(torch.float16)):
+        assert fine.steering_site("blocks.1.hook_resid_pre", "steered") == (1, "hook_resid_pre")

@@ -127,18 +127,19 @@ def test_stream_to_disk_and_load_lazily(tiny_llama, tmp_path):
 
 
 def test_interrupted_streaming_leaves_nothing_and_no_hooks(tiny_llama, tmp_path, monkeypatch):
-    import labkit.cache as cache_module
+    from labkit.backends import backend_of
 
+    backend = backend_of(tiny_llama)
     calls = {"n": 0}
-    real_run = cache_module._run
+    real_capture = backend.capture
 
-    def flaky_run(*args, **kwargs):
+    def flaky_capture(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:  # the probe is call 1; fail on the second batch
+        if calls["n"] == 2:  # fail on the second batch
             raise KeyboardInterrupt
-        return real_run(*args, **kwargs)
+        return real_capture(*args, **kwargs)
 
-    monkeypatch.setattr(cache_module, "_run", flaky_run)
+    monkeypatch.setattr(backend, "capture", flaky_capture)
     before = count_hooks(tiny_llama) + count_hooks(hf_model_of(tiny_llama))
     with pytest.raises(KeyboardInterrupt):
         cache_activations(tiny_llama, PROMPTS, HOOKS, batch_size=1, out_dir=tmp_path / "x", progress=False)
@@ -241,3 +242,42 @@ def test_in_memory_budget_counts_the_whole_cache_and_an_empty_out_dir_is_used(ti
     (tmp_path / "empty").mkdir()
     cache = cache_activations(tiny_llama, PROMPTS, HOOKS, out_dir=tmp_path / "empty", progress=False)
     assert cache.prompts == tuple(PROMPTS) and any((tmp_path / "empty").glob("shard-*.safetensors"))
+
+
+def test_router_logits_cache_equals_the_routing_trace(shared_tiny_olmoe):
+    """``blocks.{L}.mlp.hook_router_logits`` (labkit's name): the router logits the trace records,
+    at the kept positions, alone or beside a hook point served by the bridge (other modules run)."""
+    from labkit.moe import trace_routing
+
+    model = shared_tiny_olmoe
+    prompts = ["the cat sat on the mat", "war and peace", "one two three four"]
+    trace = trace_routing(model, prompts, include_router_logits=True, progress=False)
+    layer = trace.layers[-1]
+    name = f"blocks.{layer}.mlp.hook_router_logits"
+    for others in ([], [f"blocks.{layer}.hook_resid_pre"], [f"blocks.{layer}.attn.hook_q"]):
+        cache = cache_activations(model, prompts, [name, *others], progress=False)
+        assert torch.equal(cache.token_ids, trace.token_ids)
+        torch.testing.assert_close(cache[name].float(), trace.router_logits[trace.layers.index(layer)], rtol=1e-4, atol=1e-5)
+    last = cache_activations(model, prompts, [name], positions="last", progress=False)
+    lengths = torch.bincount(trace.prompt_index)
+    ends = torch.cumsum(lengths, 0) - 1
+    torch.testing.assert_close(last.stack(name).float(), trace.router_logits[trace.layers.index(layer)][ends], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"layer 9 has no MoE router on this model \(MoE layers"):
+        cache_activations(model, prompts, ["blocks.9.mlp.hook_router_logits"], progress=False)
+
+
+def test_a_second_cache_call_needs_no_probe_pass(shared_tiny_llama, monkeypatch):
+    """Hook-point shapes are probed once per name and remembered on the model: a repeat call runs
+    only its batches (the ratio caching ÷ plain forward in bench/bench_cache.py)."""
+    import labkit.backends.hf_capture as capture_module
+    from labkit.backends import backend_of
+
+    name = "blocks.2.hook_mlp_out"
+    backend_of(shared_tiny_llama).activation_shape_memo.pop(name, None)
+    probes = []
+    real = capture_module.probe_shapes
+    monkeypatch.setattr(capture_module, "probe_shapes", lambda *a, **k: probes.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr("labkit.backends.hf.probe_shapes", capture_module.probe_shapes)
+    first = cache_activations(shared_tiny_llama, ["the cat sat", "a dog"], [name], progress=False)
+    second = cache_activations(shared_tiny_llama, ["the cat sat", "a dog"], [name], progress=False)
+    assert probes == [[name]] and torch.equal(first[name], second[name])

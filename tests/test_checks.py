@@ -139,19 +139,20 @@ def test_out_dir_that_is_a_file_or_under_a_file(shared_tiny_llama, tmp_path):
     assert check_out_dir(tmp_path / "new", caller="f") == (tmp_path / "new", False)
 
 
-def _interrupt_after(monkeypatch, n_batches: int) -> dict:
-    import labkit.cache as cache_module
+def _interrupt_after(monkeypatch, model, n_batches: int) -> dict:
+    from labkit.backends import backend_of
 
+    backend = backend_of(model)
     calls = {"n": 0}
-    real_run = cache_module._run
+    real_capture = backend.capture
 
-    def flaky_run(*args, **kwargs):
+    def flaky_capture(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == n_batches + 2:  # call 1 is the width probe
+        if calls["n"] == n_batches + 1:  # the batch after n_batches complete ones
             raise KeyboardInterrupt
-        return real_run(*args, **kwargs)
+        return real_capture(*args, **kwargs)
 
-    monkeypatch.setattr(cache_module, "_run", flaky_run)
+    monkeypatch.setattr(backend, "capture", flaky_capture)
     return calls
 
 
@@ -163,11 +164,11 @@ def test_interrupt_mid_stream_cleans_only_what_labkit_created(shared_tiny_llama,
     out = tmp_path / "mine" if existing else tmp_path / "new" / "deeper"
     if existing:
         out.mkdir()
-    calls = _interrupt_after(monkeypatch, 3)
+    calls = _interrupt_after(monkeypatch, shared_tiny_llama, 3)
     before = _hooks(shared_tiny_llama)
     with pytest.raises(KeyboardInterrupt):
         cache_activations(shared_tiny_llama, prompts, [HOOK], batch_size=1, out_dir=out, shard_bytes=1, progress=False)
-    assert calls["n"] == 5  # the interrupt came after three shards were on disk
+    assert calls["n"] == 4  # the interrupt came after three shards were on disk
     assert _hooks(shared_tiny_llama) == before
     if existing:
         assert out.is_dir() and list(out.iterdir()) == []  # the user's folder, as it was

@@ -264,12 +264,17 @@ def test_prefix_cache_hits_happen_and_never_skip_an_intervention(hf, engine, vec
 
 
 def test_spec_is_json_and_safetensors_content_addressed(engine, vectors):
-    key, spec_json, blob = engine._spec([vectors["all"]], {})
-    again = engine._spec([vectors["all"]], {})
-    other = engine._spec([vectors["all"].with_coefficient(3.0)], {})
+    key, spec_json, blob = engine.request_spec([vectors["all"]], {})
+    again = engine.request_spec([vectors["all"]], {})
+    other = engine.request_spec([vectors["all"].with_coefficient(3.0)], {})
     assert again == (key, spec_json, blob) and other[0] != key
     spec = json.loads(spec_json)
-    assert spec["steering"] == [{"layer": 1, "positions": "all", "tensor": "steering.0", "hook_name": "blocks.1.hook_resid_pre"}]
+    assert spec["steering"] == [
+        {"layer": 1, "positions": "all", "tensor": "steering.0", "hook_name": "blocks.1.hook_resid_pre", "site": "hook_resid_pre"}
+    ]
+    assert (spec["capture"], spec["capture_positions"], spec["version"]) == ([], None, 3)
+    captured = json.loads(engine.request_spec([], {}, capture=[(2, "hook_mlp_out"), (0, "hook_attn_out")], positions=[4, 1])[1])
+    assert (captured["capture"], captured["capture_positions"]) == ([[0, "hook_attn_out"], [2, "hook_mlp_out"]], [4, 1])
     from safetensors.torch import load
 
     torch.testing.assert_close(load(blob)["steering.0"], vectors["all"].steering_vector, rtol=0, atol=0)
@@ -295,10 +300,10 @@ def test_bad_input_same_messages_as_hf(hf, engine, vectors):
         with pytest.raises(ValueError) as on_engine, masked(engine, bad_mask):
             pass
         assert str(on_engine.value) == str(on_hf.value)
-    with pytest.raises(ValueError, match="not supported on the vLLM engine"):
-        labkit.generate(engine, ["Q: hi A:"], steering=replace(vectors["all"], hook_name="blocks.1.hook_mlp_out"))
+    with pytest.raises(ValueError, match="not supported on the vLLM engine; it steers"):
+        labkit.generate(engine, ["Q: hi A:"], steering=replace(vectors["all"], hook_name="blocks.1.ln2.hook_normalized"))
     with pytest.raises(TypeError, match="load it with engine='hf'"):
-        labkit.models.hf_model_of(engine)  # caching, lenses, widgets need activations in this process
+        labkit.models.hf_model_of(engine)  # the lens, causal attribution need the model in this process
     with pytest.raises(ValueError, match="context window is 64 tokens"):
         labkit.generate(engine, ["Q: hi A:"], max_new_tokens=80)
 
@@ -326,15 +331,165 @@ def test_vectors_built_on_the_engine_equal_hf(hf, engine, prompts):
     steered = labkit.generate(engine, prompts, steering=b, max_new_tokens=N).token_ids
     assert steered == labkit.generate(hf, prompts, steering=a, max_new_tokens=N).token_ids
     assert torch.equal(labkit.actadd(engine, "I cannot", "There was", layer=1).activations, b.activations)
-    # the last block's output is not a decoder layer's input: refused, like other hook points
+    # the last block's output, the attention and MLP outputs are read inside the workers too
     last = engine.cfg.n_layers - 1
-    with pytest.raises(ValueError, match=f"blocks.{last}.hook_resid_post' is not supported on the vLLM engine"):
-        labkit.actadd(engine, "I cannot", "There was", layer=last, hook_point="hook_resid_post")
+    for layer, hook_point in ((last, "hook_resid_post"), (1, "hook_attn_out"), (1, "hook_mlp_out"), (1, "hook_resid_mid")):
+        on_hf = labkit.mean_difference(hf, positive, negative, layer=layer, hook_point=hook_point)
+        on_engine = labkit.mean_difference(engine, positive, negative, layer=layer, hook_point=hook_point)
+        assert on_engine.hook_name == on_hf.hook_name
+        torch.testing.assert_close(on_engine.activations, on_hf.activations, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="is not cached on the vLLM engine"):
+        labkit.actadd(engine, "I cannot", "There was", layer=1, hook_point="ln1.hook_normalized")
     with pytest.raises(ValueError) as on_engine:
         labkit.actadd(engine, "I cannot", "There was", layer=9)
     with pytest.raises(ValueError) as on_hf:
         labkit.actadd(hf, "I cannot", "There was", layer=9)
     assert str(on_engine.value) == str(on_hf.value)
+
+
+#: Every hook point the engine caches (after ``blocks.{L}.``).
+CACHE_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_router_logits")
+#: Engine vs HF cached values: each row within this fraction of the HF row's norm (float32; vLLM's
+#: kernels sum in another order than torch's eager ops; measured on the organism: <= 1e-6).
+CACHE_RTOL = 1e-5
+
+
+def _assert_rows_close(got, expected, rel: float = CACHE_RTOL, what: str = "") -> None:
+    assert got.shape == expected.shape, (what, got.shape, expected.shape)
+    error = (got.float() - expected.float()).norm(dim=-1)
+    scale = expected.float().norm(dim=-1)
+    worst = float((error / scale.clamp_min(1e-12)).max())
+    assert bool((error <= rel * scale + 1e-6).all()), f"{what}: worst relative error {worst:.2e} > {rel:.0e}"
+
+
+def test_cache_activations_on_the_engine_equals_hf(hf, engine, prompts, tmp_path):
+    """Every cached hook point of every layer, all positions, in memory and streamed to shards."""
+    from labkit.cache import ActivationCache, cache_activations
+
+    names = [f"blocks.{layer}.{point}" for layer in range(engine.cfg.n_layers) for point in CACHE_POINTS]
+    expected = cache_activations(hf, prompts, names, progress=False)
+    got = cache_activations(engine, prompts, names, batch_size=4, progress=False)
+    for field in ("prompt_index", "position", "token_ids"):
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field
+    assert got.model_name == expected.model_name and got.hook_names == expected.hook_names
+    for name in names:
+        _assert_rows_close(got[name], expected[name], what=name)
+    assert got["blocks.1.mlp.hook_router_logits"].shape[-1] == 16
+    # streamed: several shards on disk, loaded back lazily, equal to the in-memory cache
+    streamed = cache_activations(engine, prompts, names[:4], batch_size=2, out_dir=tmp_path / "cache", shard_bytes=8192, progress=False)
+    assert len(list((tmp_path / "cache").glob("shard-*.safetensors"))) > 1
+    reloaded = ActivationCache.load(tmp_path / "cache")
+    for name in names[:4]:
+        assert torch.equal(reloaded[name], streamed[name]) and torch.equal(streamed[name], got[name].to(streamed[name].dtype))
+
+
+def test_engine_cache_moves_only_the_chosen_positions_off_the_workers(hf, engine, prompts):
+    from labkit.cache import cache_activations
+    from labkit.engines.vllm_capture import prefill_records
+
+    rows = [engine.encode(p) for p in prompts]
+    records, _ = prefill_records(engine, rows, capture=[(1, "hook_attn_out")], positions=[[len(r) - 1] for r in rows])
+    for i, row in enumerate(rows):
+        assert records[f"{i}.position.1.hook_attn_out"].tolist() == [len(row) - 1]
+        assert records[f"{i}.value.1.hook_attn_out"].shape == (1, engine.cfg.d_model)
+    assert len(records) == 2 * len(rows)  # nothing else came back
+    names = ["blocks.1.hook_attn_out", "blocks.2.hook_resid_post", "blocks.0.mlp.hook_router_logits"]
+    for positions in ("last", [0, -1], slice(2, 5)):
+        expected = cache_activations(hf, prompts, names, positions=positions, progress=False)
+        got = cache_activations(engine, prompts, names, positions=positions, progress=False)
+        assert torch.equal(got.position, expected.position) and torch.equal(got.prompt_index, expected.prompt_index)
+        for name in names:
+            _assert_rows_close(got[name], expected[name], what=f"{name} {positions}")
+
+
+def test_engine_cache_under_steering_and_masks_equals_hf_and_never_reads_the_prefix_cache(hf, engine, prompts, vectors):
+    from labkit.cache import cache_activations
+
+    names = ["blocks.2.hook_resid_pre", "blocks.2.hook_mlp_out", "blocks.2.mlp.hook_router_logits"]
+    mask = _masks(hf)["off"]
+    plain = cache_activations(hf, prompts, names, progress=False)
+    with labkit.steered(hf, vectors["all"]), masked(hf, mask):
+        expected = cache_activations(hf, prompts, names, progress=False)
+    with labkit.steered(engine, vectors["all"]), masked(engine, mask):
+        got = cache_activations(engine, prompts, names, progress=False)
+    for name in names:
+        assert not torch.allclose(expected[name], plain[name], atol=1e-3), f"the interventions must change {name}"
+        _assert_rows_close(got[name], expected[name], what=name)
+    # a prompt served from the prefix cache would skip the layers: a cache run never is
+    long = prompts[0] + " " + prompts[3]
+    assert len(engine.encode(long)) > BLOCK
+    labkit.generate(engine, [long], max_new_tokens=1)
+    labkit.generate(engine, [long], max_new_tokens=1)
+    assert engine.last_cached_tokens == [BLOCK]  # the unintervened blocks are there to be hit
+    got = cache_activations(engine, [long], names[:1], progress=False)
+    assert engine.last_cached_tokens == [0]
+    _assert_rows_close(got[names[0]], cache_activations(hf, [long], names[:1], progress=False)[names[0]])
+
+
+@pytest.mark.parametrize("hook_point", ["hook_attn_out", "hook_mlp_out", "hook_resid_post"])
+def test_steering_attention_and_mlp_outputs_equals_hf(hf, engine, prompts, hook_point):
+    """Steering at the attention / MLP output of a block, and at the last block's output (which is
+    no decoder layer's input): every position mode the workers apply there."""
+    layer = engine.cfg.n_layers - 1 if hook_point == "hook_resid_post" else 1
+    direction = labkit.mean_difference(
+        hf, read_prompts("attribution_behavior", 8), read_prompts("attribution_control", 8),
+        layer=layer, hook_point=hook_point, coefficient=4.0,
+    )
+    vectors = [direction, direction.with_positions("generated")]
+    if hook_point == "hook_attn_out":  # an ActAdd there changes the organism's text (measured: not at the others)
+        vectors.append(labkit.actadd(hf, "I cannot", "There was", layer=layer, hook_point=hook_point, coefficient=4.0))
+    plain = labkit.generate(hf, prompts, max_new_tokens=N).token_ids
+    for vector in vectors:
+        expected = labkit.generate(hf, prompts, steering=vector, max_new_tokens=N).token_ids
+        assert expected != plain, f"the vector must change the output ({vector.positions})"
+        assert labkit.generate(engine, prompts, steering=vector, max_new_tokens=N).token_ids == expected, vector.positions
+
+
+def test_perplexity_on_the_engine_equals_hf_and_the_lens_reads_an_engine_cache_on_hf(hf, engine, vectors):
+    """Perplexity from vLLM's prompt logprobs (plain, steered, masked); the lens refuses the engine
+    handle with the way around, and that way (an engine cache decoded by the HF bridge) works."""
+    from labkit.backends import NotOnBackendError
+    from labkit.cache import cache_activations
+    from labkit.evals import perplexity
+    from labkit.lens import logit_lens_table
+
+    texts = read_prompts("eval_neutral", 4)
+    plain = perplexity(hf, texts)
+    for steering in (None, vectors["all"], vectors["front"]):
+        expected = perplexity(hf, texts, steering=steering)
+        if steering is vectors["all"]:  # (the organism's texts barely notice the front ActAdd: 2e-3 of 2.6e5)
+            assert abs(expected - plain) > 0.1 * plain, "the vector must change the perplexity"
+        assert perplexity(engine, texts, steering=steering, batch_size=3) == pytest.approx(expected, rel=1e-5)
+    mask = _masks(hf)["on"]  # (switching the designated experts off does not move these texts' perplexity)
+    with masked(hf, mask):
+        expected = perplexity(hf, texts)
+    with masked(engine, mask):
+        assert perplexity(engine, texts) == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - plain) > 1e-3 * plain
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(engine.cfg.n_layers)]
+    on_engine = cache_activations(engine, texts[:2], names, progress=False)
+    with pytest.raises(NotOnBackendError, match="decode that cache with the Hugging Face bridge"):
+        logit_lens_table(engine, on_engine, names)
+    decoded = logit_lens_table(hf, on_engine, names)
+    reference = logit_lens_table(hf, cache_activations(hf, texts[:2], names, progress=False), names)
+    assert decoded["top tokens"].tolist() == reference["top tokens"].tolist()
+    assert (decoded["p(top-1)"] - reference["p(top-1)"]).abs().max() <= 1e-3  # rounded to 3 decimals
+
+
+def test_engine_cache_refusals_name_what_is_allowed(hf, engine, prompts):
+    from labkit.cache import cache_activations
+
+    with pytest.raises(ValueError, match="is not cached on the vLLM engine; it caches blocks"):
+        cache_activations(engine, prompts, ["blocks.1.attn.hook_q"], progress=False)
+    with pytest.raises(ValueError) as on_engine:
+        cache_activations(engine, prompts, ["blocks.7.hook_resid_pre"], progress=False)
+    with pytest.raises(ValueError) as on_hf:
+        cache_activations(hf, prompts, ["blocks.7.hook_resid_pre"], progress=False)
+    assert "layer" in str(on_engine.value) and "7" in str(on_engine.value)
+    with pytest.raises(ValueError, match="cache_activations: hook_names is empty"):
+        cache_activations(engine, prompts, [], progress=False)
+    with pytest.raises(TypeError, match="cache_activations"):
+        cache_activations(engine, None, ["blocks.1.hook_resid_pre"], progress=False)
 
 
 def test_directional_ablation_refused_not_added(hf, engine, vectors):
@@ -404,8 +559,18 @@ def test_tensor_parallel_2_equals_1(engine):
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     got = json.loads(lines[-1][len("RESULT "):])
+    cache_tp2, cache_tp1 = got.pop("cache"), expected.pop("cache")
     assert got == json.loads(json.dumps(expected))
     assert expected["masked_off"] != expected["plain"] and expected["steered"] != expected["plain"]
+    # cached activations at TP=2 (the all-reduced tensors every rank holds) equal TP=1's and the HF path's
+    from labkit.cache import cache_activations
+    direction, _front = vllm_tp_run.cases(engine)  # the same seeded vector on the HF path
+    hf = labkit.load_model("moe-organism")
+    with labkit.steered(hf, direction):
+        on_hf = cache_activations(hf, prompts, vllm_tp_run.CACHE_NAMES, progress=False)
+    for name in vllm_tp_run.CACHE_NAMES:
+        _assert_rows_close(torch.tensor(cache_tp2[name]), torch.tensor(cache_tp1[name]), what=f"TP=2 vs TP=1 {name}")
+        _assert_rows_close(torch.tensor(cache_tp2[name]), on_hf[name], what=f"TP=2 vs HF {name}")
 
 
 # -- refusals that need no engine --------------------------------------------------------------

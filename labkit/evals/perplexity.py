@@ -15,16 +15,17 @@ def perplexity(
     with the model's BOS rule: with a BOS, the first real token is predicted from it; without,
     each text's first token is not predicted). ActAdd's off-target check (Turner et al. 2023, §4): held-out
     neutral text should be about as likely steered as unsteered. Runs the plain twin on
-    left-padded batches; with ``steering`` the vectors are applied as in a prompt pass (an
+    left-padded batches (on the vLLM engine: vLLM's prompt logprobs, one request per text, equal
+    to the HF path's to float32 precision); with ``steering`` the vectors are applied as in a prompt pass (an
     ActAdd vector lands on each text's first tokens, a direction on every token, except
     ``positions="generated"``, which never applies to a plain pass). Any steering context the
     caller has open applies too.
 
     Args:
-        model: a labkit bridge.
+        model: a labkit bridge or vLLM engine handle.
         texts: a text or a list of texts, each at least two tokens long.
         steering: a ``SteeringVector``, a list of them, or ``None``.
-        batch_size: texts per forward pass.
+        batch_size: texts per forward pass (per engine call on the engine).
         prepend_bos: override the model's BOS rule (``None`` keeps it).
 
     Returns:
@@ -38,35 +39,26 @@ def perplexity(
             most the window) and combine ``exp(mean NLL)`` weighted by predicted tokens.
         TypeError: ``texts`` is ``None`` / a number, or a text that is not a string.
     """
-    import torch
-
-    from labkit.models import check_context, encode_prompts, lab_model, left_pad
+    from labkit.backends import backend_of
+    from labkit.checks import check_positive_int
+    from labkit.models import check_context, encode_prompts
     from labkit.steering import steered
 
-    from labkit.checks import check_positive_int
-
     check_positive_int("batch_size", batch_size, caller="perplexity")
+    backend = backend_of(model)
+    backend.require("logprobs", "perplexity")
     texts, encoded = encode_prompts(model, texts, caller="perplexity", prepend_bos=prepend_bos)
     check_context(model, [len(ids) for ids in encoded], caller="perplexity")
-    record = lab_model(model)
-    tokenizer, twin = record.tokenizer, record.twin
-    device = next(twin.parameters()).device
     for i, ids in enumerate(encoded):
         if len(ids) < 2:
             raise ValueError(f"perplexity: text {i} ({texts[i]!r}) has {len(ids)} token(s); need ≥ 2.")
     vectors = [] if steering is None else [steering]
     nll, count = 0.0, 0
-    with steered(model, *vectors), torch.no_grad():
+    with steered(model, *vectors):
         for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            ids, mask, positions = left_pad(chunk, tokenizer.pad_token_id, device)
-            logits = twin(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            target = ids[:, 1:]
-            token_nll = -logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            keep = (mask[:, :-1] * mask[:, 1:]).bool()
-            nll += float(token_nll[keep].sum())
-            count += int(keep.sum())
+            for logprobs in backend.token_logprobs(encoded[start:start + batch_size]):
+                nll -= float(logprobs.double().sum())
+                count += int(logprobs.numel())
     return _math.exp(nll / count)
 
 
