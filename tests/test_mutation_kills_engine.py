@@ -81,26 +81,8 @@ def test_encode_equals_the_bridge_on_the_same_tokenizer(bos, eos, prepend_bos):
         assert handle.encode(prompt, prepend_bos=not prepend_bos) == ([special] if not prepend_bos else []) + plain
 
 
-def test_hook_points_map_to_decoder_layer_inputs():
-    """``blocks.L.hook_resid_pre`` is the input of layer L, ``hook_resid_post`` of layer L+1 (not
-    after the last layer); everything else is refused with the supported points."""
-    tokenizer = make_tokenizer()
-    handle = _handle(tiny_llama_hf(tokenizer).config, tokenizer)  # 3 layers
-    for layer in range(3):
-        assert handle.hook_layer(f"blocks.{layer}.hook_resid_pre", "w") == layer
-    for layer in range(2):
-        assert handle.hook_layer(f"blocks.{layer}.hook_resid_post", "w") == layer + 1
-    for bad in ("blocks.2.hook_resid_post", "blocks.0.hook_resid_mid", "blocks.1.attn.hook_z", "hook_embed",
-                "blocks.1.mlp.hook_resid_pre"):
-        with pytest.raises(ValueError, match=r"^w: hook point .* is not supported on the vLLM engine.*L < 2"):
-            handle.hook_layer(bad, "w")
-    with pytest.raises(ValueError, match="out of range"):
-        handle.hook_layer("blocks.3.hook_resid_pre", "w")
-    assert handle.check_hook_point("blocks.1.hook_resid_post", "w") is None
-
-
 def test_cpu_cores_split_into_equal_groups(monkeypatch):
-    from labkit.engines import vllm as engine
+    from labkit.engines import vllm_load as engine
 
     cases = [([0, 1], 2, "0|1"), ([3, 0, 2, 1], 2, "0,1|2,3"), ([0, 1, 2, 3, 4], 2, "0,1|2,3"),
              ([5, 6, 7], 1, "5,6,7"), ([0, 1, 2, 3, 4, 5], 3, "0,1|2,3|4,5")]
@@ -254,7 +236,8 @@ def test_worker_install_reports_what_this_rank_holds_and_hooks_once():
     worker.model_runner = SimpleNamespace(model=model)
     settings = json.dumps({"routed": False, "model_type": "llama", "layers": {}})
     info = json.loads(worker.labkit_install(settings))
-    assert info == {"n_layers": 3, "layers_here": [1, 3], "moe_layers": [], "d_model": 8}
+    assert {k: info[k] for k in ("n_layers", "layers_here", "moe_layers", "d_model")} == {
+        "n_layers": 3, "layers_here": [1, 3], "moe_layers": [], "d_model": 8}
     assert [len(layer._forward_pre_hooks) for layer in inner.layers] == [0, 1, 1]
     assert len(model._forward_pre_hooks) == 1
     assert json.loads(worker.labkit_install(settings)) == info  # a second install hooks nothing more
@@ -483,42 +466,19 @@ def test_collected_records_are_sorted_by_position_and_a_repeated_position_keeps_
         "traces": {"a": {3: [(first, idx[0], weights[0], logits[0]), (second, idx[1], weights[1], logits[1])]},
                    "e": {1: [empty]}},
     }
-    residuals = load(worker.labkit_collect_residuals(json.dumps(["none", "a"])))
-    assert set(residuals) == {"1.position.3", "1.resid_pre.3"}
-    assert residuals["1.position.3"].tolist() == [0, 1, 2]
-    assert residuals["1.resid_pre.3"].tolist() == [[0.0], [1.0], [22.0]] and residuals["1.resid_pre.3"].dtype == torch.float32
     traces = load(worker.labkit_collect_traces(json.dumps(["a", "e"])))
     assert traces["0.position"].tolist() == [0, 1, 2]
     assert traces["0.topk_indices.3"].tolist() == [[1, 2], [3, 4], [7, 0]] and traces["0.topk_indices.3"].dtype == torch.int64
     torch.testing.assert_close(traces["0.topk_weights.3"], torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]]))
     torch.testing.assert_close(traces["0.router_logits.3"], torch.stack([logits[0][1], logits[1][0], logits[1][1]]))
     assert traces["1.position"].numel() == 0 and traces["1.topk_indices.1"].shape == (0, 2)
-    assert worker.labkit_collect_residuals(json.dumps(["none"])) == b"" == worker.labkit_collect_traces(json.dumps(["x"]))
-
-
-def test_step_plan_reads_positions_passed_positionally_or_by_keyword():
-    """The step observer builds each layer's addition from the token positions, whether vLLM
-    passes ``positions`` by keyword or as the model's second positional argument: an "all"
-    vector on every token of the request, a "generated" one only past its 3-token prompt."""
-    from labkit.engines.vllm_worker import LabkitWorkerExtension, _Plan
-    from labkit.interventions import InterventionSpec, SteeringEntry
-
-    spec = InterventionSpec(steering=(SteeringEntry(0, "all", torch.ones(4)), SteeringEntry(1, "generated", torch.full((4,), 2.0))),
-                            masks={}, trace=False, capture=(), nonce="")
-    worker = LabkitWorkerExtension()
-    worker._labkit = {"specs": {"k": spec}, "plan": _Plan(), "view": SimpleNamespace(rows=lambda n: [("k", 1, 5, 3)])}
-    positions = torch.tensor([7, 0, 1, 2, 3])  # row 0: another request; rows 1..4: positions 0..3
-    for args, kwargs in (((None, positions), {}), ((None,), {"positions": positions})):
-        worker._labkit_observe(None, args, kwargs)
-        plan = worker._labkit["plan"]
-        assert plan.steering[0][:, 0].tolist() == [0, 1, 1, 1, 1]
-        assert plan.steering[1][:, 0].tolist() == [0, 0, 0, 0, 2]
+    assert worker.labkit_collect_traces(json.dumps(["x"])) == b""
 
 
 def test_masks_refused_under_data_or_expert_parallel_dispatch(tiny_tokenizer):
     llm = _StubLLM([])
     handle = _handle(tiny_llama_hf(tiny_tokenizer).config, tiny_tokenizer, llm=llm)
-    handle._routing = {"routed": True}
+    handle.routing = {"routed": True}
     parallel = llm.llm_engine.vllm_config.parallel_config
     handle.check_mask_dispatch("masked")  # dp=1, no expert parallel: fine
     for dp, ep in ((2, False), (1, True)):
@@ -530,31 +490,6 @@ def test_masks_refused_under_data_or_expert_parallel_dispatch(tiny_tokenizer):
     handle.check_mask_dispatch("masked")
 
 
-class _ResidualLLM(_StubLLM):
-    def __init__(self, positions):
-        super().__init__([[1]])
-        self.positions = positions
-
-    def collective_rpc(self, method, args=()):
-        from safetensors.torch import save
-
-        if method == "labkit_collect_residuals":
-            self.calls.append((method, args))
-            return [save({"0.position.1": self.positions, "0.resid_pre.1": torch.ones(len(self.positions), 32)})]
-        return super().collective_rpc(method, args)
-
-
-def test_residuals_recorded_at_other_positions_are_refused(tiny_tokenizer):
-    pytest.importorskip("vllm")
-    config = tiny_llama_hf(tiny_tokenizer).config
-    good = _handle(config, tiny_tokenizer, llm=_ResidualLLM(torch.tensor([0, 1, 2])))
-    (out,) = good.residual_activations([[0, 5, 6]], "blocks.1.hook_resid_pre")
-    assert out.shape == (3, 32)
-    bad = _handle(config, tiny_tokenizer, llm=_ResidualLLM(torch.tensor([0, 2, 3])))
-    with pytest.raises(RuntimeError, match=r"recorded positions \[0, 2, 3\] for sequence 0, expected 0\.\.2"):
-        bad.residual_activations([[0, 5, 6]], "blocks.1.hook_resid_pre")
-
-
 # --- load_vllm's arguments to vllm.LLM, with a stub engine class ------------------------------------
 
 
@@ -564,7 +499,7 @@ def test_load_vllm_starts_the_engine_with_labkits_settings(monkeypatch):
     4096), labkit's worker extension, seed 0 unless given, the caller's engine keywords; the
     workers are installed with the routing settings; the BOS rule given wins over the organism's."""
     pytest.importorskip("vllm")
-    import labkit.engines.vllm as engine
+    import labkit.engines.vllm_load as engine
     from labkit.sources import resolve_source
     from transformers import AutoConfig
 
@@ -577,7 +512,7 @@ def test_load_vllm_starts_the_engine_with_labkits_settings(monkeypatch):
 
         def collective_rpc(self, method, args=()):
             self.rpc.append((method, args))
-            return [None]
+            return [json.dumps({"rank": 0})]
 
     monkeypatch.setattr(engine, "_vllm", lambda: SimpleNamespace(LLM=LLM))
     config = AutoConfig.from_pretrained(resolve_source("moe-organism"))
@@ -590,7 +525,8 @@ def test_load_vllm_starts_the_engine_with_labkits_settings(monkeypatch):
     assert kwargs["max_num_batched_tokens"] == 16 and kwargs["model"] == kwargs["tokenizer"]
     assert handle.cfg.default_prepend_bos is True and handle.name == "moe-organism"
     (install,) = handle.llm.rpc
-    assert install[0] == "labkit_install" and json.loads(install[1][0]) == handle._routing and handle._routing["routed"]
+    assert install[0] == "labkit_install" and json.loads(install[1][0]) == handle.routing and handle.routing["routed"]
+    assert handle.layout == [{"rank": 0}]  # what each rank reported
     started.clear()
     other = engine.load_vllm("moe-organism", max_model_len=32, seed=5)
     assert started[0]["max_model_len"] == 32 == other.n_ctx and started[0]["seed"] == 5

@@ -18,9 +18,9 @@ from labkit.models import lab_model, lab_model_or_none, load_model
 
 
 def test_engine_vllm_hands_every_argument_to_the_engine_loader(monkeypatch):
-    """``engine="vllm"`` calls :func:`labkit.engines.vllm.load_vllm` with the name, the TP degree,
+    """``engine="vllm"`` calls :func:`labkit.engines.vllm_load.load_vllm` with the name, the TP degree,
     the dtype, the BOS rule and every engine keyword, unchanged (a stub stands in for vLLM)."""
-    import labkit.engines.vllm as engine
+    import labkit.engines.vllm_load as engine
 
     calls = []
     monkeypatch.setattr(engine, "load_vllm", lambda *args, **kwargs: calls.append((args, kwargs)) or "handle")
