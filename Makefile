@@ -31,7 +31,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: lab test install install-engine browser bench mutate clean
+.PHONY: lab test install install-engine browser bench mutate mutate-engine clean
 
 # Lab machines run as root; JupyterLab refuses that unless told.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
@@ -102,8 +102,9 @@ bench: install install-engine
 	$(PY) bench/organism_lab_table.py moe-organism-planted
 
 # Mutation testing of the core modules (pyproject [tool.mutmut]); hours on 2 cores, not in CI.
-#   make mutate                              all six modules
+#   make mutate                              all modules of source_paths
 #   make mutate MODULE=labkit/steering.py    one module (its mutants only; reruns them)
+#   make mutate SAMPLE=40 MODULE=labkit/models.py,labkit/moe/causal.py   a sample of these modules only
 # OMP_NUM_THREADS=1: mutmut forks a worker per mutant from a process that has run torch, and a
 # forked child of a multi-threaded torch (OpenMP pool) hangs until it times out.
 # Scores per module: tests/mutation_scores.py; one survivor in detail: $(VENV)/bin/mutmut show <name>.
@@ -119,10 +120,29 @@ MUTMUT := OMP_NUM_THREADS=1 nice -n 15 $(VENV)/bin/mutmut run --max-children $(M
 mutate: install
 	@if [ -n "$(SAMPLE)" ]; then \
 		{ $(MUTMUT) "labkit.no_module_has_this_name.*" >/dev/null 2>&1 || $(PY) tests/mutation_scores.py --sample 1 >/dev/null; } && \
-		names=$$($(PY) tests/mutation_scores.py --sample $(SAMPLE)) && [ -n "$$names" ] && \
+		names=$$($(PY) tests/mutation_scores.py --sample $(SAMPLE) $(if $(MODULE),--module $(MODULE))) && [ -n "$$names" ] && \
 		$(MUTMUT) $$names; \
 	else $(MUTMUT) $(MUTANTS); fi
 	$(PY) tests/mutation_scores.py --survivors
 
+# The engine modules (labkit/engines/): tests/mutmut_engine.toml's config, in a scratch copy of the
+# tree (.mutate-engine/, mutmut reads only ./pyproject.toml), under the engine's environment, the
+# engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the mutated worker is what vLLM runs.
+# MODULE / SAMPLE as for `mutate`; scores: cd .mutate-engine && $(abspath $(PY)) tests/mutation_scores.py
+ENGINE_MUTMUT := cd .mutate-engine && VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
+	OMP_NUM_THREADS=1 nice -n 15 $(abspath $(ENGINE_VENV))/bin/mutmut run --max-children $(MUTATE_CHILDREN)
+mutate-engine: install-engine
+	mkdir -p .mutate-engine && git ls-files -co --exclude-standard | tar cf - -T - | tar xf - -C .mutate-engine
+	$(PY) tests/mutation_scores.py --engine-pyproject > .mutate-engine/pyproject.toml
+	@if [ -n "$(SAMPLE)" ]; then \
+		{ ($(ENGINE_MUTMUT) "labkit.no_module_has_this_name.*") >/dev/null 2>&1 || true; } && \
+		(cd .mutate-engine && $(abspath $(PY)) tests/mutation_scores.py --credit-all-tests labkit.engines) && \
+		names=$$(cd .mutate-engine && $(abspath $(PY)) tests/mutation_scores.py --sample $(SAMPLE) $(if $(MODULE),--module $(MODULE))) && \
+		[ -n "$$names" ] && $(ENGINE_MUTMUT) $$names; \
+	else { ($(ENGINE_MUTMUT) "labkit.no_module_has_this_name.*") >/dev/null 2>&1 || true; } && \
+		(cd .mutate-engine && $(abspath $(PY)) tests/mutation_scores.py --credit-all-tests labkit.engines) && \
+		$(ENGINE_MUTMUT) $(or $(MUTANTS),"labkit.engines.*"); fi
+	cd .mutate-engine && $(abspath $(PY)) tests/mutation_scores.py --survivors
+
 clean:
-	rm -rf $(VENV) $(ENGINE_VENV) .pytest_cache artifacts mutants
+	rm -rf $(VENV) $(ENGINE_VENV) .pytest_cache artifacts mutants .mutate-engine

@@ -10,6 +10,8 @@ tests" and "not checked". Run from the repository root after `make mutate`:
     .venv/bin/python tests/mutation_scores.py --survivors  # plus each survivor's name
     .venv/bin/python tests/mutation_scores.py --sample 40  # names of 40 seeded random mutants per
                                                           # module (`make mutate SAMPLE=40` runs them)
+    .venv/bin/python tests/mutation_scores.py --module labkit/models.py,labkit/moe/causal.py ...
+                                                          # the same, for these modules only
 
 A full run of the six modules takes many hours on 2 cores; a seeded sample per module gives an
 unbiased estimate of each score in a fraction of the time (``make mutate SAMPLE=N``).
@@ -54,11 +56,60 @@ def sample(metas: list[Path], n: int, seed: int = 0) -> list[str]:
     return chosen
 
 
+def engine_pyproject(pyproject: str, engine: str) -> str:
+    """``pyproject`` with its ``[tool.mutmut]`` table replaced by ``engine``'s (tests/mutmut_engine.toml).
+
+    mutmut reads its config only from ./pyproject.toml; the engine modules need another test
+    selection and environment, so `make mutate-engine` runs in a scratch copy with this file.
+    """
+    import re
+
+    table = re.compile(r"^\[tool\.mutmut\]\n.*?(?=^\[)", re.S | re.M)
+    ours = engine[engine.index("\n[tool.mutmut]\n") + 1 :].rstrip() + "\n\n"
+    if not table.search(pyproject):
+        raise ValueError("pyproject.toml has no [tool.mutmut] table followed by another table")
+    return table.sub(lambda _: ours, pyproject, count=1)
+
+
+def credit_all_tests(stats_path: Path, prefix: str) -> int:
+    """Map every function under ``prefix`` to every test in mutmut's stats; returns how many functions.
+
+    mutmut runs, per mutant, the tests its stats run saw reaching the mutated function. A
+    module-scoped fixture (the engine of tests/test_vllm.py) is built inside the module's *first*
+    test, so the code that runs while it is built -- loading, the workers' install, and the hook
+    closures the install creates, which then run in every later test -- is credited to that one
+    test only, and its mutants would "survive" the other tests unseen. Every engine test uses the
+    engine, so each is a test of that code.
+    """
+    stats = json.loads(stats_path.read_text())
+    tests = sorted(stats["duration_by_test"])
+    functions = [name for name in stats["tests_by_mangled_function_name"] if name.startswith(prefix)]
+    for name in functions:
+        stats["tests_by_mangled_function_name"][name] = tests
+    stats_path.write_text(json.dumps(stats, indent=4))
+    return len(functions)
+
+
 def main(argv: list[str]) -> int:
+    if "--credit-all-tests" in argv:  # e.g. --credit-all-tests labkit.engines (after the stats run)
+        prefix = argv[argv.index("--credit-all-tests") + 1]
+        count = credit_all_tests(Path("mutants/mutmut-stats.json"), prefix)
+        print(f"{count} functions under {prefix} now credited to every test.", file=sys.stderr)
+        return 0
+    if "--engine-pyproject" in argv:  # print pyproject.toml with the engine's mutmut config
+        root = Path(__file__).resolve().parents[1]
+        print(engine_pyproject((root / "pyproject.toml").read_text(), (root / "tests/mutmut_engine.toml").read_text()), end="")
+        return 0
     metas = sorted(Path("mutants").glob("labkit/**/*.py.meta"))
     if not metas:
         print("No mutmut results under mutants/; run `make mutate` first.", file=sys.stderr)
         return 1
+    if "--module" in argv:  # only these modules (paths as in source_paths, e.g. labkit/models.py)
+        wanted = {m for m in argv[argv.index("--module") + 1 :][:1][0].split(",") if m} if argv[-1] != "--module" else set()
+        metas = [m for m in metas if str(m.relative_to("mutants"))[: -len(".meta")] in wanted]
+        if not metas:
+            print(f"--module: no mutmut results for {sorted(wanted) or 'nothing'}.", file=sys.stderr)
+            return 2
     if "--sample" in argv:
         value = argv[argv.index("--sample") + 1 :][:1]
         if not value or not value[0].isdigit() or int(value[0]) < 1:

@@ -106,6 +106,29 @@ def topic_token_sequences(tokenizer, topic_words: _Iterable[str]) -> list[tuple[
     return sorted(f for f in forms if not any(len(g) < len(f) and f[: len(g)] == g for g in forms))
 
 
+def _check_topic_context(model, encoded: _Sequence[_Sequence[int]], prefixes: _Sequence[tuple[int, ...]]) -> None:
+    """Refuse a prompt that, with the longest topic-word prefix after it, overruns the context window.
+
+    The forward passes read the prompt's tokens and then a form's tokens but its last, so the
+    positions used are ``len(prompt) + len(longest prefix)``; past the window the probabilities
+    would be computed at positions the model never saw (a number, silently wrong).
+    """
+    from labkit.models import check_context, context_length
+
+    check_context(model, [len(ids) for ids in encoded], caller="topic_probability")
+    longest = max((len(p) for p in prefixes), default=0)
+    n_ctx = context_length(model)
+    if not longest or n_ctx is None:
+        return
+    for i, ids in enumerate(encoded):
+        if len(ids) + longest > n_ctx:
+            raise ValueError(
+                f"topic_probability: prompts[{i}] is {len(ids)} tokens and the longest topic-word form in "
+                f"topic_words needs {longest} more tokens after it ({len(ids) + longest} in all); the model's "
+                f"context window is {n_ctx} tokens. Shorten the prompt or drop the long topic word."
+            )
+
+
 def topic_probability(
     model,
     prompts: _Sequence[str],
@@ -143,8 +166,10 @@ def topic_probability(
         One probability in ``[0, 1]`` per setting, in order.
 
     Raises:
-        ValueError: no prompts, settings or topic words; ``batch_size < 1``; what
-            :func:`labkit.steered` raises for a vector that does not fit.
+        ValueError: no prompts, settings or topic words; ``batch_size < 1``; a prompt longer
+            than the context window, or one that with the longest topic-word form's prefix after
+            it (all of a form's tokens but its last) is; what :func:`labkit.steered` raises for a
+            vector that does not fit.
     """
     import torch
 
@@ -164,6 +189,7 @@ def topic_probability(
     for seq in sequences:
         finals.setdefault(seq[:-1], []).append(seq[-1])
     prefixes = sorted((p for p in finals if p), key=lambda p: (len(p), p))
+    _check_topic_context(model, encoded, prefixes)
     rows = [(k, i) for k in range(len(settings)) for i in range(len(encoded))]
     step = max(1, batch_size // max(1, len(prefixes)))
     record = lab_model(model)
