@@ -123,7 +123,7 @@ def test_transformers_version_gate(monkeypatch):
     a gated type that is not a family is left alone."""
     import transformers
 
-    from labkit.moe import routers
+    from labkit.moe.routers import table as routers  # the family table module (labkit.moe.routers re-exports it)
 
     families, not_routed = dict(routers.FAMILIES), dict(routers.NOT_ROUTED)
     monkeypatch.setattr(routers, "FAMILIES", families)
