@@ -531,3 +531,47 @@ def test_load_vllm_starts_the_engine_with_labkits_settings(monkeypatch):
     other = engine.load_vllm("moe-organism", max_model_len=32, seed=5)
     assert started[0]["max_model_len"] == 32 == other.n_ctx and started[0]["seed"] == 5
     assert other.cfg.default_prepend_bos is False  # the organism's labkit.json says no BOS
+
+
+# --- activation reads (labkit/engines/vllm_capture.py, this round's sample) -----------------------
+
+
+def _reading_handle(model_type: str = "llama"):
+    """A handle with no engine: one layer layout with every site, tensor parallelism only."""
+    tokenizer = make_tokenizer()
+    config = tiny_llama_hf(tokenizer).config
+    config.model_type = model_type
+    parallel = SimpleNamespace(data_parallel_size=1, enable_expert_parallel=False)
+    handle = _handle(config, tokenizer, llm=SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(parallel_config=parallel))))
+    every = ["hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out"]
+    handle.layout = [{"layer_classes": ["LlamaDecoderLayer"], "sites": {str(i): every for i in range(config.num_hidden_layers)}}]
+    return handle
+
+
+def test_points_inside_a_block_are_refused_outside_the_checked_families():
+    """FlexOlmo's blocks normalise the attention output before adding it: its attention child's
+    output is not TransformerLens's hook_attn_out, so reading or steering there is refused."""
+    from labkit.engines.vllm_capture import engine_reads
+
+    for point in ("hook_attn_out", "hook_mlp_out", "hook_resid_mid"):
+        with pytest.raises(ValueError, match="is not served on the vLLM engine for 'flex_olmo' models"):
+            engine_reads(_reading_handle("flex_olmo"), f"blocks.1.{point}", "cache_activations")
+        assert engine_reads(_reading_handle("olmoe"), f"blocks.1.{point}", "t")[1] == point
+    with pytest.raises(ValueError, match="'flex_olmo' models"):
+        _reading_handle("flex_olmo").steering_site("blocks.0.hook_mlp_out", "steered")
+    assert engine_reads(_reading_handle("flex_olmo"), "blocks.1.hook_resid_post", "t") == (1, "hook_resid_post", ((1, "hook_resid_post"),))
+
+
+def test_a_position_the_workers_did_not_record_is_an_error_naming_the_hook_point(monkeypatch):
+    """The workers' records are checked before anything is returned: a missing position (a token
+    that skipped the layer) raises, naming the caller and the hook point."""
+    import labkit.engines.vllm_capture as capture
+
+    handle = _reading_handle("olmoe")
+    records = {"0.position.1.hook_resid_pre": torch.tensor([0, 2]), "0.value.1.hook_resid_pre": torch.zeros(2, 4)}
+    monkeypatch.setattr(capture, "prefill_records", lambda *a, **k: (records, {}))
+    with pytest.raises(RuntimeError, match=r"cache_activations: .* at blocks\.1\.hook_resid_pre, expected \[0, 1, 2\]"):
+        capture.capture_activations(handle, [[5, 6, 7]], [[0, 1, 2]], ["blocks.1.hook_resid_pre"])
+    records["0.value.1.hook_resid_pre"] = torch.arange(8.0).reshape(2, 4)  # the workers' rows for positions 0 and 2
+    got = capture.capture_activations(handle, [[5, 6, 7]], [[2, 0]], ["blocks.1.hook_resid_pre"])["blocks.1.hook_resid_pre"]
+    assert torch.equal(got, torch.arange(8.0).reshape(2, 4)[[1, 0]])  # back in the caller's order of positions

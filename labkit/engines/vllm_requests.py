@@ -25,7 +25,6 @@ def run_requests(handle, token_rows: list[list[int]], specs: list, params_for) -
     """
     from vllm.inputs import TokensPrompt
 
-    keys = []
     registered = set()
     for spec in specs:
         if spec is not None and spec[0] not in registered:
@@ -38,7 +37,6 @@ def run_requests(handle, token_rows: list[list[int]], specs: list, params_for) -
         if spec is not None:
             prompt["cache_salt"] = spec[0]
             extra = {EXTRA_ARGS_KEY: spec[0]}
-        keys.append(None if spec is None else spec[0])
         prompts.append(prompt)
         params.append(params_for(extra))
     try:
