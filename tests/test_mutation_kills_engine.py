@@ -575,3 +575,75 @@ def test_a_position_the_workers_did_not_record_is_an_error_naming_the_hook_point
     records["0.value.1.hook_resid_pre"] = torch.arange(8.0).reshape(2, 4)  # the workers' rows for positions 0 and 2
     got = capture.capture_activations(handle, [[5, 6, 7]], [[2, 0]], ["blocks.1.hook_resid_pre"])["blocks.1.hook_resid_pre"]
     assert torch.equal(got, torch.arange(8.0).reshape(2, 4)[[1, 0]])  # back in the caller's order of positions
+
+
+def test_generation_keywords_reach_vllm_and_each_unsupported_option_is_refused_alone(tiny_tokenizer):
+    pytest.importorskip("vllm")
+    config = tiny_llama_hf(tiny_tokenizer).config
+    llm = _StubLLM([[5, 6]])
+    handle = _handle(config, tiny_tokenizer, llm=llm, generation_config=SimpleNamespace(eos_token_id=tiny_tokenizer.eos_token_id))
+    handle.generate_ids([[0, 11]], max_new_tokens=2, repetition_penalty=1.3)
+    (_, _prompts, params), = llm.calls
+    assert params[0].repetition_penalty == pytest.approx(1.3)
+    with pytest.raises(ValueError, match="takes no streamer"):
+        handle.generate_ids([[0, 11]], max_new_tokens=2, streamer=object())  # use_cache left True
+    with pytest.raises(ValueError, match="takes no streamer"):
+        handle.generate_ids([[0, 11]], max_new_tokens=2, use_cache=False)
+    with pytest.raises(ValueError, match=r"\['num_beams'\] are not supported"):
+        handle.generate_ids([[0, 11]], max_new_tokens=2, num_beams=2)
+
+
+def test_load_vllm_dtype_parallel_size_and_cpu_thread_binding(monkeypatch):
+    """bfloat16 reaches vLLM by its name; a bad TP size is refused before vLLM is touched; on a CPU
+    a TP>1 engine gets this process's cores split per rank unless the caller bound them."""
+    pytest.importorskip("vllm")
+    import labkit.engines.vllm_load as engine
+
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="tensor_parallel_size must be an int ≥ 1"):
+            engine.load_vllm("moe-organism", tensor_parallel_size=bad)
+    started = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            started.append((kwargs, os.environ.get("VLLM_CPU_OMP_THREADS_BIND")))
+
+        def collective_rpc(self, method, args=()):
+            return [json.dumps({"rank": 0})]
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("TP=2 thread binding needs two cores")
+    monkeypatch.setattr(engine, "_vllm", lambda: SimpleNamespace(LLM=LLM))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "")  # recorded, so the test's end restores the original state
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    handle = engine.load_vllm("moe-organism", dtype=torch.bfloat16)
+    assert started[-1] == (started[-1][0], None) and started[-1][0]["dtype"] == "bfloat16" and handle.dtype == torch.bfloat16
+    assert handle.generation_config is not None and handle.generation_config.eos_token_id is not None
+    engine.load_vllm("moe-organism", tensor_parallel_size=2)  # the organism's 4 heads divide by 2
+    assert started[-1][1] == engine._cpu_thread_binding(2)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1|0")
+    engine.load_vllm("moe-organism", tensor_parallel_size=2)
+    assert started[-1][1] == "1|0"  # the caller's binding is kept
+
+
+def test_load_vllm_without_a_generation_config_file_derives_it_from_the_model_config(monkeypatch, tmp_path):
+    pytest.importorskip("vllm")
+    import shutil
+
+    import labkit.engines.vllm_load as engine
+    from labkit.datasets import data_dir
+
+    class LLM:
+        def __init__(self, **kwargs):
+            pass
+
+        def collective_rpc(self, method, args=()):
+            return [json.dumps({"rank": 0})]
+
+    target = tmp_path / "organism"
+    shutil.copytree(data_dir() / "models" / "moe-organism", target)
+    (target / "generation_config.json").unlink()
+    monkeypatch.setattr(engine, "_vllm", lambda: SimpleNamespace(LLM=LLM))
+    handle = engine.load_vllm(str(target))
+    config = json.loads((target / "config.json").read_text())
+    assert handle.generation_config is not None and handle.generation_config.eos_token_id == config["eos_token_id"]
