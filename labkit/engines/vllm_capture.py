@@ -215,7 +215,8 @@ def capture_activations(
     activations, traces = prefill_records(handle, rows, capture=sites, trace=trace, positions=ordered)
     out: dict[str, list[Tensor]] = {name: [] for name in hook_names}
     for i, (chosen, sorted_keep) in enumerate(zip(keep, ordered)):
-        back = torch.tensor([sorted_keep.index(int(p)) for p in chosen], dtype=torch.long)  # the caller's order
+        row_of = {p: j for j, p in enumerate(sorted_keep)}  # a dict: list.index per position is quadratic
+        back = torch.tensor([row_of[int(p)] for p in chosen], dtype=torch.long)  # the caller's order
         for name, (layer, point, wanted) in reads.items():
             if point == ROUTER_LOGITS:
                 value = _checked(traces, f"{i}.router_logits.{layer}", f"{i}.position", sorted_keep, caller, name)
